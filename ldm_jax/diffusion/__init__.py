@@ -1,0 +1,1 @@
+"""ldm_jax.diffusion."""
