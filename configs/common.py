@@ -1,0 +1,162 @@
+"""Pieces shared by the experiment configs: defaults of every section, and model builders.
+
+Each experiment file defines `get_config(arg)` returning a ConfigDict; `arg` picks a variant
+(`tiny` = a few CPU steps for smoke tests). Sections:
+
+  stage       'autoencoder' (stage 1) or 'ldm' (stage 2)
+  data        where images come from and how they are transformed
+  model       first_stage / unet / cond_stage / diffusion (see ldm_jax/models/build.py)
+  train       optimiser, schedule, EMA, precision, memory
+  loss        stage-1 losses (LPIPS, discriminator)
+  checkpoint  how often to save and how many to keep
+  log         console/TensorBoard cadence and sample grids
+  mesh        device mesh axes for data / FSDP sharding
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "ldm"
+  c.seed = 0
+  c.init_from = ""               # Path of a saved model / workdir / CompVis ckpt to start from.
+  c.first_stage_checkpoint = ""  # Stage 2: the trained autoencoder (workdir or saved model).
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "shapes"       # 'shapes' | 'folder' | 'tfds' | 'latent_cache'.
+  c.data.name = ""               # TFDS dataset name (e.g. 'celeb_a_hq/256').
+  c.data.split = "train"
+  c.data.data_dir = ""           # TFDS data_dir, image folder root or latent cache directory.
+  c.data.image_key = "image"
+  c.data.caption_key = ""        # Empty: no captions.
+  c.data.label_key = ""          # Empty: no labels.
+  c.data.image_size = 64
+  c.data.random_crop = False
+  c.data.random_flip = False
+  c.data.min_size = 0            # Image folders: drop images smaller than this.
+  c.data.num_objects = 1         # Shapes: objects per image (1 or 2).
+  c.data.num_examples = 100_000  # Shapes: virtual dataset length.
+  c.data.worker_count = 0        # Grain worker processes (0 = in-process).
+  c.data.batch_size = 32         # Global batch size (split across hosts and devices).
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1000
+  c.train.learning_rate = 1e-4
+  c.train.scale_lr_by_batch = False  # LDM paper: lr = base_lr * global batch (x accum steps).
+  c.train.warmup_steps = 0
+  c.train.schedule = "constant"      # 'constant' | 'cosine' | 'linear'.
+  c.train.weight_decay = 0.0
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
+  c.train.grad_clip_norm = 0.0       # 0 disables clipping.
+  c.train.grad_accum_steps = 1
+  c.train.ema_decay = 0.9999
+  c.train.use_ema = True
+  c.train.cond_drop_prob = 0.0       # Classifier-free guidance: drop the condition this often.
+  c.train.compute_dtype = "float32"  # 'bfloat16' computes in bf16 with fp32 master weights.
+  c.train.remat = False              # Rematerialise UNet blocks to save activation memory.
+  c.train.nonfinite = "stop"         # 'stop' or 'skip' a step with NaN/Inf loss or gradients.
+  c.train.loss_type = "l2"
+  c.train.l_simple_weight = 1.0
+  c.train.original_elbo_weight = 0.0
+  c.train.learn_logvar = False
+  c.train.logvar_init = 0.0
+  c.train.min_snr_gamma = 0.0        # 0 disables min-SNR weighting.
+  c.train.train_cond_stage = True    # Train a text transformer jointly (frozen encoders ignore this).
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.kind = "kl"                 # 'kl' | 'vq'.
+  c.loss.disc_start = 50001
+  c.loss.kl_weight = 1e-6
+  c.loss.codebook_weight = 1.0
+  c.loss.disc_weight = 0.5
+  c.loss.disc_factor = 1.0
+  c.loss.perceptual_weight = 1.0
+  c.loss.disc_loss = "hinge"
+  c.loss.disc_num_layers = 3
+  c.loss.disc_use_actnorm = False
+  c.loss.disc_ndf = 64
+  c.loss.lpips_path = ""             # npz from `python -m ldm_jax.convert.lpips`.
+  c.loss.allow_no_lpips = False      # Train without LPIPS when no weights file is given.
+  c.loss.base_learning_rate = 4.5e-6
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 1000
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.log = ml_collections.ConfigDict()
+  c.log.every = 50
+  c.log.sample_every = 0             # 0 disables periodic sample grids.
+  c.log.num_samples = 8
+  c.log.sample_steps = 50
+  c.log.sample_guidance = 1.0
+  c.log.sample_prompts = ()
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                   # -1 absorbs the devices not used by the other axes.
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.min_shard_size = 2 ** 14    # Parameters smaller than this are replicated.
+
+  c.model = ml_collections.ConfigDict()
+  return c
+
+
+def autoencoder_kwargs(*, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, attn_resolutions=(),
+                       resolution=256, z_channels=4, embed_dim=4, double_z=True, n_embed=None,
+                       dropout=0.0, attn_type="vanilla") -> dict:
+  """Encoder/Decoder fields (the CompVis `ddconfig`) plus embed_dim (+ n_embed for VQ)."""
+  kwargs = dict(ch=ch, out_ch=3, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
+                attn_resolutions=tuple(attn_resolutions), dropout=dropout, in_channels=3,
+                resolution=resolution, z_channels=z_channels, double_z=double_z,
+                embed_dim=embed_dim, attn_type=attn_type)
+  if n_embed is not None:
+    kwargs["n_embed"] = n_embed
+  return kwargs
+
+
+def first_stage(kind: str, **kwargs) -> ml_collections.ConfigDict:
+  if kind == "vq":
+    kwargs.setdefault("double_z", False)
+  return ml_collections.ConfigDict(dict(kind=kind, kwargs=autoencoder_kwargs(**kwargs)))
+
+
+def unet_kwargs(*, in_channels, model_channels, out_channels=None, channel_mult=(1, 2, 4),
+                num_res_blocks=2, attention_resolutions=(), num_heads=-1, num_head_channels=-1,
+                context_dim=None, use_spatial_transformer=False, transformer_depth=1,
+                use_linear_in_transformer=False, num_classes=None, use_scale_shift_norm=False,
+                resblock_updown=False, dropout=0.0, legacy=True, adm_in_channels=None) -> dict:
+  return dict(in_channels=in_channels, model_channels=model_channels,
+              out_channels=out_channels or in_channels, channel_mult=tuple(channel_mult),
+              num_res_blocks=num_res_blocks, attention_resolutions=tuple(attention_resolutions),
+              num_heads=num_heads, num_head_channels=num_head_channels, context_dim=context_dim,
+              use_spatial_transformer=use_spatial_transformer,
+              transformer_depth=transformer_depth,
+              use_linear_in_transformer=use_linear_in_transformer, num_classes=num_classes,
+              use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
+              dropout=dropout, legacy=legacy, adm_in_channels=adm_in_channels)
+
+
+def diffusion(*, linear_start=0.0015, linear_end=0.0195, timesteps=1000, beta_schedule="linear",
+              parameterization="eps", conditioning_key=None, scale_factor=1.0,
+              scale_by_std=False, image_size=32, channels=4) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      timesteps=timesteps, beta_schedule=beta_schedule, linear_start=linear_start,
+      linear_end=linear_end, cosine_s=8e-3, zero_terminal_snr=False,
+      parameterization=parameterization, conditioning_key=conditioning_key,
+      scale_factor=scale_factor, scale_by_std=scale_by_std, image_size=image_size,
+      channels=channels))
+
+
+def tiny_training(c: ml_collections.ConfigDict, *, steps: int = 2, batch: int = 2) -> None:
+  """Shrinks a config's run to a CPU smoke test (models are shrunk by each config)."""
+  c.train.num_steps = steps
+  c.data.batch_size = batch
+  c.data.num_examples = 64
+  c.checkpoint.every = steps
+  c.log.every = 1
+  c.log.sample_every = 0
+  c.log.num_samples = 2
+  c.log.sample_steps = 2

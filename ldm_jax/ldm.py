@@ -1,0 +1,354 @@
+"""`LatentDiffusion`: the object users hold — config + params of first stage, UNet and condition encoder.
+
+    ldm = LatentDiffusion.from_checkpoint("workdirs/shapes_ldm")      # or from_compvis / from_diffusers
+    images = ldm.sample(prompts=["a red circle at the top left"], steps=50, guidance=3.0, seed=0)
+
+Everything heavy is a jitted pure function of explicit parameters; this class only holds the modules,
+the parameters and the tokenizer, and caches compiled functions per input shape.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ldm_jax.diffusion import guidance as guidance_lib
+from ldm_jax.diffusion import samplers as samplers_lib
+from ldm_jax.diffusion import schedules as schedules_lib
+from ldm_jax.models import build
+from ldm_jax.models import tokenizers as tokenizers_lib
+
+CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
+SAMPLERS = ("ddim", "plms", "ddpm", "dpmpp_2m", "euler_ancestral")
+
+
+@dataclasses.dataclass
+class Conditioning:
+  """What the UNet is conditioned on; any field may be None. A pytree, so it passes through jit."""
+  context: jax.Array | None = None  # [B, L, D] for cross-attention
+  concat: jax.Array | None = None   # [B, h, w, c] concatenated to z_t on channels
+  y: jax.Array | None = None        # [B] class labels or [B, adm] vectors for 'adm'
+
+
+jax.tree_util.register_dataclass(Conditioning, data_fields=["context", "concat", "y"],
+                                 meta_fields=[])
+
+
+def model_config_defaults() -> ml_collections.ConfigDict:
+  """Defaults of the diffusion part of a model config (the paper's LDM settings)."""
+  return ml_collections.ConfigDict(dict(
+      timesteps=1000, beta_schedule="linear", linear_start=0.0015, linear_end=0.0195,
+      cosine_s=8e-3, zero_terminal_snr=False, parameterization="eps", conditioning_key=None,
+      scale_factor=1.0, scale_by_std=False, image_size=32, channels=4))
+
+
+class LatentDiffusion:
+  """A latent diffusion model: first stage, UNet, condition encoder, noise schedule."""
+
+  def __init__(self, config: Mapping[str, Any], params: Mapping[str, Any], *,
+               compute_dtype: str = "float32", tokenizer=None, tokenizer_path: str | None = None):
+    """Args:
+      config: the model config (first_stage, unet, cond_stage, diffusion; see models/build.py).
+      params: {'first_stage': variables, 'unet': variables, 'cond_stage': variables or {}}.
+      compute_dtype: 'float32' or 'bfloat16' (parameters stay as given).
+      tokenizer / tokenizer_path: for text models; by default the config's cond_stage.tokenizer.path.
+    """
+    config = ml_collections.ConfigDict(dict(config))
+    diffusion = model_config_defaults()
+    diffusion.update(dict(config.get("diffusion", {})))
+    config.diffusion = diffusion
+    if diffusion.conditioning_key not in CONDITIONING_KEYS:
+      raise ValueError(f"model.diffusion.conditioning_key={diffusion.conditioning_key!r}; "
+                       f"expected one of {CONDITIONING_KEYS}.")
+    self.config = config
+    self.params = dict(params)
+    self.compute_dtype = compute_dtype
+    self.first_stage = build.build_first_stage(config.first_stage, compute_dtype)
+    self.unet = build.build_unet(config.unet, compute_dtype)
+    self.cond_stage_config = dict(config.get("cond_stage", {}) or {"kind": "none"})
+    self.cond_stage = build.build_cond_stage(self.cond_stage_config, compute_dtype)
+    self.schedule = schedules_lib.Schedule.create(
+        diffusion.beta_schedule, diffusion.timesteps, linear_start=diffusion.linear_start,
+        linear_end=diffusion.linear_end, cosine_s=diffusion.cosine_s,
+        zero_terminal_snr=diffusion.zero_terminal_snr)
+    self._tokenizer = tokenizer
+    self._tokenizer_path = tokenizer_path
+    self._compiled: dict[Any, Any] = {}
+
+  # ----------------------------------------------------------------------------------------------
+  # Properties.
+  # ----------------------------------------------------------------------------------------------
+  @property
+  def cond_kind(self) -> str:
+    return self.cond_stage_config.get("kind", "none")
+
+  @property
+  def scale_factor(self) -> float:
+    return float(self.config.diffusion.scale_factor)
+
+  @property
+  def downsample_factor(self) -> int:
+    return 2 ** (len(self.config.first_stage.kwargs.ch_mult) - 1)
+
+  @property
+  def latent_channels(self) -> int:
+    return int(self.config.first_stage.kwargs.embed_dim)
+
+  @property
+  def is_text(self) -> bool:
+    return self.cond_kind in build.TEXT_ENCODERS
+
+  @property
+  def tokenizer(self):
+    if self._tokenizer is None and self.is_text:
+      tok_cfg = dict(self.cond_stage_config.get("tokenizer", {}))
+      path = self._tokenizer_path or tok_cfg.get("path")
+      if not path:
+        raise ValueError("model.cond_stage.tokenizer.path is empty: a text model needs a local "
+                         "tokenizer directory (nothing is downloaded).")
+      self._tokenizer = tokenizers_lib.load_tokenizer(tok_cfg.get("kind", self.cond_kind), path)
+    return self._tokenizer
+
+  # ----------------------------------------------------------------------------------------------
+  # First stage.
+  # ----------------------------------------------------------------------------------------------
+  def encode(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """[B, H, W, 3] in [-1, 1] -> scaled latents [B, H/f, W/f, C] (posterior sample when rng given)."""
+    return encode_fn(self.first_stage, self.params["first_stage"], jnp.asarray(images), rng,
+                     self.scale_factor)
+
+  def decode(self, latents: jax.Array) -> jax.Array:
+    """Scaled latents -> images [B, H, W, 3] in (about) [-1, 1]."""
+    return decode_fn(self.first_stage, self.params["first_stage"], jnp.asarray(latents),
+                     self.scale_factor)
+
+  # ----------------------------------------------------------------------------------------------
+  # Conditioning.
+  # ----------------------------------------------------------------------------------------------
+  def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+    max_length = int(self.cond_stage_config.get("kwargs", {}).get("max_length", 77))
+    return tokenizers_lib.tokenize(self.tokenizer, list(prompts), max_length=max_length)
+
+  def condition(self, prompts: Sequence[str] | None = None, labels: Sequence[int] | None = None,
+                images: jax.Array | None = None) -> Conditioning:
+    """Encodes prompts (text models), labels (class models) or images (concat models)."""
+    kind = self.cond_kind
+    key = self.config.diffusion.conditioning_key
+    if prompts is not None and not self.is_text:
+      raise ValueError(f"prompts were given but this model is conditioned by {kind!r}, not text.")
+    if labels is not None and kind != "class" and key != "adm":
+      raise ValueError(f"class labels were given but this model is conditioned by {kind!r}.")
+    if self.is_text:
+      if prompts is None:
+        raise ValueError("this is a text-conditional model: give prompts.")
+      tokens = jnp.asarray(self.tokenize(prompts))
+      return Conditioning(context=cond_stage_fn(self.cond_stage, self.params["cond_stage"], tokens))
+    if kind == "class":
+      if labels is None:
+        raise ValueError("this is a class-conditional model: give class labels.")
+      labels = jnp.asarray(labels, jnp.int32)
+      if key == "adm":
+        return Conditioning(y=labels)
+      return Conditioning(context=cond_stage_fn(self.cond_stage, self.params["cond_stage"], labels))
+    if key in ("concat", "hybrid") or kind == "spatial_rescaler":
+      if images is None:
+        raise ValueError("this model is conditioned by concatenation: give the conditioning image.")
+      c = jnp.asarray(images)
+      if self.cond_stage is not None:
+        c = cond_stage_fn(self.cond_stage, self.params["cond_stage"], c)
+      return Conditioning(concat=c)
+    return Conditioning()
+
+  def unconditional(self, cond: Conditioning, batch: int) -> Conditioning:
+    """The 'null' conditioning for classifier-free guidance (concat inputs are kept, as CompVis)."""
+    if self.is_text:
+      return dataclasses.replace(cond, context=self.condition(prompts=[""] * batch).context)
+    if self.cond_kind == "class":
+      null = int(self.cond_stage_config.get("kwargs", {}).get("n_classes", 1)) - 1
+      return dataclasses.replace(self.condition(labels=[null] * batch), concat=cond.concat)
+    return cond
+
+  # ----------------------------------------------------------------------------------------------
+  # Denoising and sampling.
+  # ----------------------------------------------------------------------------------------------
+  def denoise(self, z_t: jax.Array, t: jax.Array, cond: Conditioning) -> jax.Array:
+    """The UNet's prediction (eps, x0 or v per the config) for noisy latents z_t at timesteps t."""
+    return denoise_fn(self.unet, self.params["unet"], self.config.diffusion.conditioning_key,
+                      z_t, t, cond)
+
+  def sample(self, *, prompts: Sequence[str] | None = None, labels: Sequence[int] | None = None,
+             images: jax.Array | None = None, num_samples: int | None = None,
+             height: int | None = None, width: int | None = None, sampler: str = "ddim",
+             steps: int = 50, eta: float = 0.0, guidance: float = 1.0,
+             guidance_rescale: float = 0.0, seed: int = 0, x_T: jax.Array | None = None,
+             init_image: jax.Array | None = None, strength: float | None = None,
+             mask: jax.Array | None = None, progress: bool = False) -> np.ndarray:
+    """Generates images; returns float32 [B, H, W, 3] in [-1, 1] (use `to_uint8`).
+
+    init_image + strength: img2img. init_image + mask (1 = keep, pixel resolution): inpainting by
+    latent masking. images: the concat condition (low-res image, masked image, semantic map).
+    """
+    from ldm_jax import sampling  # Local: sampling imports this module.
+    return sampling.sample(self, prompts=prompts, labels=labels, images=images,
+                           num_samples=num_samples, height=height, width=width, sampler=sampler,
+                           steps=steps, eta=eta, guidance=guidance,
+                           guidance_rescale=guidance_rescale, seed=seed, x_T=x_T,
+                           init_image=init_image, strength=strength, mask=mask, progress=progress)
+
+  # ----------------------------------------------------------------------------------------------
+  # Construction, saving and loading.
+  # ----------------------------------------------------------------------------------------------
+  @classmethod
+  def init(cls, config: Mapping[str, Any], rng: jax.Array, **kwargs) -> "LatentDiffusion":
+    """Fresh random parameters for every component (small dummy inputs; shapes come from config)."""
+    params = init_params(config, rng)
+    return cls(config, params, **kwargs)
+
+  def save(self, path: str) -> None:
+    from ldm_jax import model_io
+    model_io.save_model(path, self.config, self.params)
+
+  @classmethod
+  def from_checkpoint(cls, path: str, *, use_ema: bool = True, **kwargs) -> "LatentDiffusion":
+    """A directory written by `save`, by `python -m ldm_jax.convert`, or a training workdir."""
+    from ldm_jax import model_io
+    config, params = model_io.load_model(path, use_ema=use_ema)
+    return cls(config, params, **kwargs)
+
+  @classmethod
+  def from_compvis(cls, ckpt_path: str, yaml_path: str, *, use_ema: bool = False,
+                   tokenizer_path: str | None = None, **kwargs) -> "LatentDiffusion":
+    from ldm_jax.convert import pipeline
+    config, params = pipeline.load_compvis(ckpt_path, yaml_path, use_ema=use_ema,
+                                           tokenizer_path=tokenizer_path)
+    return cls(config, params, **kwargs)
+
+  @classmethod
+  def from_diffusers(cls, folder: str, **kwargs) -> "LatentDiffusion":
+    from ldm_jax.convert import pipeline
+    config, params = pipeline.load_diffusers(folder)
+    return cls(config, params, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure jitted functions (module objects are static: hashable dataclasses).
+# ------------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=(0,))
+def encode_fn(first_stage, variables, images, rng, scale_factor):
+  if hasattr(first_stage, "quantize"):  # VQ: LDMs diffuse the pre-quantisation latents.
+    h = first_stage.apply(variables, images, method=first_stage.encode)
+    return h * scale_factor
+  posterior = first_stage.apply(variables, images, method=first_stage.encode)
+  z = posterior.mode() if rng is None else posterior.sample(rng)
+  return z * scale_factor  # [B, H/f, W/f, C]
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def decode_fn(first_stage, variables, latents, scale_factor):
+  return first_stage.apply(variables, latents / scale_factor, method=first_stage.decode)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def cond_stage_fn(cond_stage, variables, inputs):
+  return cond_stage.apply(variables, inputs)
+
+
+def denoise_fn(unet, variables, conditioning_key, z_t, t, cond: Conditioning, *,
+               deterministic=True, rngs=None):
+  """Routes the conditioning into the UNet as the CompVis DiffusionWrapper does."""
+  x, context, y = z_t, None, None
+  if conditioning_key in ("concat", "hybrid"):
+    x = jnp.concatenate([z_t, cond.concat.astype(z_t.dtype)], axis=-1)  # [B, h, w, C + c]
+  if conditioning_key in ("crossattn", "hybrid"):
+    context = cond.context
+  if conditioning_key == "adm":
+    y = cond.y
+  t = jnp.broadcast_to(jnp.asarray(t), (z_t.shape[0],))
+  out = unet.apply(variables, x, t, context, y, deterministic=deterministic, rngs=rngs)
+  return out.astype(jnp.float32)
+
+
+def init_params(config: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
+  """Random variables for first stage, UNet and condition encoder, from the model config."""
+  config = ml_collections.ConfigDict(dict(config))
+  diffusion = model_config_defaults()
+  diffusion.update(dict(config.get("diffusion", {})))
+  fs = build.build_first_stage(config.first_stage)
+  unet = build.build_unet(config.unet)
+  cs_cfg = dict(config.get("cond_stage", {}) or {"kind": "none"})
+  cs = build.build_cond_stage(cs_cfg)
+  k_fs, k_unet, k_cs = jax.random.split(rng, 3)
+  ae = config.first_stage.kwargs
+  f = 2 ** (len(ae.ch_mult) - 1)
+  res = int(ae.get("resolution", 64))
+  res = max(f * 4, min(res, f * 8))  # Small dummy input: parameter shapes do not depend on it.
+  params = {"first_stage": jax.jit(fs.init)(k_fs, jnp.zeros((1, res, res, ae.in_channels)))}
+  dummy_cond = example_conditioning(config, cs_cfg, cs, k_cs)
+  params["cond_stage"] = dummy_cond.pop("variables")
+  h = w = max(diffusion.image_size // 4, 2 ** len(config.unet.channel_mult))
+  z = jnp.zeros((1, h, w, config.unet.in_channels - dummy_cond["concat_channels"]))
+  cond = Conditioning(context=dummy_cond["context"], y=dummy_cond["y"],
+                      concat=(jnp.zeros((1, h, w, dummy_cond["concat_channels"]))
+                              if dummy_cond["concat_channels"] else None))
+  key = diffusion.conditioning_key
+
+  def unet_init(k):
+    x, context, y = z, None, None
+    if key in ("concat", "hybrid"):
+      x = jnp.concatenate([z, cond.concat], -1)
+    if key in ("crossattn", "hybrid"):
+      context = cond.context
+    if key == "adm":
+      y = cond.y
+    return unet.init(k, x, jnp.zeros((1,), jnp.int32), context, y)
+
+  params["unet"] = jax.jit(unet_init)(k_unet)
+  return params
+
+
+def example_conditioning(config, cs_cfg, cs, rng) -> dict[str, Any]:
+  """Dummy conditioning inputs for initialisation, plus the condition encoder's variables."""
+  unet = config.unet
+  kind = cs_cfg.get("kind", "none")
+  out = {"variables": {}, "context": None, "y": None, "concat_channels": 0}
+  key = config.get("diffusion", {}).get("conditioning_key")
+  if key in ("concat", "hybrid"):
+    out["concat_channels"] = int(unet.in_channels) - int(config.first_stage.kwargs.embed_dim)
+  if kind in build.TEXT_ENCODERS:
+    length = int(cs_cfg.get("kwargs", {}).get("max_length", 77))
+    tokens = jnp.zeros((1, length), jnp.int32)
+    out["variables"] = jax.jit(cs.init)(rng, tokens)
+    out["context"] = cs.apply(out["variables"], tokens)
+  elif kind == "class":
+    labels = jnp.zeros((1,), jnp.int32)
+    out["variables"] = jax.jit(cs.init)(rng, labels)
+    if key == "adm":
+      out["y"] = labels
+    else:
+      out["context"] = cs.apply(out["variables"], labels)
+  elif kind == "spatial_rescaler":
+    ch = int(cs_cfg["kwargs"].get("in_channels", 3))
+    size = 2 ** int(cs_cfg["kwargs"].get("n_stages", 1)) * 8
+    out["variables"] = jax.jit(cs.init)(rng, jnp.zeros((1, size, size, ch)))
+  elif key == "adm":
+    out["y"] = jnp.zeros((1, int(unet.adm_in_channels)))
+  if key == "crossattn" and out["context"] is None:
+    out["context"] = jnp.zeros((1, 1, int(unet.context_dim)))
+  return out
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] float images -> uint8 [B, H, W, 3]."""
+  return np.asarray(np.clip((np.asarray(images) + 1.0) * 127.5 + 0.5, 0, 255), np.uint8)
+
+
+def save_json(path: str, obj: Any) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)

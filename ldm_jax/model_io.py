@@ -1,0 +1,106 @@
+"""Saving and loading whole `LatentDiffusion` models (config + parameters) as Orbax checkpoints.
+
+Layout of a saved model directory:
+
+    <dir>/config.json     the model config (first_stage, unet, cond_stage, diffusion)
+    <dir>/params/         Orbax StandardCheckpointer tree {first_stage, unet, cond_stage}
+
+A training workdir of stage 2 holds such a directory in `<workdir>/model` (written when training
+starts, first stage included) and Orbax training checkpoints in `<workdir>/checkpoints`; loading a
+workdir takes the model directory and replaces the trained parts with the newest checkpoint's EMA
+(or raw) weights. Every load is checked leaf by leaf against the shapes the config implies.
+"""
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ldm_jax.convert import common
+
+MODEL_SUBDIR = "model"
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """No model checkpoint at the given path."""
+
+
+def _flat_str(tree: Mapping[str, Any]) -> dict[str, Any]:
+  return {"/".join(k): v for k, v in common.flatten(tree).items()}
+
+
+def check_against_config(config, params: Mapping[str, Any], what: str) -> dict[str, Any]:
+  """Returns params as numpy after checking every leaf against the config's shapes (or raises)."""
+  from ldm_jax import ldm  # Local import: ldm imports this module lazily too.
+  template = jax.eval_shape(lambda: ldm.init_params(config, jax.random.PRNGKey(0)))
+  flat = _flat_str(params)
+  return common.strict_load(template, flat, lambda path: ("/".join(path), common.identity),
+                            what=what)
+
+
+def save_model(path: str, config, params: Mapping[str, Any]) -> None:
+  """Writes config.json and the parameters; refuses to overwrite an existing model directory."""
+  path = os.path.abspath(path)
+  if os.path.exists(os.path.join(path, "params")):
+    raise FileExistsError(f"{path} already holds a saved model; choose a new directory.")
+  os.makedirs(path, exist_ok=True)
+  config = ml_collections.ConfigDict(dict(config))
+  params = jax.tree_util.tree_map(np.asarray, dict(params))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(path, "params"), params)
+    ckptr.wait_until_finished()
+  # config.json last: its presence marks a complete directory.
+  tmp = os.path.join(path, "config.json.tmp")
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(tmp, os.path.join(path, "config.json"))
+
+
+def read_config(path: str) -> ml_collections.ConfigDict:
+  cfg_path = os.path.join(path, "config.json")
+  try:
+    with open(cfg_path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except FileNotFoundError:
+    raise CheckpointNotFoundError(f"{path}: no config.json (not a saved ldm_jax model).") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+
+
+def load_saved_model(path: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  config = read_config(path)
+  params_dir = os.path.join(os.path.abspath(path), "params")
+  if not os.path.isdir(params_dir):
+    raise CheckpointNotFoundError(f"{path}: no params/ directory next to config.json.")
+  with ocp.StandardCheckpointer() as ckptr:
+    try:
+      params = ckptr.restore(params_dir)
+    except Exception as e:  # Orbax raises many types for damaged directories.
+      raise ValueError(f"{params_dir}: cannot read the saved parameters ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}).") from None
+  return config, check_against_config(config, params, what=f"model at {path}")
+
+
+def load_model(path: str, *, use_ema: bool = True) -> tuple[ml_collections.ConfigDict, dict]:
+  """A saved model directory, or a training workdir (newest checkpoint, EMA weights by default)."""
+  if not os.path.exists(path):
+    raise CheckpointNotFoundError(f"{path}: no such file or directory.")
+  if os.path.isfile(os.path.join(path, "config.json")):
+    return load_saved_model(path)
+  model_dir = os.path.join(path, MODEL_SUBDIR)
+  if not os.path.isfile(os.path.join(model_dir, "config.json")):
+    raise CheckpointNotFoundError(
+        f"{path}: neither a saved model (config.json + params/) nor a training workdir "
+        f"(model/ + checkpoints/).")
+  config, params = load_saved_model(model_dir)
+  from ldm_jax.train import workdir as workdir_lib  # Local: training code is optional here.
+  trained = workdir_lib.restore_trained_params(path, use_ema=use_ema)
+  if trained is not None:
+    merged = dict(params)
+    merged.update(trained)
+    params = check_against_config(config, merged, what=f"training workdir {path}")
+  return config, params

@@ -1,0 +1,147 @@
+"""Stage 2 training: a latent diffusion model on the latents of a frozen first stage.
+
+    train(config, workdir)
+
+1. Model: resume `<workdir>/model` if it exists; else `config.init_from` (a saved model, workdir or
+   imported checkpoint), else a fresh init whose first stage comes from `config.first_stage_checkpoint`.
+   `scale_by_std` estimates the latent scale once from the first batch; the full model (first stage
+   included) is then written to `<workdir>/model`, so the workdir alone can be sampled from.
+2. State: trainable params (UNet, plus the jointly trained text transformer) born sharded on the mesh,
+   with AdamW state and the EMA.
+3. Loop: images -> latents outside the step (frozen), the pure step inside, checkpoints with the data
+   iterator state, preemption-safe.
+"""
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax import ldm as ldm_lib
+from ldm_jax import model_io
+from ldm_jax import parallel
+from ldm_jax.train import inputs
+from ldm_jax.train import ldm_task
+from ldm_jax.train import loop
+from ldm_jax.train import optim
+from ldm_jax.train import state as state_lib
+from ldm_jax.train import step as step_lib
+
+log = logging.getLogger("ldm_jax.train")
+
+
+def build_model(config, workdir: str, first_images: np.ndarray) -> ldm_lib.LatentDiffusion:
+  """The model to train (see module docstring, step 1)."""
+  model_dir = os.path.join(workdir, model_io.MODEL_SUBDIR)
+  if os.path.isfile(os.path.join(model_dir, "config.json")):
+    cfg, params = model_io.load_saved_model(model_dir)
+    return ldm_lib.LatentDiffusion(cfg, params, compute_dtype=config.train.compute_dtype)
+  rng = jax.random.PRNGKey(config.seed)
+  if config.init_from:
+    model = ldm_lib.LatentDiffusion.from_checkpoint(config.init_from,
+                                                    compute_dtype=config.train.compute_dtype)
+  else:
+    model = ldm_lib.LatentDiffusion.init(config.model, rng,
+                                         compute_dtype=config.train.compute_dtype)
+    if not config.first_stage_checkpoint:
+      raise ValueError("config.first_stage_checkpoint is empty: stage 2 needs a trained first stage "
+                       "(an autoencoder workdir or saved model).")
+    model.params["first_stage"] = load_first_stage(config.first_stage_checkpoint, model)
+  if model.config.diffusion.scale_by_std:
+    scale = ldm_task.estimate_scale_factor(model, first_images, jax.random.PRNGKey(1))
+    log.info("scale_by_std: scale_factor = %.6f", scale)
+    cfg = model.config
+    cfg.diffusion.scale_factor = scale
+    model = ldm_lib.LatentDiffusion(cfg, model.params, compute_dtype=config.train.compute_dtype)
+  if parallel.is_main_process():
+    model_io.save_model(model_dir, model.config, model.params)
+  return model
+
+
+def load_first_stage(path: str, model: ldm_lib.LatentDiffusion):
+  """First-stage variables from an autoencoder workdir/saved autoencoder, checked against config."""
+  from ldm_jax.train import ae_trainer  # Local: only stage 2 needs stage 1's loader.
+  variables = ae_trainer.load_autoencoder(path, model.config.first_stage)
+  template = jax.eval_shape(lambda: model.params["first_stage"])
+  got = jax.eval_shape(lambda: variables)
+  if jax.tree_util.tree_structure(template) != jax.tree_util.tree_structure(got) or any(
+      a.shape != b.shape for a, b in zip(jax.tree.leaves(template), jax.tree.leaves(got))):
+    raise ValueError(f"config.first_stage_checkpoint={path}: its autoencoder does not match "
+                     f"config.model.first_stage.")
+  return variables
+
+
+def train(config, workdir: str) -> dict:
+  parallel.maybe_initialize_distributed()
+  loop.write_config(workdir, config)
+  mesh = loop.make_mesh(config)
+  pipeline = inputs.make_pipeline(config, mesh=mesh)
+  first = pipeline.peek()
+  model = build_model(config, workdir, first["image"])
+
+  # --- Optimiser and state, born sharded. ---
+  global_batch = config.data.batch_size
+  lr = config.train.learning_rate
+  if config.train.scale_lr_by_batch:
+    lr = optim.scale_lr_by_batch(lr, global_batch, config.train.grad_accum_steps)
+  optimizer = optim.make_optimizer(
+      learning_rate=lr, warmup_steps=config.train.warmup_steps, schedule=config.train.schedule,
+      total_steps=config.train.num_steps, weight_decay=config.train.weight_decay,
+      b1=config.train.b1, b2=config.train.b2,
+      grad_clip_norm=config.train.grad_clip_norm or None,
+      grad_accum_steps=config.train.grad_accum_steps)
+  lr_fn = optim.learning_rate_fn(learning_rate=lr, warmup_steps=config.train.warmup_steps,
+                                 schedule=config.train.schedule,
+                                 total_steps=config.train.num_steps)
+  if config.train.remat:
+    cfg = model.config
+    cfg.unet.remat = True
+    model = ldm_lib.LatentDiffusion(cfg, model.params, compute_dtype=config.train.compute_dtype)
+  trainable = ldm_task.trainable_params(model, config)
+
+  def init_state(rng):
+    return state_lib.create_train_state(trainable, optimizer, rng,
+                                        use_ema=config.train.use_ema)
+
+  state = parallel.init_sharded(init_state, jax.random.PRNGKey(config.seed + 1), mesh=mesh,
+                                min_size=config.mesh.min_shard_size)
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  checkpointer = loop.make_checkpointer(workdir, config)
+  start_step = 0
+  if checkpointer.latest_step() is not None:
+    state, extra = checkpointer.restore(target_state=state)
+    start_step = int(state.step)
+    if extra and extra.get("data") is not None:
+      pipeline.set_state(extra["data"])
+    log.info("Resumed %s at step %d.", workdir, start_step)
+
+  loss_fn = ldm_task.make_loss_fn(model, config)
+  train_step = step_lib.make_train_step(
+      loss_fn, optimizer, ema_decay=config.train.ema_decay if config.train.use_ema else None,
+      nonfinite=config.train.nonfinite, learning_rate_fn=lr_fn,
+      grad_accum_steps=config.train.grad_accum_steps, mesh=mesh,
+      state_shardings=state_shardings)
+
+  rng = jax.random.PRNGKey(config.seed + 2)
+  batch_sharding = parallel.batch_sharding(mesh)
+
+  def next_batch():
+    nonlocal rng
+    rng, sub = jax.random.split(rng)
+    host = pipeline.next()
+    encoded = ldm_task.encode_batch(model, host, sub, config)
+    return jax.tree.map(lambda x: jax.device_put(x, batch_sharding), encoded)
+
+  def on_sample(state, step):
+    from ldm_jax.train import samples as samples_lib
+    trained = state.ema_params if state.ema_params is not None else state.params
+    samples_lib.log_sample_grid(ldm_task.apply_trained(model, trained), config, workdir, step)
+
+  state, last = loop.run_loop(workdir=workdir, config=config, state=state, start_step=start_step,
+                              train_step=train_step, next_batch=next_batch, loader=pipeline,
+                              checkpointer=checkpointer, on_sample=on_sample)
+  loop.write_summary(workdir, last)
+  checkpointer.close()
+  return last

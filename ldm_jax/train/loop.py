@@ -1,0 +1,160 @@
+"""What both training stages share: workdir set-up, logging, the host loop around a jitted step.
+
+The loop follows MaxText's habits: the step is compiled once before step 1 (its memory analysis is
+logged), metrics are fetched one step late so the host never waits on the device, checkpoints are
+saved asynchronously with the data iterator state beside the model, and SIGTERM (preemption) saves
+and exits cleanly.
+"""
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from ldm_jax import parallel
+from ldm_jax.train import checkpoint as checkpoint_lib
+from ldm_jax.train import preemption
+from ldm_jax.train import step as step_lib
+
+log = logging.getLogger("ldm_jax.train")
+
+
+class MetricWriter:
+  """TensorBoard event files (process 0 only) + a tqdm progress bar with steps/s and ETA."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int):
+    self.main = parallel.is_main_process()
+    self.writer = None
+    if self.main:
+      try:
+        from tensorboardX import SummaryWriter  # Optional: absent means console only.
+        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        log.warning("tensorboardX is not installed: metrics go to the console only.")
+    self.bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=not self.main,
+                         dynamic_ncols=True, desc="train")
+
+  def scalars(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.main:
+      return
+    values = {k: float(np.asarray(v)) for k, v in metrics.items() if np.ndim(v) == 0}
+    if self.writer is not None:
+      for k, v in values.items():
+        self.writer.add_scalar(k, v, step)
+    shown = {k: f"{values[k]:.4g}" for k in ("loss", "lr", "grad_norm") if k in values}
+    self.bar.set_postfix(shown, refresh=False)
+
+  def image(self, step: int, name: str, grid_uint8: np.ndarray) -> None:
+    if self.main and self.writer is not None:
+      self.writer.add_image(name, grid_uint8, step, dataformats="HWC")
+
+  def advance(self, n: int = 1) -> None:
+    self.bar.update(n)
+
+  def close(self) -> None:
+    self.bar.close()
+    if self.writer is not None:
+      self.writer.close()
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """config.json in the workdir (process 0), for people and for `sweep.py` summaries."""
+  if parallel.is_main_process():
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
+  if parallel.is_main_process():
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump({k: (float(v) if np.ndim(v) == 0 else v) for k, v in summary.items()}, f,
+                indent=2, sort_keys=True)
+
+
+def make_mesh(config) -> jax.sharding.Mesh:
+  axes = {"data": config.mesh.data, "fsdp": config.mesh.fsdp}
+  if config.mesh.get("tensor", 1) != 1:
+    axes["tensor"] = config.mesh.tensor
+  return parallel.make_mesh(axes)
+
+
+def make_checkpointer(workdir: str, config) -> checkpoint_lib.Checkpointer:
+  return checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     max_to_keep=config.checkpoint.keep,
+                                     save_every=config.checkpoint.every,
+                                     async_save=config.checkpoint.async_save)
+
+
+def run_loop(*, workdir: str, config, state: Any, start_step: int,
+             train_step: Callable[[Any, Any], tuple[Any, dict]],
+             next_batch: Callable[[], Any], loader: Any,
+             checkpointer: checkpoint_lib.Checkpointer,
+             on_sample: Callable[[Any, int], None] | None = None,
+             extra_json: Callable[[], dict] | None = None) -> tuple[Any, dict]:
+  """The host loop: step, log one step late, checkpoint, sample, stop on preemption.
+
+  Returns the final state and the last metrics (as Python floats).
+  """
+  total = int(config.train.num_steps)
+  writer = MetricWriter(workdir, total, start_step)
+  pending: tuple[int, dict] | None = None
+  last: dict = {}
+  steps_done, t0 = 0, time.time()
+
+  def flush(pending_item):
+    step, metrics = pending_item
+    metrics = jax.device_get(metrics)
+    if "nonfinite" in metrics and config.train.nonfinite == "stop":
+      step_lib.check_finite(metrics, step)
+    if step % config.log.every == 0 or step == total:
+      elapsed = max(time.time() - t0, 1e-9)
+      metrics = dict(metrics, steps_per_sec=steps_done / elapsed,
+                     examples_per_sec=steps_done * config.data.batch_size / elapsed)
+      writer.scalars(step, metrics)
+    return {k: float(np.asarray(v)) for k, v in metrics.items() if np.ndim(v) == 0}
+
+  def save(step, state, force=False):
+    extra = {"data": loader.get_state() if hasattr(loader, "get_state") else None}
+    if extra_json is not None:
+      extra.update(extra_json())
+    checkpointer.save(step, state, extra_json=extra, force=force)
+
+  with preemption.PreemptionGuard() as guard:
+    step = start_step
+    try:
+      while step < total:
+        batch = next_batch()
+        state, metrics = train_step(state, batch)
+        step += 1
+        steps_done += 1
+        if pending is not None:
+          last = flush(pending)
+        pending = (step, metrics)
+        writer.advance()
+        save(step, state)
+        if on_sample and config.log.sample_every and step % config.log.sample_every == 0:
+          on_sample(state, step)
+        if guard.should_stop(step):
+          log.warning("Preemption signal received: saving step %d and exiting.", step)
+          save(step, state, force=True)
+          break
+      if pending is not None:
+        last = flush(pending)
+      save(step, state, force=True)
+    finally:
+      checkpointer.wait()
+      writer.close()
+  return state, dict(last, step=step)
+
+
+def iterate(loader: Any) -> Callable[[], Any]:
+  """A `next_batch` callable over a loader iterator."""
+  it: Iterator = iter(loader)
+  return lambda: next(it)

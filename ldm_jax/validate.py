@@ -1,0 +1,107 @@
+"""Config checks run before anything is built or compiled; each error names the field and the value.
+
+Unknown keys and wrong types are already refused by `ml_collections` (locked configs, typed fields);
+this module checks what types cannot: shapes that no network can have, and choices among names.
+"""
+
+import math
+
+import jax
+
+GROUPS = 32
+
+
+def _fail(field: str, value, expected: str):
+  raise ValueError(f"config.{field}={value!r}: {expected}.")
+
+
+def _check_choice(field: str, value, choices) -> None:
+  if value not in choices:
+    _fail(field, value, f"expected one of {list(choices)}")
+
+
+def check_autoencoder(prefix: str, fs, image_size: int | None) -> None:
+  kw = fs.kwargs
+  _check_choice(f"{prefix}.kind", fs.kind, ("kl", "vq"))
+  for i, m in enumerate(kw.ch_mult):
+    if (kw.ch * m) % GROUPS:
+      _fail(f"{prefix}.kwargs.ch", kw.ch,
+            f"level {i} has ch*ch_mult={kw.ch * m} channels, not divisible by {GROUPS} GroupNorm "
+            f"groups")
+  f = 2 ** (len(kw.ch_mult) - 1)
+  if image_size is not None and image_size % f:
+    _fail("data.image_size", image_size,
+          f"must be divisible by the first stage's down-sampling factor {f}")
+  if fs.kind == "vq" and not kw.get("n_embed"):
+    _fail(f"{prefix}.kwargs.n_embed", kw.get("n_embed"), "a VQ first stage needs a codebook size")
+
+
+def check_unet(prefix: str, unet, latent_size: int | None) -> None:
+  mc = unet.model_channels
+  levels = len(unet.channel_mult)
+  for i, m in enumerate(unet.channel_mult):
+    ch = mc * m
+    if ch % GROUPS:
+      _fail(f"{prefix}.model_channels", mc,
+            f"level {i} has {ch} channels, not divisible by {GROUPS} GroupNorm groups")
+    ds = 2 ** i
+    if ds in tuple(unet.attention_resolutions):
+      head_ch = unet.get("num_head_channels", -1)
+      heads = unet.get("num_heads", -1)
+      if head_ch not in (-1, None) and ch % head_ch:
+        _fail(f"{prefix}.num_head_channels", head_ch, f"must divide the {ch} channels of level {i}")
+      if (head_ch in (-1, None)) and (heads in (-1, None) or heads <= 0 or ch % heads):
+        _fail(f"{prefix}.num_heads", heads,
+              f"must be positive and divide the {ch} channels of level {i}")
+  if unet.get("use_spatial_transformer") and not unet.get("context_dim"):
+    _fail(f"{prefix}.context_dim", unet.get("context_dim"),
+          "a spatial transformer needs the conditioning width")
+  if latent_size is not None and latent_size % (2 ** (levels - 1)):
+    _fail(f"{prefix}.channel_mult", tuple(unet.channel_mult),
+          f"{levels} levels halve the latent {levels - 1} times, but the latent size "
+          f"{latent_size} is not divisible by {2 ** (levels - 1)}")
+
+
+def check_mesh(mesh) -> None:
+  sizes = {k: mesh.get(k, 1) for k in ("data", "fsdp", "tensor")}
+  n = jax.device_count()
+  free = [k for k, v in sizes.items() if v == -1]
+  if len(free) > 1:
+    _fail("mesh", sizes, "at most one axis may be -1")
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if any(v == 0 or v < -1 for v in sizes.values()):
+    _fail("mesh", sizes, "axis sizes must be positive or -1")
+  if (free and n % fixed) or (not free and fixed != n):
+    _fail("mesh", sizes, f"the axes must multiply to the {n} available devices")
+
+
+def check_config(config) -> None:
+  """Raises ValueError naming the first impossible field of an experiment config."""
+  _check_choice("stage", config.stage, ("autoencoder", "ldm"))
+  _check_choice("data.source", config.data.source, ("shapes", "folder", "tfds", "latent_cache"))
+  if config.data.batch_size < 1:
+    _fail("data.batch_size", config.data.batch_size, "expected >= 1")
+  if config.train.num_steps < 0:
+    _fail("train.num_steps", config.train.num_steps, "expected >= 0")
+  _check_choice("train.compute_dtype", config.train.compute_dtype, ("float32", "bfloat16"))
+  _check_choice("train.nonfinite", config.train.nonfinite, ("stop", "skip"))
+  if not 0.0 <= config.train.cond_drop_prob < 1.0:
+    _fail("train.cond_drop_prob", config.train.cond_drop_prob, "expected in [0, 1)")
+  check_mesh(config.mesh)
+  model = config.model
+  check_autoencoder("model.first_stage", model.first_stage, config.data.image_size)
+  if config.stage == "ldm":
+    f = 2 ** (len(model.first_stage.kwargs.ch_mult) - 1)
+    check_unet("model.unet", model.unet, config.data.image_size // f)
+    _check_choice("model.diffusion.parameterization", model.diffusion.parameterization,
+                  ("eps", "x0", "v"))
+    _check_choice("model.diffusion.conditioning_key", model.diffusion.conditioning_key,
+                  (None, "concat", "crossattn", "hybrid", "adm"))
+    _check_choice("model.diffusion.beta_schedule", model.diffusion.beta_schedule,
+                  ("linear", "sqrt_linear", "sqrt", "cosine"))
+    if model.unet.in_channels < model.first_stage.kwargs.embed_dim:
+      _fail("model.unet.in_channels", model.unet.in_channels,
+            f"must be at least the latent channels {model.first_stage.kwargs.embed_dim}")
+  else:
+    _check_choice("loss.kind", config.loss.kind, ("kl", "vq"))
+    _check_choice("loss.disc_loss", config.loss.disc_loss, ("hinge", "vanilla"))
