@@ -23,8 +23,10 @@ from ldm_jax.diffusion import samplers as samplers_lib
 from ldm_jax.diffusion import schedules as schedules_lib
 from ldm_jax.models import build
 from ldm_jax.models import tokenizers as tokenizers_lib
+from ldm_jax.models import word_tokenizer
 
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
+WORD_TOKENIZERS = ("shapes", "wordlevel")
 SAMPLERS = ("ddim", "plms", "ddpm", "dpmpp_2m", "euler_ancestral")
 
 
@@ -109,6 +111,9 @@ class LatentDiffusion:
     if self._tokenizer is None and self.is_text:
       tok_cfg = dict(self.cond_stage_config.get("tokenizer", {}))
       path = self._tokenizer_path or tok_cfg.get("path")
+      if tok_cfg.get("kind") in WORD_TOKENIZERS:
+        self._tokenizer = word_tokenizer.load_word_tokenizer(path or "")
+        return self._tokenizer
       if not path:
         raise ValueError("model.cond_stage.tokenizer.path is empty: a text model needs a local "
                          "tokenizer directory (nothing is downloaded).")
@@ -133,6 +138,8 @@ class LatentDiffusion:
   # ----------------------------------------------------------------------------------------------
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
     max_length = int(self.cond_stage_config.get("kwargs", {}).get("max_length", 77))
+    if self.cond_stage_config.get("tokenizer", {}).get("kind") in WORD_TOKENIZERS:
+      return word_tokenizer.word_tokenize(self.tokenizer, list(prompts), max_length)
     return tokenizers_lib.tokenize(self.tokenizer, list(prompts), max_length=max_length)
 
   def condition(self, prompts: Sequence[str] | None = None, labels: Sequence[int] | None = None,
@@ -288,7 +295,8 @@ def init_params(config: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
   f = 2 ** (len(ae.ch_mult) - 1)
   res = int(ae.get("resolution", 64))
   res = max(f * 4, min(res, f * 8))  # Small dummy input: parameter shapes do not depend on it.
-  params = {"first_stage": jax.jit(fs.init)(k_fs, jnp.zeros((1, res, res, ae.in_channels)))}
+  fs_rngs = {"params": k_fs, "sample": jax.random.fold_in(k_fs, 1)}
+  params = {"first_stage": jax.jit(fs.init)(fs_rngs, jnp.zeros((1, res, res, ae.in_channels)))}
   dummy_cond = example_conditioning(config, cs_cfg, cs, k_cs)
   params["cond_stage"] = dummy_cond.pop("variables")
   h = w = max(diffusion.image_size // 4, 2 ** len(config.unet.channel_mult))

@@ -156,7 +156,9 @@ def autoencoder_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> tuple
   The class name is "AutoencoderKL" or "VQModel". Fields outside the constructor (scaling_factor,
   shift_factor, latents_mean/std, force_upcast) are the caller's to read from the config.
   """
-  cls_name = config.get("_class_name", "AutoencoderKL")
+  # Saved config.json files carry _class_name; an in-memory `model.config` does not.
+  cls_name = config.get("_class_name") or ("VQModel" if "num_vq_embeddings" in config
+                                           else "AutoencoderKL")
   if cls_name not in ("AutoencoderKL", "VQModel"):
     raise ValueError(f"diffusers config: _class_name={cls_name!r}; expected 'AutoencoderKL' or "
                      "'VQModel'.")

@@ -1,0 +1,126 @@
+"""Sampling from a `LatentDiffusion`: conditioning, guidance, img2img, inpainting, decoding.
+
+The compiled sampler loop (`diffusion.samplers.sample`) treats its `denoise` function as static and
+everything in `cond` as traced. Here `denoise` is a small hashable object that names only the UNet
+module and the routing; the UNet parameters, the conditioning, the null conditioning and the guidance
+scale all travel in `cond`, so new prompts, seeds or guidance scales reuse the compiled loop: it
+compiles once per (shape, sampler, steps, eta, guidance on/off).
+"""
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax import ldm as ldm_lib
+from ldm_jax.diffusion import samplers as samplers_lib
+
+
+class SamplingInputError(ValueError):
+  """Inputs that cannot be sampled (wrong sizes, missing condition): a user mistake."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetDenoiser:
+  """denoise(x_t, t, cond) for the sampler; `cond` = {params, cond, uncond?, scale?, rescale?}."""
+  unet: Any
+  conditioning_key: str | None
+  guided: bool
+  parameterization: str = "eps"
+
+  def __call__(self, x_t, t, c):
+    if not self.guided:
+      return ldm_lib.denoise_fn(self.unet, c["params"], self.conditioning_key, x_t, t, c["cond"])
+    # One batched pass over [uncond, cond] (uncond first, as CompVis).
+    both = jax.tree.map(lambda u, v: jnp.concatenate([u, v], 0), c["uncond"], c["cond"])
+    x2 = jnp.concatenate([x_t, x_t], 0)  # [2B, h, w, C]
+    t2 = jnp.concatenate([t, t], 0)
+    out_u, out_c = jnp.split(ldm_lib.denoise_fn(self.unet, c["params"], self.conditioning_key,
+                                                x2, t2, both), 2)
+    guided = out_u + c["scale"] * (out_c - out_u)
+    # Guidance rescale (Lin et al. 2023): match the per-sample std of the conditional output.
+    std_c = jnp.std(out_c, axis=(1, 2, 3), keepdims=True)
+    std_g = jnp.std(guided, axis=(1, 2, 3), keepdims=True)
+    rescaled = guided * (std_c / jnp.maximum(std_g, 1e-12))
+    return c["rescale"] * rescaled + (1.0 - c["rescale"]) * guided
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> jax.Array:
+  """x_T per sample from its own seed, so a sample does not depend on its batch mates."""
+  keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
+  return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)  # [B, *shape]
+
+
+def latent_mask(mask: np.ndarray, h: int, w: int) -> jax.Array:
+  """Pixel mask [B, H, W, 1] (1 = keep) -> latent resolution by area averaging, then threshold."""
+  b, H, W, _ = mask.shape
+  fh, fw = H // h, W // w
+  m = np.asarray(mask, np.float32).reshape(b, h, fh, w, fw, 1).mean(axis=(2, 4))
+  return jnp.asarray((m > 0.5).astype(np.float32))  # [B, h, w, 1]
+
+
+def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=None,
+           num_samples=None, height=None, width=None, sampler="ddim", steps=50, eta=0.0,
+           guidance=1.0, guidance_rescale=0.0, seed=0, seeds=None, x_T=None, init_image=None,
+           strength=None, mask=None, progress=False, decode=True) -> np.ndarray:
+  """See `LatentDiffusion.sample`; returns float32 images [B, H, W, 3] in [-1, 1] (or latents)."""
+  f = model.downsample_factor
+  batch = len(prompts) if prompts is not None else (
+      len(labels) if labels is not None else (
+          len(seeds) if seeds is not None else (num_samples or 1)))
+  seeds = list(seeds) if seeds is not None else [seed + i for i in range(batch)]
+  if len(seeds) != batch:
+    raise SamplingInputError(f"{len(seeds)} seeds for a batch of {batch}.")
+  default = int(model.config.diffusion.image_size) * f
+  height, width = height or default, width or default
+  if height % f or width % f:
+    raise SamplingInputError(f"height={height}, width={width}: expected multiples of {f}.")
+  h, w = height // f, width // f
+  shape = (h, w, model.latent_channels)
+  if x_T is None:
+    x_T = initial_noise(seeds, shape)
+  elif tuple(x_T.shape) != (batch,) + shape:
+    raise SamplingInputError(f"x_T shape {tuple(x_T.shape)}: expected {(batch,) + shape}.")
+
+  # Conditioning (and its null version for classifier-free guidance).
+  concat = None
+  if images is not None:
+    concat = jnp.asarray(images)
+    if concat.shape[1:3] != (h, w) and model.cond_stage is None:
+      raise SamplingInputError(f"conditioning image of {concat.shape[2]}x{concat.shape[1]} px: this "
+                               f"model concatenates it to {w}x{h} latents; give that size.")
+  try:
+    cond = model.condition(prompts=prompts, labels=labels, images=concat)
+  except ValueError as e:
+    raise SamplingInputError(str(e)) from None
+  guided = float(guidance) != 1.0 and (model.is_text or model.cond_kind == "class")
+  payload = {"params": model.params["unet"], "cond": cond}
+  if guided:
+    payload.update(uncond=model.unconditional(cond, batch),
+                   scale=jnp.float32(guidance), rescale=jnp.float32(guidance_rescale))
+
+  # img2img / inpainting start from the encoded input image.
+  x0 = m = None
+  if init_image is not None:
+    init = jnp.asarray(init_image, jnp.float32)
+    if init.shape[1:3] != (height, width):
+      raise SamplingInputError(f"init image {init.shape[2]}x{init.shape[1]}: expected "
+                               f"{width}x{height}.")
+    x0 = model.encode(init)  # posterior mode, scaled
+  if mask is not None:
+    if x0 is None:
+      raise SamplingInputError("a mask needs an init image.")
+    m = latent_mask(np.asarray(mask), h, w)
+
+  denoise = UNetDenoiser(model.unet, model.config.diffusion.conditioning_key, guided,
+                         model.config.diffusion.parameterization)
+  rng = jax.random.fold_in(jax.random.PRNGKey(int(seeds[0])), 1)
+  z = samplers_lib.sample(denoise, model.schedule, x_T, payload, rng, sampler=sampler,
+                          steps=int(steps), eta=float(eta),
+                          parameterization=model.config.diffusion.parameterization, x0=x0,
+                          mask=m, strength=strength, progress=progress)
+  if not decode:
+    return np.asarray(z)
+  return np.asarray(model.decode(z))

@@ -1,0 +1,202 @@
+"""Orbax checkpoints of the TrainState plus a JSON side-car.
+
+A thin wrapper over `orbax.checkpoint.CheckpointManager` (0.12 API): each
+step directory holds two items, 'state' (the TrainState through
+`StandardSave`, sharded arrays written by every host) and 'extra' (a JSON
+dict: data-iterator state, config, anything small).
+
+Safety, which the tests check:
+  * Orbax writes a step into `<step>.orbax-checkpoint-tmp-<n>/` and renames
+    it when complete, so a crash mid-save leaves only a tmp directory, which
+    is never listed or restored; `latest_step` also ignores step directories
+    that lack the finished-checkpoint files.
+  * A failed save (disk full, permissions) raises `CheckpointSaveError`,
+    deletes its own tmp directory and leaves earlier checkpoints untouched.
+  * Restoring takes an abstract target whose leaves carry shardings, so a
+    state saved on one mesh restores onto any other mesh.
+"""
+
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+from absl import logging
+from etils import epath
+import jax
+import orbax.checkpoint as ocp
+
+_STATE, _EXTRA = 'state', 'extra'
+_TMP_MARKER = '.orbax-checkpoint-tmp'
+_DONE_FILE = '_CHECKPOINT_METADATA'  # Written by Orbax inside every step.
+
+
+class CheckpointSaveError(OSError):
+  """Writing a checkpoint failed; earlier checkpoints are intact."""
+
+
+def abstract_like(tree: Any, shardings: Optional[Any] = None) -> Any:
+  """ShapeDtypeStructs for `tree`, with `shardings` (a tree) or the leaves'.
+
+  Use it to build a restore target for another mesh:
+  `abstract_like(jax.eval_shape(init), infer_param_shardings(..., mesh))`.
+  """
+  if shardings is None:
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=getattr(x, 'sharding', None)),
+        tree)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)
+
+
+class Checkpointer:
+  """Saves and restores (TrainState, extra JSON) under `workdir`.
+
+  Args:
+    workdir: directory of step subdirectories (created if missing; any
+      path epath understands, e.g. gs://...).
+    max_to_keep: keep only the newest this many checkpoints (None: all).
+    save_every: `save` writes only on multiples of this (unless forced).
+    async_save: write in a background thread; call `wait()` before exit.
+  """
+
+  def __init__(self, workdir: str, max_to_keep: Optional[int] = 3,
+               save_every: int = 1, async_save: bool = True):
+    if save_every < 1:
+      raise ValueError(f'save_every={save_every}: expected >= 1')
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f'max_to_keep={max_to_keep}: expected >= 1 or None')
+    self.workdir = os.fspath(workdir)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_interval_steps=save_every,
+        enable_async_checkpointing=async_save,
+        # Leftovers of crashed saves are removed when a run starts.
+        cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(
+        self.workdir, options=options, item_names=(_STATE, _EXTRA))
+    self._pending: Optional[int] = None
+
+  # -- listing -------------------------------------------------------------
+
+  def _is_complete(self, step: int) -> bool:
+    step_dir = epath.Path(self.workdir) / str(step)
+    return (step_dir / _DONE_FILE).exists() and (step_dir / _STATE).is_dir()
+
+  def all_steps(self) -> List[int]:
+    """Complete checkpoints on disk, oldest first."""
+    self._manager.reload()
+    return sorted(s for s in self._manager.all_steps() if self._is_complete(s))
+
+  def latest_step(self) -> Optional[int]:
+    """Newest complete checkpoint step, or None if there is none."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  # -- saving --------------------------------------------------------------
+
+  def save(self, step: int, state: Any,
+           extra_json: Optional[Dict[str, Any]] = None,
+           force: bool = False) -> bool:
+    """Starts saving `state` and `extra_json` as checkpoint `step`.
+
+    Returns True if a save was started: only on multiples of `save_every`
+    unless `force`, and never over an existing step (then False). With
+    async saving, errors of this save surface in the next `save` or `wait`.
+
+    Raises:
+      CheckpointSaveError: the write failed (tmp files removed, earlier
+        checkpoints intact).
+    """
+    step = int(step)
+    self._raise_pending_failure()
+    if step in self._manager.all_steps():
+      return False
+    args = ocp.args.Composite(**{
+        _STATE: ocp.args.StandardSave(state),
+        _EXTRA: ocp.args.JsonSave(dict(extra_json or {})),
+    })
+    try:
+      started = self._manager.save(step, args=args, force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      self._fail(step, e)
+    if started:
+      self._pending = step
+    return bool(started)
+
+  def wait(self) -> None:
+    """Blocks until the in-flight save is on disk; raises if it failed."""
+    self._raise_pending_failure()
+
+  def _raise_pending_failure(self) -> None:
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._fail(step, e)
+
+  def _fail(self, step: Optional[int], error: Exception) -> None:
+    if jax.process_index() == 0 and step is not None:
+      prefix = f'{step}{_TMP_MARKER}'
+      for path in epath.Path(self.workdir).iterdir():
+        if path.name.startswith(prefix):
+          try:
+            path.rmtree()
+          except OSError:  # Best effort: a full disk may refuse this too.
+            logging.warning('could not remove %s', path)
+    previous = [s for s in self.all_steps() if s != step]
+    raise CheckpointSaveError(
+        f'saving checkpoint step {step} under {self.workdir} failed: '
+        f'{type(error).__name__}: {error}. Previous checkpoints are intact '
+        f'(latest complete step: {previous[-1] if previous else None}).'
+    ) from error
+
+  # -- restoring -----------------------------------------------------------
+
+  def restore(self, step: Optional[int] = None,
+              target_state: Optional[Any] = None) -> Tuple[Any, Dict]:
+    """Loads checkpoint `step` (default: the latest complete one).
+
+    Args:
+      step: which step; must be a complete checkpoint.
+      target_state: pytree like the saved state (e.g. a TrainState) of
+        arrays or ShapeDtypeStructs; each leaf's sharding decides where the
+        restored array lives, so any mesh works (see `abstract_like`).
+        None restores the saved tree as Orbax stores it (nested dicts of
+        host-local arrays), for inspection.
+
+    Returns:
+      (state, extra_json).
+
+    Raises:
+      FileNotFoundError: no complete checkpoint, or `step` is not one.
+    """
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f'no complete checkpoint under {self.workdir}')
+      step = steps[-1]
+    elif int(step) not in steps:
+      raise FileNotFoundError(
+          f'checkpoint step={step} not found (or incomplete) under '
+          f'{self.workdir}; complete steps: {steps}')
+    if target_state is None:
+      state_args = ocp.args.StandardRestore()
+    else:
+      state_args = ocp.args.StandardRestore(abstract_like(target_state))
+    restored = self._manager.restore(int(step), args=ocp.args.Composite(**{
+        _STATE: state_args, _EXTRA: ocp.args.JsonRestore()}))
+    logging.info('Restored checkpoint step %d from %s', step, self.workdir)
+    return restored[_STATE], dict(restored[_EXTRA] or {})
+
+  def close(self) -> None:
+    """Waits for pending saves and releases Orbax's threads."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+  def __enter__(self) -> 'Checkpointer':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

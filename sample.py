@@ -1,0 +1,64 @@
+"""Samples images from a latent diffusion model on the command line.
+
+  python sample.py --checkpoint workdirs/shapes_ldm --prompt "a red circle at the top left" \
+      --num_samples 4 --outdir outputs/red_circle
+  python sample.py --compvis_ckpt sd-v1-5.ckpt --compvis_yaml v1-inference.yaml \
+      --tokenizer /path/to/clip_tokenizer --prompt "a photo of a cat" --guidance 7.5
+  python sample.py --diffusers /path/to/stable-diffusion-folder --prompt "..." --sampler dpmpp_2m
+
+Writes one PNG per sample (000000.png, ...), grid.png and samples.json (prompt/label, seed and
+settings of every file). Mistakes in the arguments or files end with one line on stderr and exit code 2.
+"""
+
+import argparse
+import sys
+
+from ldm_jax import sample_cli
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  src = p.add_argument_group("model (exactly one)")
+  src.add_argument("--checkpoint", help="training workdir or saved/converted model directory")
+  src.add_argument("--compvis_ckpt", help="original CompVis / Stable Diffusion .ckpt/.safetensors")
+  src.add_argument("--compvis_yaml", help="the YAML config that goes with --compvis_ckpt")
+  src.add_argument("--diffusers", help="a diffusers pipeline folder (unet/, vae/, text_encoder/ ...)")
+  src.add_argument("--tokenizer", help="local tokenizer directory (text models from .ckpt files)")
+  src.add_argument("--no_ema", action="store_true", help="use raw instead of EMA weights")
+  what = p.add_argument_group("what to sample")
+  what.add_argument("--prompt", action="append", help="text prompt (repeatable)")
+  what.add_argument("--prompt_file", help="a file with one prompt per line")
+  what.add_argument("--class_label", type=int, action="append", help="class label (repeatable)")
+  what.add_argument("--init_image", help="img2img / inpainting input image")
+  what.add_argument("--strength", type=float, help="img2img strength in (0, 1]")
+  what.add_argument("--mask", help="inpainting mask image (white = keep, black = repaint)")
+  what.add_argument("--lowres", help="low-resolution image for super-resolution models")
+  what.add_argument("--height", type=int, help="output height in pixels (multiple of the stride)")
+  what.add_argument("--width", type=int, help="output width in pixels (multiple of the stride)")
+  how = p.add_argument_group("sampler")
+  how.add_argument("--sampler", default="ddim",
+                   choices=["ddim", "plms", "ddpm", "dpmpp_2m", "euler_a"])
+  how.add_argument("--steps", type=int, default=50)
+  how.add_argument("--eta", type=float, default=0.0)
+  how.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+  how.add_argument("--guidance_rescale", type=float, default=0.0)
+  how.add_argument("--seed", type=int, default=0)
+  how.add_argument("--num_samples", type=int, default=1, help="samples per prompt / label")
+  how.add_argument("--batch_size", type=int, default=8)
+  how.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--outdir", required=True)
+  p.add_argument("--no_progress", action="store_true")
+  return p.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    sample_cli.run(args)
+  except sample_cli.UserError as e:
+    print(f"sample.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  main()

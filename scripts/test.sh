@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs the test requirements into ./.venv (created if missing) and runs the test suite.
+#   bash scripts/test.sh            # whole suite
+#   bash scripts/test.sh tests/models -k unet   # any pytest arguments
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q -r requirements-test.txt
+export JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+python -m pytest -q "$@"
