@@ -101,6 +101,6 @@ def load_model(path: str, *, use_ema: bool = True) -> tuple[ml_collections.Confi
   trained = workdir_lib.restore_trained_params(path, use_ema=use_ema)
   if trained is not None:
     merged = dict(params)
-    merged.update(trained)
+    merged.update({k: v for k, v in trained.items() if k in params})
     params = check_against_config(config, merged, what=f"training workdir {path}")
   return config, params

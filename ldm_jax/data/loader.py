@@ -11,9 +11,10 @@ Order: Grain's IndexSampler draws a fresh permutation of the whole source every 
 seed; host `process_index` of `process_count` takes every process_count-th element of that global
 order (so hosts are disjoint within an epoch and the union covers it), transforms it with a
 per-record generator derived from the seed, and batches `batch_size` (per host) with the remainder
-dropped. Worker processes (`worker_count`) only parallelise the transforms: the order and the
-content of the batches do not depend on the worker count, though a saved state may only be
-restored into a loader with the same worker count (Grain records per-worker positions).
+dropped. Worker processes (`worker_count`) parallelise reading and transforming; Grain hands worker w
+every worker_count-th record of the host's order and each worker batches its own records, so the
+batches are a deterministic function of (seed, process_index, process_count, worker_count), and a
+saved state may only be restored into a loader with the same settings (checked in `set_state`).
 """
 
 import dataclasses

@@ -88,16 +88,14 @@ class LPIPS(nn.Module):
     batch = x0.shape[0]
     shift = jnp.asarray(SHIFT, jnp.float32)
     scale = jnp.asarray(SCALE, jnp.float32)
-    net = VGG16Features(dtype=self.dtype, param_dtype=self.param_dtype, name="net")
-    # Two calls of one trunk rather than one call on [x0; x1]: XLA may round a batch row
-    # differently by position, and identical images must give exactly 0.
-    taps0 = net((x0.astype(jnp.float32) - shift) / scale)
-    taps1 = net((x1.astype(jnp.float32) - shift) / scale)
+    # One trunk pass over both batches: the trunk has no batch-coupled layers.
+    x = jnp.concatenate([x0, x1], axis=0).astype(jnp.float32)  # [2B, H, W, 3]
+    x = (x - shift) / scale
+    taps = VGG16Features(dtype=self.dtype, param_dtype=self.param_dtype, name="net")(x)
     total = jnp.zeros((batch,), jnp.float32)
-    for k, (f0, f1) in enumerate(zip(taps0, taps1)):
-      f0 = normalize_channels(f0.astype(jnp.float32))  # [B, h, w, C_k]
-      f1 = normalize_channels(f1.astype(jnp.float32))  # [B, h, w, C_k]
-      diff = jnp.square(f0 - f1)  # [B, h, w, C_k]
+    for k, feat in enumerate(taps):
+      feat = normalize_channels(feat.astype(jnp.float32))  # [2B, h, w, C_k]
+      diff = jnp.square(feat[:batch] - feat[batch:])  # [B, h, w, C_k]
       # NetLinLayer: 1x1 conv C_k -> 1 without bias, i.e. a Dense on channels.
       lin = nn.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype,
                      name=f"lin{k}")(diff)  # [B, h, w, 1]

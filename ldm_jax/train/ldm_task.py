@@ -6,7 +6,6 @@ functions. The train step therefore sees only trainable parameters: the UNet, pl
 transformer when it is trained jointly (`cond_stage` in `params`).
 """
 
-import dataclasses
 from typing import Any, Mapping
 
 import jax
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax import ldm as ldm_lib
+from ldm_jax import parallel
 from ldm_jax.diffusion import objectives
 
 FROZEN_TEXT = ("clip", "openclip", "bert")
@@ -48,21 +48,27 @@ def null_inputs(model: ldm_lib.LatentDiffusion) -> dict[str, np.ndarray]:
 
 
 def encode_batch(model: ldm_lib.LatentDiffusion, batch: Mapping[str, Any], rng: jax.Array,
-                 config) -> dict[str, Any]:
-  """Host batch -> the train step's inputs: scaled latents z, and tokens/labels/context/concat."""
-  out = {"z": model.encode(batch["image"], rng)}
+                 config, mesh=None) -> dict[str, Any]:
+  """Host batch -> the train step's inputs: scaled latents z, and tokens/labels/context/concat.
+
+  Captions are tokenised on the host; every array is then assembled into a global batch-sharded
+  array (each host contributes its shard) before the frozen encoders run on it.
+  """
+  local = {"image": np.asarray(batch["image"], np.float32)}
   kind = model.cond_kind
   if model.is_text:
-    tokens = model.tokenize([str(c) for c in batch["caption"]])
-    if trains_cond_stage(model, config):
-      out["tokens"] = jnp.asarray(tokens)
-    else:
-      out["context"] = ldm_lib.cond_stage_fn(model.cond_stage, model.params["cond_stage"],
-                                             jnp.asarray(tokens))
+    local["tokens"] = model.tokenize([str(c) for c in batch["caption"]])
   elif kind == "class":
-    out["label"] = jnp.asarray(batch["label"], jnp.int32)
+    local["label"] = np.asarray(batch["label"], np.int32)
   if "concat" in batch:  # Concat inputs are prepared at latent resolution by the data pipeline.
-    out["concat"] = jnp.asarray(batch["concat"])
+    local["concat"] = np.asarray(batch["concat"], np.float32)
+  arrays = (parallel.make_global_batch(local, mesh) if mesh is not None
+            else jax.tree.map(jnp.asarray, local))
+  out = {k: v for k, v in arrays.items() if k != "image"}
+  out["z"] = model.encode(arrays["image"], rng)
+  if "tokens" in out and not trains_cond_stage(model, config):
+    out["context"] = ldm_lib.cond_stage_fn(model.cond_stage, model.params["cond_stage"],
+                                           out.pop("tokens"))
   return out
 
 

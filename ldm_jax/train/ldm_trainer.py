@@ -125,14 +125,11 @@ def train(config, workdir: str) -> dict:
       state_shardings=state_shardings)
 
   rng = jax.random.PRNGKey(config.seed + 2)
-  batch_sharding = parallel.batch_sharding(mesh)
-
   def next_batch():
     nonlocal rng
     rng, sub = jax.random.split(rng)
     host = pipeline.next()
-    encoded = ldm_task.encode_batch(model, host, sub, config)
-    return jax.tree.map(lambda x: jax.device_put(x, batch_sharding), encoded)
+    return ldm_task.encode_batch(model, host, sub, config, mesh)
 
   def on_sample(state, step):
     from ldm_jax.train import samples as samples_lib

@@ -121,8 +121,11 @@ def test_identical_images_give_zero_and_grads_reach_only_images(torch_lpips):
   params = convert_lpips.lpips_from_torch(vgg, lin)
   dist = lpips_fn(params)
   x = _nhwc(_images(5, (2, 3, 16, 16)))
-  np.testing.assert_array_equal(np.asarray(jax.jit(dist)(x, x)), np.zeros(2, np.float32))
   y = _nhwc(_images(6, (2, 3, 16, 16)))
+  same, different = jax.jit(dist)(x, x), jax.jit(dist)(x, y)
+  # Compiled convs may round a batch row differently by its position (~1e-15 here), so "zero"
+  # is judged against the distance of different images.
+  assert float(jnp.max(same)) < 1e-9 and float(jnp.min(different)) > 1e-2
   # One compiled pass for both gradients: the trunk is frozen, the images are not.
   gp, gx = jax.jit(jax.grad(lambda p, a: lpips_fn(p)(a, y).sum(), argnums=(0, 1)))(params, x)
   assert float(jnp.abs(gx).max()) > 0

@@ -106,7 +106,7 @@ def test_openclip_penultimate_gelu_matches_reference():
   got = model.apply({"params": params}, jnp.asarray(tokens))
   assert_close(got, want, what="OpenCLIP penultimate")
   # The last-layer variant of the same weights must differ, and match HF's last_hidden_state.
-  model_last = model.replace(output_layer="last")
+  model_last = model.clone(output_layer="last")
   got_last = model_last.apply({"params": clip_from_openclip(sd, model_last)}, jnp.asarray(tokens))
   assert_close(got_last, out.last_hidden_state.numpy(), what="OpenCLIP last")
   assert np.abs(np.asarray(got_last) - np.asarray(got)).max() > 1e-2
@@ -231,7 +231,7 @@ def test_strict_loading_reports_missing_unexpected_and_mismatched():
     assert fragment in msg, msg
   # A deeper model than the checkpoint, and a layout that is not CLIP at all.
   with pytest.raises(WeightLoadError, match="encoder.layers.3"):
-    clip_from_hf(sd, model.replace(layers=4))
+    clip_from_hf(sd, model.clone(layers=4))
   with pytest.raises(WeightLoadError, match="token_embedding.weight"):
     clip_from_openclip(sd, model)
   with pytest.raises(TypeError, match="expected BertEncoder"):
@@ -257,7 +257,7 @@ def test_config_helpers_and_argument_errors():
   with pytest.raises(ValueError, match="token length 5 exceeds max_length=4"):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5), jnp.int32))
   with pytest.raises(ValueError, match="output_layer='middle'"):
-    model.replace(output_layer="middle").init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+    model.clone(output_layer="middle").init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
 
 
 def test_bf16_compute_keeps_fp32_params_and_stays_close():
@@ -266,6 +266,6 @@ def test_bf16_compute_keeps_fp32_params_and_stays_close():
   params = model.init(jax.random.PRNGKey(0), tokens)["params"]
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
   full = model.apply({"params": params}, tokens)
-  half = model.replace(dtype=jnp.bfloat16).apply({"params": params}, tokens)
+  half = model.clone(dtype=jnp.bfloat16).apply({"params": params}, tokens)
   assert half.dtype == jnp.bfloat16
   assert_close(np.asarray(half, np.float32), full, rel=5e-2, what="bf16 vs fp32")

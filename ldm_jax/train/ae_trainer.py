@@ -1,0 +1,264 @@
+"""Stage 1 training: a KL or VQ autoencoder with L1 + LPIPS + PatchGAN, as the paper trains them.
+
+One jitted step updates both players, as CompVis's two optimizer_idx passes do:
+1. generator: the reconstruction objective (L1 + perceptual, through a learned log-variance, plus the
+   KL or codebook term) and the adversarial term weighted by the adaptive weight
+   ||grad nll|| / ||grad g|| at the decoder's last layer. The gradients of both parts come from one
+   forward pass and two backward passes (a VJP with two cotangents), so the ratio costs no extra
+   forward.
+2. discriminator: hinge (or vanilla) loss on real images and the (detached) reconstructions, switched
+   on at `disc_start` like the generator's adversarial term.
+"""
+
+import logging
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ldm_jax import parallel
+from ldm_jax.models import build
+from ldm_jax.models import discriminator as disc_lib
+from ldm_jax.models import lpips as lpips_lib
+from ldm_jax.train import ae_losses
+from ldm_jax.train import checkpoint as checkpoint_lib
+from ldm_jax.train import inputs
+from ldm_jax.train import loop
+from ldm_jax.train import optim
+
+log = logging.getLogger("ldm_jax.train")
+
+
+@flax.struct.dataclass
+class AEState:
+  step: jax.Array
+  params: Any            # {'autoencoder': ..., 'logvar': scalar (KL only)}
+  opt_state: Any
+  disc_vars: Any         # {'params': ..., 'batch_stats'?: ...}
+  disc_opt_state: Any
+  rng: jax.Array
+
+
+def load_lpips(config):
+  """LPIPS params from config.loss.lpips_path, or None when the config allows training without."""
+  path = config.loss.lpips_path
+  if path:
+    from ldm_jax.convert import lpips as lpips_convert
+    return lpips_convert.load_lpips_params(path)
+  if config.loss.perceptual_weight and not config.loss.allow_no_lpips:
+    raise FileNotFoundError(
+        "config.loss.lpips_path is empty: the perceptual loss needs LPIPS weights. Make them with "
+        "`python -m ldm_jax.convert.lpips --vgg VGG16.pth --lin vgg.pth --out lpips_vgg.npz`, or set "
+        "--config.loss.allow_no_lpips=True to train with L1 + GAN + KL only.")
+  log.warning("No LPIPS weights (config.loss.lpips_path is empty): training WITHOUT the perceptual "
+              "loss, as config.loss.allow_no_lpips allows.")
+  return None
+
+
+def make_discriminator(config):
+  return disc_lib.NLayerDiscriminator(input_nc=3, ndf=config.loss.disc_ndf,
+                                      n_layers=config.loss.disc_num_layers,
+                                      use_actnorm=config.loss.disc_use_actnorm)
+
+
+def make_step(ae, disc, config, opt_g, opt_d, use_lpips: bool):
+  """The pure step `(state, batch, lpips_params) -> (state, metrics)`."""
+  loss_cfg = config.loss
+  kind = loss_cfg.kind
+  lpips_model = lpips_lib.LPIPS()
+  disc_loss_fn = ae_losses.hinge_d_loss if loss_cfg.disc_loss == "hinge" else (
+      ae_losses.vanilla_d_loss)
+  last_layer = lambda tree: tree["autoencoder"]
+  for k in ae.decoder_last_layer_path:
+    last_layer = (lambda f, k: (lambda tree: f(tree)[k]))(last_layer, k)
+
+  def apply_disc(disc_vars, images):
+    mutable = ["batch_stats"] if "batch_stats" in disc_vars else []
+    if mutable:
+      logits, new = disc.apply(disc_vars, images, train=True, mutable=mutable)
+      return logits, new
+    return disc.apply(disc_vars, images, train=True), {}
+
+  def step(state: AEState, batch, lpips_params):
+    x = batch["image"].astype(jnp.float32)  # [B, H, W, 3]
+    b = x.shape[0]
+    rng, r_sample, r_drop = jax.random.split(state.rng, 3)
+    disc_factor = ae_losses.adopt_weight(loss_cfg.disc_factor, state.step, loss_cfg.disc_start)
+
+    def forward(params):
+      variables = {"params": params["autoencoder"]}
+      rngs = {"sample": r_sample, "dropout": r_drop}
+      if kind == "kl":
+        recon, posterior = ae.apply(variables, x, deterministic=False, rngs=rngs)
+        reg = loss_cfg.kl_weight * jnp.sum(posterior.kl()) / b
+      else:
+        recon, codebook_loss, _ = ae.apply(variables, x, deterministic=False, rngs=rngs)
+        reg = loss_cfg.codebook_weight * codebook_loss
+      rec = jnp.abs(x - recon)  # [B, H, W, 3]
+      if use_lpips:
+        p = lpips_model.apply({"params": lpips_params}, x, recon, keepdims=True)  # [B,1,1,1]
+        rec = rec + loss_cfg.perceptual_weight * p
+      if kind == "kl":
+        nll = jnp.sum(rec / jnp.exp(params["logvar"]) + params["logvar"]) / b
+      else:
+        nll = jnp.mean(rec)
+      logits_fake, _ = apply_disc(state.disc_vars, recon)
+      g_loss = -jnp.mean(logits_fake)
+      aux = dict(recon=recon, rec_loss=jnp.mean(rec), nll_loss=nll, reg_loss=reg)
+      return (nll + reg, g_loss), aux
+
+    (main_loss, g_loss), vjp_fn, aux = jax.vjp(forward, state.params, has_aux=True)
+    grads_main, = vjp_fn((jnp.ones_like(main_loss), jnp.zeros_like(g_loss)))
+    grads_g, = vjp_fn((jnp.zeros_like(main_loss), jnp.ones_like(g_loss)))
+    d_weight = ae_losses.calculate_adaptive_weight(last_layer(grads_main), last_layer(grads_g),
+                                                   loss_cfg.disc_weight)
+    scale = d_weight * disc_factor
+    grads = jax.tree.map(lambda a, g: a + scale * g, grads_main, grads_g)
+    updates, opt_state = opt_g.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+
+    fake = jax.lax.stop_gradient(aux["recon"])
+
+    def d_loss(disc_params):
+      variables = dict(state.disc_vars, params=disc_params)
+      logits_real, new_vars = apply_disc(variables, x)
+      variables = dict(variables, **new_vars)
+      logits_fake, new_vars = apply_disc(variables, fake)
+      loss = disc_factor * disc_loss_fn(logits_real, logits_fake)
+      return loss, (new_vars, jnp.mean(logits_real), jnp.mean(logits_fake))
+
+    (disc_loss, (new_vars, lr_mean, lf_mean)), d_grads = jax.value_and_grad(
+        d_loss, has_aux=True)(state.disc_vars["params"])
+    d_updates, disc_opt_state = opt_d.update(d_grads, state.disc_opt_state,
+                                             state.disc_vars["params"])
+    disc_params = jax.tree.map(lambda p, u: p + u, state.disc_vars["params"], d_updates)
+    disc_vars = dict(state.disc_vars, **new_vars, params=disc_params)
+    total = main_loss + scale * g_loss
+    metrics = dict(loss=total, rec_loss=aux["rec_loss"], nll_loss=aux["nll_loss"],
+                   reg_loss=aux["reg_loss"], g_loss=g_loss, d_weight=d_weight,
+                   disc_factor=jnp.float32(disc_factor), disc_loss=disc_loss,
+                   logits_real=lr_mean, logits_fake=lf_mean,
+                   psnr=psnr(x, jax.lax.stop_gradient(aux["recon"])),
+                   grad_norm=optax.global_norm(grads))
+    if kind == "kl":
+      metrics["logvar"] = state.params["logvar"]
+    finite = jnp.isfinite(total) & jnp.isfinite(disc_loss)
+    metrics["nonfinite"] = (~finite).astype(jnp.int32)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = AEState(step=state.step + 1, params=keep(params, state.params),
+                        opt_state=keep(opt_state, state.opt_state),
+                        disc_vars=keep(disc_vars, state.disc_vars),
+                        disc_opt_state=keep(disc_opt_state, state.disc_opt_state), rng=rng)
+    return new_state, metrics
+
+  return step
+
+
+def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
+  """Mean PSNR (dB) of images in [-1, 1], computed on the [0, 1] scale."""
+  mse = jnp.mean(jnp.square((jnp.clip(x, -1, 1) - jnp.clip(y, -1, 1)) / 2.0), axis=(1, 2, 3))
+  return jnp.mean(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)))
+
+
+def init_state(ae, disc, config, opt_g, opt_d, image_size: int, rng) -> AEState:
+  r_ae, r_disc, r_state = jax.random.split(rng, 3)
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  ae_vars = ae.init({"params": r_ae, "sample": r_ae}, x)
+  params = {"autoencoder": ae_vars["params"]}
+  if config.loss.kind == "kl":
+    params["logvar"] = jnp.zeros((), jnp.float32)
+  disc_vars = dict(disc.init(r_disc, x, train=False))
+  return AEState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_g.init(params),
+                 disc_vars=disc_vars, disc_opt_state=opt_d.init(disc_vars["params"]),
+                 rng=r_state)
+
+
+def train(config, workdir: str) -> dict:
+  parallel.maybe_initialize_distributed()
+  loop.write_config(workdir, config)
+  mesh = loop.make_mesh(config)
+  ae = build.build_first_stage(config.model.first_stage, config.train.compute_dtype)
+  disc = make_discriminator(config)
+  lpips_params = load_lpips(config)
+  lr = config.loss.base_learning_rate * config.data.batch_size * config.train.grad_accum_steps
+  opt_g = optim.make_gan_optimizer(learning_rate=lr)
+  opt_d = optim.make_gan_optimizer(learning_rate=lr)
+  pipeline = inputs.make_pipeline(config, mesh=mesh)
+
+  def init_fn(rng):
+    return init_state(ae, disc, config, opt_g, opt_d, config.data.image_size, rng)
+
+  state = parallel.init_sharded(init_fn, jax.random.PRNGKey(config.seed), mesh=mesh,
+                                min_size=config.mesh.min_shard_size)
+  state_shardings = jax.tree.map(lambda a: a.sharding, state)
+  checkpointer = loop.make_checkpointer(workdir, config)
+  start_step = 0
+  if checkpointer.latest_step() is not None:
+    state, extra = checkpointer.restore(target_state=state)
+    start_step = int(state.step)
+    if extra and extra.get("data") is not None:
+      pipeline.set_state(extra["data"])
+    log.info("Resumed %s at step %d.", workdir, start_step)
+  save_first_stage_config(workdir, config)
+
+  use_lpips = lpips_params is not None and config.loss.perceptual_weight > 0
+  step_fn = make_step(ae, disc, config, opt_g, opt_d, use_lpips)
+  batch_sharding = parallel.batch_sharding(mesh)
+  replicated = parallel.replicated(mesh)
+  lp = jax.device_put(lpips_params, replicated) if use_lpips else None
+  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+  def train_step(state, batch):
+    return jitted(state, batch, lp)
+
+  def next_batch():
+    host = pipeline.next()
+    return parallel.make_global_batch({"image": np.asarray(host["image"], np.float32)}, mesh)
+
+  state, last = loop.run_loop(workdir=workdir, config=config, state=state, start_step=start_step,
+                              train_step=train_step, next_batch=next_batch, loader=pipeline,
+                              checkpointer=checkpointer)
+  loop.write_summary(workdir, last)
+  checkpointer.close()
+  return last
+
+
+FIRST_STAGE_FILE = "first_stage.json"
+
+
+def save_first_stage_config(workdir: str, config) -> None:
+  if parallel.is_main_process():
+    with open(os.path.join(workdir, FIRST_STAGE_FILE), "w") as f:
+      f.write(config.model.first_stage.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load_autoencoder(path: str, first_stage_config=None) -> dict[str, Any]:
+  """The first-stage variables {'params': ...} of an autoencoder workdir or a saved model."""
+  from ldm_jax import model_io
+  if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
+      os.path.join(path, "params")):
+    _, params = model_io.load_saved_model(path)
+    return params["first_stage"]
+  ckpt_dir = os.path.join(path, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise model_io.CheckpointNotFoundError(
+        f"{path}: not an autoencoder workdir (no checkpoints/) nor a saved model.")
+  ckptr = checkpoint_lib.Checkpointer(ckpt_dir, async_save=False)
+  try:
+    if ckptr.latest_step() is None:
+      raise model_io.CheckpointNotFoundError(f"{path}: no complete checkpoint in {ckpt_dir}.")
+    state, _ = ckptr.restore()
+  finally:
+    ckptr.close()
+  return {"params": jax.tree.map(np.asarray, state["params"]["autoencoder"])}
+
+
+def read_first_stage_config(path: str) -> ml_collections.ConfigDict:
+  with open(os.path.join(path, FIRST_STAGE_FILE)) as f:
+    return ml_collections.ConfigDict(__import__("json").load(f))

@@ -1,0 +1,84 @@
+"""The training input pipeline: config.data -> a per-host, resumable iterator of batches.
+
+The global batch (config.data.batch_size) is split evenly over hosts; each host loads its own shard
+(Grain, `jax.process_index()`), and the trainer assembles the per-host arrays into global ones.
+"""
+
+from typing import Any
+
+import jax
+
+from ldm_jax.data import loader as loader_lib
+from ldm_jax.data import transforms
+
+
+def data_config(config) -> loader_lib.DataConfig:
+  d = config.data
+  common = dict(seed=config.seed, size=d.image_size)
+  if d.source == "shapes":
+    return loader_lib.DataConfig(name="shapes", num_objects=d.num_objects,
+                                 length=d.num_examples, **common)
+  if d.source == "folder":
+    return loader_lib.DataConfig(name="folder", root=d.data_dir, min_size=d.min_size,
+                                 caption_source=("txt" if d.caption_key else None),
+                                 labels_from_subfolders=bool(d.label_key), **common)
+  if d.source == "tfds":
+    return loader_lib.DataConfig(name="tfds", tfds_name=d.name, split=d.split,
+                                 data_dir=d.data_dir or None, image_key=d.image_key,
+                                 label_key=d.label_key or None,
+                                 caption_key=d.caption_key or None, **common)
+  if d.source == "latent_cache":
+    return loader_lib.DataConfig(name="latents", root=d.data_dir, **common)
+  raise ValueError(f"config.data.source={d.source!r}; expected 'shapes', 'folder', 'tfds' or "
+                   f"'latent_cache'.")
+
+
+class Pipeline:
+  """next() / peek() over per-host batches, with the loader's saveable state."""
+
+  def __init__(self, config, mesh=None):
+    count = jax.process_count()
+    if config.data.batch_size % count:
+      raise ValueError(f"config.data.batch_size={config.data.batch_size}: must divide evenly over "
+                       f"the {count} hosts.")
+    devices = mesh.devices.size if mesh is not None else 1
+    if config.data.batch_size % devices:
+      raise ValueError(f"config.data.batch_size={config.data.batch_size}: must be divisible by the "
+                       f"{devices} devices of the mesh.")
+    self.source = loader_lib.make_dataset(data_config(config))
+    transform = None
+    if config.data.source != "latent_cache" and (config.data.random_crop or config.data.random_flip
+                                                 or config.data.source != "shapes"):
+      transform = transforms.ImageTransform(size=config.data.image_size,
+                                            random_crop=config.data.random_crop,
+                                            flip=config.data.random_flip)
+    self._it = loader_lib.make_loader(self.source, batch_size=config.data.batch_size // count,
+                                      seed=config.seed, shuffle=True,
+                                      worker_count=config.data.worker_count,
+                                      transform=transform)
+    self._peeked = None
+
+  def peek(self) -> dict[str, Any]:
+    """The next batch without consuming it (the trainer estimates scale_by_std from it)."""
+    if self._peeked is None:
+      self._peeked = next(self._it)
+    return self._peeked
+
+  def next(self) -> dict[str, Any]:
+    if self._peeked is not None:
+      batch, self._peeked = self._peeked, None
+      return batch
+    return next(self._it)
+
+  def get_state(self):
+    if self._peeked is not None:
+      raise RuntimeError("Pipeline.get_state with a peeked batch: consume it first.")
+    return self._it.get_state()
+
+  def set_state(self, state) -> None:
+    self._peeked = None
+    self._it.set_state(state)
+
+
+def make_pipeline(config, mesh=None) -> Pipeline:
+  return Pipeline(config, mesh)

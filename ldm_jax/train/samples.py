@@ -1,0 +1,36 @@
+"""Periodic sample grids during stage-2 training (EMA weights), written as PNGs in the workdir."""
+
+import os
+
+import numpy as np
+
+from ldm_jax import ldm as ldm_lib
+from ldm_jax import parallel
+from ldm_jax import sample_cli
+from ldm_jax import sampling
+
+
+def sample_inputs(model: ldm_lib.LatentDiffusion, config) -> dict:
+  """The prompts / labels of the grid: the config's prompts, or the first few class labels."""
+  n = int(config.log.num_samples)
+  if model.is_text:
+    prompts = list(config.log.sample_prompts) or ["" for _ in range(n)]
+    return {"prompts": [prompts[i % len(prompts)] for i in range(n)]}
+  if model.cond_kind == "class":
+    classes = int(model.cond_stage_config.get("kwargs", {}).get("n_classes", 2)) - 1
+    return {"labels": [i % max(classes, 1) for i in range(n)]}
+  return {"num_samples": n}
+
+
+def log_sample_grid(model: ldm_lib.LatentDiffusion, config, workdir: str, step: int) -> str | None:
+  images = sampling.sample(model, steps=int(config.log.sample_steps),
+                           guidance=float(config.log.sample_guidance), seed=step,
+                           **sample_inputs(model, config))
+  if not parallel.is_main_process():
+    return None
+  from PIL import Image
+  out_dir = os.path.join(workdir, "samples")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"step_{step:07d}.png")
+  Image.fromarray(sample_cli.make_grid(ldm_lib.to_uint8(np.asarray(images)))).save(path)
+  return path
