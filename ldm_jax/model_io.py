@@ -82,6 +82,9 @@ def load_saved_model(path: str) -> tuple[ml_collections.ConfigDict, dict[str, An
     except Exception as e:  # Orbax raises many types for damaged directories.
       raise ValueError(f"{params_dir}: cannot read the saved parameters ({type(e).__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''}).") from None
+  tok = config.get("cond_stage", {}).get("tokenizer", {})
+  if tok and tok.get("path") and not os.path.isabs(tok["path"]):
+    config.cond_stage.tokenizer.path = os.path.join(os.path.abspath(path), tok["path"])
   return config, check_against_config(config, params, what=f"model at {path}")
 
 

@@ -148,7 +148,8 @@ class ShapesSource:
   """Random-access source over the shapes dataset with a configurable virtual length.
 
   Records are the dicts of `render_shapes` without the per-object detail fields, so they batch
-  cleanly: image uint8 [H, W, 3], caption str, label int, boxes float32 [N, 4], box_labels int32 [N].
+  cleanly: index int, image uint8 [H, W, 3], caption str, label int, boxes float32 [N, 4],
+  box_labels int32 [N].
   """
   seed: int = 0
   size: int = 64
@@ -171,4 +172,4 @@ class ShapesSource:
       raise IndexError(f"index {index} out of range for ShapesSource of length {self.length}")
     ex = render_shapes(self.seed, index, self.size, self.num_objects, self.antialias)
     keep = ("image", "caption", "label", "boxes", "box_labels")
-    return {k: ex[k] for k in keep}
+    return {"index": index, **{k: ex[k] for k in keep}}

@@ -68,12 +68,15 @@ class Checkpointer:
       raise ValueError(f'max_to_keep={max_to_keep}: expected >= 1 or None')
     self.workdir = os.fspath(workdir)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, save_interval_steps=save_every,
+        # The interval is applied in `save`: Orbax would also save the first
+        # step it sees, whatever its number.
+        max_to_keep=max_to_keep, save_interval_steps=1,
         enable_async_checkpointing=async_save,
         # Leftovers of crashed saves are removed when a run starts.
         cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(
         self.workdir, options=options, item_names=(_STATE, _EXTRA))
+    self.save_every = int(save_every)
     self._pending: Optional[int] = None
 
   # -- listing -------------------------------------------------------------
@@ -108,6 +111,8 @@ class Checkpointer:
         checkpoints intact).
     """
     step = int(step)
+    if not force and step % self.save_every:
+      return False
     self._raise_pending_failure()
     if step in self._manager.all_steps():
       return False
@@ -116,7 +121,7 @@ class Checkpointer:
         _EXTRA: ocp.args.JsonSave(dict(extra_json or {})),
     })
     try:
-      started = self._manager.save(step, args=args, force=force)
+      started = self._manager.save(step, args=args, force=True)
     except Exception as e:  # pylint: disable=broad-except
       self._fail(step, e)
     if started:

@@ -25,11 +25,14 @@ def _fresh_state():
                                       jax.random.PRNGKey(7))
 
 
+_TRAIN_STEP = step_lib.make_train_step(toy.loss_fn, _tx(), ema_decay=0.99,
+                                       donate=False)
+
+
 def _trained_state(steps=2, seed=0):
-  train_step = step_lib.make_train_step(toy.loss_fn, _tx(), ema_decay=0.99)
   state = _fresh_state()
   for i in range(steps):
-    state, _ = train_step(state, toy.make_batch(seed + i))
+    state, _ = _TRAIN_STEP(state, toy.make_batch(seed + i))
   return state
 
 

@@ -1,0 +1,51 @@
+"""Converts original weights into an ldm_jax model directory that sample.py reads.
+
+  python -m ldm_jax.convert --compvis_ckpt sd-v1-5.ckpt --compvis_yaml v1-inference.yaml \
+      --tokenizer /path/to/clip_tokenizer --out models/sd15
+  python -m ldm_jax.convert --diffusers /path/to/stable-diffusion-v1-5 --out models/sd15
+
+The output holds config.json, params/ (Orbax) and, for text models, a copy of the tokenizer.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--compvis_ckpt")
+  p.add_argument("--compvis_yaml")
+  p.add_argument("--diffusers")
+  p.add_argument("--tokenizer", help="local tokenizer directory for text models (.ckpt sources)")
+  p.add_argument("--use_ema", action="store_true", help="CompVis: take the model_ema.* weights")
+  p.add_argument("--out", required=True)
+  args = p.parse_args(argv)
+  from ldm_jax import model_io
+  from ldm_jax.convert import common
+  from ldm_jax.convert import pipeline
+  try:
+    if bool(args.compvis_ckpt) == bool(args.diffusers):
+      raise ValueError("give exactly one of --compvis_ckpt (+ --compvis_yaml) or --diffusers.")
+    if args.compvis_ckpt:
+      if not args.compvis_yaml:
+        raise ValueError("--compvis_ckpt needs --compvis_yaml.")
+      config, params = pipeline.load_compvis(args.compvis_ckpt, args.compvis_yaml,
+                                             use_ema=args.use_ema, tokenizer_path=args.tokenizer)
+    else:
+      config, params = pipeline.load_diffusers(args.diffusers)
+    tok = config.get("cond_stage", {}).get("tokenizer", {})
+    if tok and tok.get("path"):
+      shutil.copytree(tok["path"], os.path.join(args.out, "tokenizer"), dirs_exist_ok=True)
+      config.cond_stage.tokenizer.path = "tokenizer"  # Relative: resolved against the model dir.
+    model_io.save_model(args.out, config, params)
+  except (ValueError, OSError, common.WeightLoadError) as e:
+    print(f"python -m ldm_jax.convert: error: {e}", file=sys.stderr)
+    return 2
+  print(f"Wrote {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,155 @@
+"""Whole-model import: an original CompVis / Stable Diffusion checkpoint + YAML, or a diffusers folder.
+
+Each returns (model config, params) for `LatentDiffusion`; every component goes through its strict
+importer, so a missing, unexpected or mis-shaped tensor anywhere raises `WeightLoadError`.
+"""
+
+import os
+from typing import Any, Mapping
+
+import ml_collections
+
+from ldm_jax.convert import autoencoder as ae_convert
+from ldm_jax.convert import compvis_config
+from ldm_jax.convert import text as text_convert
+from ldm_jax.convert import torch_io
+from ldm_jax.convert import unet as unet_convert
+from ldm_jax.convert.common import WeightLoadError
+from ldm_jax.models import build
+
+# Keys of the translated diffusion section that LatentDiffusion does not use for sampling.
+_TRAINING_ONLY = ("given_betas", "loss_type", "l_simple_weight", "original_elbo_weight",
+                  "v_posterior", "learn_logvar", "logvar_init", "use_ema", "num_timesteps_cond",
+                  "model_target")
+
+
+def _cond_params(kind: str, sd: Mapping[str, Any], module, yaml_kwargs: Mapping[str, Any]):
+  if kind in ("none", "identity"):
+    if sd:
+      raise WeightLoadError(f"cond_stage kind {kind!r} has no weights, but the checkpoint has "
+                            f"{len(sd)} cond_stage_model tensors, e.g. {sorted(sd)[:3]}.")
+    return {}
+  if kind == "class":
+    return {"params": text_convert.class_embedder_from_compvis(sd, module)}
+  if kind == "spatial_rescaler":
+    return {"params": text_convert.spatial_rescaler_from_compvis(sd, module)}
+  if kind == "ldm_bert":
+    return {"params": text_convert.ldm_text_from_compvis(sd, module)}
+  if kind == "clip":
+    return {"params": text_convert.clip_from_hf(sd, module)}
+  if kind == "openclip":
+    return {"params": text_convert.clip_from_openclip(sd, module)}
+  if kind == "bert":
+    return {"params": text_convert.bert_from_hf(sd, module)}
+  raise WeightLoadError(f"no importer for cond_stage kind {kind!r}.")
+
+
+def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool = False,
+                 tokenizer_path: str | None = None, text_config_dir: str | None = None
+                 ) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  """An original LatentDiffusion `.ckpt`/`.safetensors` with its YAML -> (config, params)."""
+  cfg = compvis_config.load_compvis_config(yaml_path, text_config_dir=text_config_dir)
+  sd = torch_io.load_state_dict(ckpt_path)
+  parts = torch_io.split_compvis_state_dict(sd, use_ema=use_ema)
+  diffusion = {k: v for k, v in cfg["diffusion"].items() if k not in _TRAINING_ONLY}
+  if diffusion.get("scale_by_std") or diffusion.get("scale_factor") is None:
+    if parts["scale_factor"] is None:
+      if diffusion.get("scale_by_std"):
+        raise WeightLoadError(f"{ckpt_path}: the YAML says scale_by_std, but the checkpoint has no "
+                              f"'scale_factor' buffer.")
+      diffusion["scale_factor"] = 1.0
+    else:
+      diffusion["scale_factor"] = parts["scale_factor"]
+  cond = dict(cfg["cond_stage"])
+  if tokenizer_path and "tokenizer" in cond:
+    cond["tokenizer"] = dict(cond["tokenizer"], path=tokenizer_path)
+  config = ml_collections.ConfigDict(dict(first_stage=cfg["first_stage"], unet=cfg["unet"],
+                                          cond_stage=cond, diffusion=diffusion))
+  fs = build.build_first_stage(config.first_stage)
+  unet = build.build_unet(config.unet)
+  cs = build.build_cond_stage(cond)
+  params = {
+      "first_stage": {"params": ae_convert.autoencoder_from_compvis(parts["first_stage"], fs)},
+      "unet": {"params": unet_convert.unet_from_compvis(parts["unet"], unet)},
+      "cond_stage": _cond_params(cond.get("kind", "none"), parts["cond_stage"], cs,
+                                 cond.get("kwargs", {})),
+  }
+  return config, params
+
+
+def _scheduler_to_diffusion(sched: Mapping[str, Any], vae_cfg: Mapping[str, Any],
+                            unet_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+  kind = sched.get("beta_schedule", "scaled_linear")
+  schedules = {"scaled_linear": "linear", "linear": "sqrt_linear",
+               "squaredcos_cap_v2": "cosine"}
+  if kind not in schedules:
+    raise ValueError(f"scheduler_config.json: beta_schedule={kind!r}; expected one of "
+                     f"{sorted(schedules)}.")
+  prediction = sched.get("prediction_type", "epsilon")
+  params = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+  if prediction not in params:
+    raise ValueError(f"scheduler_config.json: prediction_type={prediction!r}; expected one of "
+                     f"{sorted(params)}.")
+  key = "crossattn" if unet_kwargs.get("context_dim") else None
+  return dict(timesteps=int(sched.get("num_train_timesteps", 1000)),
+              beta_schedule=schedules[kind],
+              linear_start=float(sched.get("beta_start", 0.00085)),
+              linear_end=float(sched.get("beta_end", 0.012)), cosine_s=8e-3,
+              zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)),
+              parameterization=params[prediction], conditioning_key=key,
+              scale_factor=float(vae_cfg.get("scaling_factor", 0.18215)), scale_by_std=False,
+              image_size=int(unet_kwargs.get("sample_size", 64) or 64),
+              channels=int(unet_kwargs.get("in_channels", 4)))
+
+
+def load_diffusers(folder: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  """A diffusers pipeline folder (unet/, vae/, text_encoder/, scheduler/, tokenizer/)."""
+  parts = torch_io.read_diffusers_folder(folder)
+  for name in ("unet", "vae"):
+    if name not in parts:
+      raise FileNotFoundError(f"{folder}: no {name}/ component; a latent diffusion pipeline needs "
+                              f"unet/ and vae/.")
+  unet_cfg, unet_sd = parts["unet"]
+  vae_cfg, vae_sd = parts["vae"]
+  unet_kwargs = unet_convert.unet_kwargs_from_diffusers_config(unet_cfg)
+  fs_cls, fs_kwargs = ae_convert.autoencoder_kwargs_from_diffusers_config(vae_cfg)
+  fs_kind = "kl" if fs_cls == "AutoencoderKL" else "vq"
+  cond: dict[str, Any] = {"kind": "none"}
+  if "text_encoder" in parts:
+    te_cfg, te_sd = parts["text_encoder"]
+    arch = (te_cfg.get("architectures") or [te_cfg.get("_class_name", "")])[0]
+    if "CLIP" in arch or te_cfg.get("model_type") == "clip_text_model":
+      kind, kwargs = "clip", text_convert.clip_kwargs_from_hf_config(te_cfg)
+    elif "LDMBert" in arch or te_cfg.get("model_type") == "ldmbert":
+      kind, kwargs = "ldm_bert", text_convert.ldm_text_kwargs_from_diffusers_config(te_cfg)
+    elif "Bert" in arch:
+      kind, kwargs = "bert", text_convert.bert_kwargs_from_hf_config(te_cfg)
+    else:
+      raise ValueError(f"{folder}/text_encoder/config.json: unsupported text encoder {arch!r}.")
+    tok = parts.get("tokenizer", ({}, {}))[0].get("path", "")
+    tok_kind = {"clip": "clip", "ldm_bert": "bert", "bert": "bert"}[kind]
+    cond = {"kind": kind, "kwargs": kwargs, "tokenizer": {"kind": tok_kind, "path": tok},
+            "trainable": False}
+  sched = parts.get("scheduler", ({}, {}))[0]
+  config = ml_collections.ConfigDict(dict(
+      first_stage={"kind": fs_kind, "kwargs": fs_kwargs},
+      unet={k: v for k, v in unet_kwargs.items()},
+      cond_stage=cond,
+      diffusion=_scheduler_to_diffusion(sched, vae_cfg, dict(unet_cfg))))
+  fs = build.build_first_stage(config.first_stage)
+  unet = build.build_unet(config.unet)
+  params = {"first_stage": {"params": ae_convert.autoencoder_from_diffusers(vae_sd, fs)},
+            "unet": {"params": unet_convert.unet_from_diffusers(unet_sd, unet)},
+            "cond_stage": {}}
+  if cond["kind"] != "none":
+    cs = build.build_cond_stage(cond)
+    te_sd = parts["text_encoder"][1]
+    fn = {"clip": text_convert.clip_from_hf, "ldm_bert": text_convert.ldm_text_from_diffusers,
+          "bert": text_convert.bert_from_hf}[cond["kind"]]
+    params["cond_stage"] = {"params": fn(te_sd, cs)}
+  return config, params
+
+
+def default_output_name(source: str) -> str:
+  base = os.path.basename(os.path.normpath(source))
+  return os.path.splitext(base)[0] + "_ldm_jax"
