@@ -18,8 +18,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ldm_jax.diffusion import guidance as guidance_lib
-from ldm_jax.diffusion import samplers as samplers_lib
 from ldm_jax.diffusion import schedules as schedules_lib
 from ldm_jax.models import build
 from ldm_jax.models import tokenizers as tokenizers_lib

@@ -11,5 +11,8 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q -r requirements-test.txt
+# CLIP's BPE vocabulary ships inside open-clip-torch, whose dependencies (torchvision) do not install
+# beside the CPU torch build: take the package alone, for its data files.
+python -m pip install -q --no-deps open-clip-torch==3.3.0
 export JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 python -m pytest -q "$@"

@@ -273,7 +273,8 @@ def _cond_stage(node, where: str, trainable: bool, text_config_dir: str | None) 
     if kw["layer"] not in ("last", "penultimate"):
       raise CompVisConfigError(f"{pw}.layer={kw['layer']!r}; expected 'last' or 'penultimate'")
     arch = _text_arch(kw["arch"], pw + ".arch", text_config_dir)
-    out.update(kind="openclip", version=kw["version"], tokenizer=dict(kind="openclip", path=None),
+    out.update(kind="openclip", arch=kw["arch"], version=kw["version"],
+               tokenizer=dict(kind="openclip", path=None),
                kwargs=dict(arch, max_length=_number(kw["max_length"], f"{pw}.max_length", int),
                            output_layer=kw["layer"]))
   elif target == _ENCODERS + "SpatialRescaler":

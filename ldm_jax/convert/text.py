@@ -1,7 +1,7 @@
 """Importers for the conditioning encoders: torch state dicts -> Flax params, strictly.
 
-Each importer takes a flat {key: array} state dict and the Flax module it loads into, finds where the
-encoder's keys start (e.g. `cond_stage_model.transformer.text_model.` in an SD 1.x .ckpt, or no
+Each importer takes a flat {key: array} state dict and the Flax module it loads into, finds where
+the encoder's keys start (e.g. `cond_stage_model.transformer.text_model.` in an SD 1.x .ckpt, or no
 prefix in a transformers/diffusers save; only keys under that prefix are considered), builds the
 parameter template with `jax.eval_shape(model.init, ...)` and fills it with `strict_load`, so any
 missing, unexpected or mis-shaped tensor raises one `WeightLoadError` listing them all. They return
@@ -88,8 +88,8 @@ def _require_skipped_block(sd, model, block_prefix: str, what: str) -> list[str]
   last = f"{block_prefix}{model.layers - 1}."
   if not any(k.startswith(last) for k in sd):
     raise WeightLoadError(f"{what}: model.layers={model.layers} with output_layer='penultimate' "
-                          f"skips block {model.layers - 1}, but the checkpoint has no {last}* keys: "
-                          "its depth does not match the model.")
+                          f"skips block {model.layers - 1}, but the checkpoint has no {last}* "
+                          "keys: its depth does not match the model.")
   return [last]
 
 
@@ -109,7 +109,7 @@ _CLIP_HF_BLOCK = {"ln_attn": "layer_norm1", "ln_mlp": "layer_norm2", "fc1": "mlp
 
 
 def clip_from_hf(sd: Mapping[str, Any], model: CLIPTextEncoder) -> Params:
-  """HF CLIPTextModel weights (with or without the `text_model.` level) -> CLIPTextEncoder params."""
+  """HF CLIPTextModel weights (with or without the `text_model.` level) -> CLIPTextEncoder."""
   what = "clip_from_hf"
   _check_model(model, CLIPTextEncoder, what)
   sd = _select(sd, "embeddings.token_embedding.weight", _CLIP_HF_PREFIXES, what)
@@ -182,8 +182,8 @@ def bert_from_hf(sd: Mapping[str, Any], model: BertEncoder) -> Params:
   _check_model(model, BertEncoder, what)
   sd = _select(sd, "embeddings.word_embeddings.weight", ("", "bert."), what)
   # Checkpoints converted from TF name LayerNorm parameters gamma/beta.
-  sd = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"):
-        v for k, v in sd.items()}
+  sd = {k.replace("LayerNorm.gamma", "LayerNorm.weight")
+        .replace("LayerNorm.beta", "LayerNorm.bias"): v for k, v in sd.items()}
 
   def key_fn(path: Path):
     if path[0] == "embed":
@@ -344,5 +344,6 @@ def ldm_text_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str
                      "expected 'gelu'.")
   return dict(vocab_size=config.get("vocab_size", 30522),
               max_length=config.get("max_position_embeddings", 77), width=width,
-              depth=config.get("encoder_layers", 32), heads=config.get("encoder_attention_heads", 8),
+              depth=config.get("encoder_layers", 32),
+              heads=config.get("encoder_attention_heads", 8),
               head_dim=config.get("head_dim", 64), mlp_ratio=ffn // width)

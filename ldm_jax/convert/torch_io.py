@@ -53,17 +53,19 @@ def load_safetensors(path) -> dict[str, np.ndarray]:
     header.pop("__metadata__", None)
     base, out = 8 + n, {}
     for name, spec in header.items():
-      if spec.get("dtype") not in _SAFETENSORS_DTYPES:
-        raise CheckpointError(f"{path}: tensor '{name}' has dtype {spec.get('dtype')!r}, expected "
-                              f"one of {sorted(_SAFETENSORS_DTYPES)}")
-      dtype = np.dtype(_SAFETENSORS_DTYPES[spec["dtype"]])
-      shape, (lo, hi) = tuple(spec["shape"]), spec["data_offsets"]
+      try:
+        dtype = np.dtype(_SAFETENSORS_DTYPES[spec["dtype"]])
+        shape, (lo, hi) = tuple(int(n) for n in spec["shape"]), map(int, spec["data_offsets"])
+      except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry {spec!r:.200} "
+                              f"(dtypes: {sorted(_SAFETENSORS_DTYPES)})") from None
       if hi - lo != int(np.prod(shape)) * dtype.itemsize or base + hi > size or lo < 0:
         raise CheckpointError(f"{path}: tensor '{name}' (bytes {lo}..{hi}, shape {shape}) does not "
                               f"fit the file of {size} bytes: truncated or corrupt")
       raw = np.empty(hi - lo, np.uint8)
       f.seek(base + lo)
-      f.readinto(memoryview(raw))
+      if f.readinto(memoryview(raw)) != raw.size:
+        raise CheckpointError(f"{path}: tensor '{name}' is truncated")
       out[name] = to_native(raw, dtype, big_endian=False).reshape(shape)
   return out
 
@@ -104,6 +106,8 @@ def _load_sharded(index_path: Path) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{index_path}: not a sharded-weights index ({e!r})") from None
   out: dict[str, np.ndarray] = {}
   for shard in sorted(set(weight_map.values())):
+    if not isinstance(shard, str) or Path(shard).name != shard:  # shards sit beside the index
+      raise CheckpointError(f"{index_path}: shard {shard!r} is not a file name in this folder")
     out.update(load_state_dict(index_path.parent / shard))
   missing = sorted(set(weight_map) - set(out))
   if missing:

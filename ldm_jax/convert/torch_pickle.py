@@ -15,6 +15,7 @@ honoured; bf16 / fp8 as `ml_dtypes`); contiguous tensors share memory with their
 do, non-contiguous ones are copied. The public entry points live in `ldm_jax.convert.torch_io`.
 """
 
+import _compat_pickle
 import collections
 import pickle
 import struct
@@ -108,26 +109,59 @@ class OpaqueGlobal(metaclass=_OpaqueMeta):
     return f"<opaque {type(self).global_name} instance>"
 
 
-_OPAQUE_CACHE: dict[str, type] = {}
-
-
 def _opaque(name: str) -> type:
-  """One placeholder class per global name, so it can serve as a stable dict key."""
-  if name not in _OPAQUE_CACHE:
-    _OPAQUE_CACHE[name] = _OpaqueMeta(name.rsplit(".", 1)[-1], (OpaqueGlobal,),
-                                      {"global_name": name})
-  return _OPAQUE_CACHE[name]
+  """A fresh placeholder class (the unpickler memoises one per global name and per load, so a
+  file cannot leave state behind in classes other loads would see)."""
+  return _OpaqueMeta(name.rsplit(".", 1)[-1], (OpaqueGlobal,), {"global_name": name})
 
 
 # ---------------------------------------------------------------------------------------------------
 # Safe re-implementations of the allowed globals
 # ---------------------------------------------------------------------------------------------------
 
-class _StorageType:
+class _Frozen:
+  """Base of the objects find_class hands out. They are shared by every load, so a pickle's BUILD
+  opcode (which calls __setstate__, else writes attributes) must not be able to modify them."""
+  __slots__ = ()
+
+  def __setstate__(self, state):
+    raise UnsafeCheckpointError(f"refusing to modify the allow-listed global {self!r}")
+
+
+class _Callable(_Frozen):
+  """An allow-listed global implemented by `fn`."""
+  __slots__ = ("name", "fn")
+
+  def __init__(self, name: str, fn):
+    self.name, self.fn = name, fn
+
+  def __call__(self, *args, **kwargs):
+    return self.fn(*args, **kwargs)
+
+  def __repr__(self):
+    return self.name
+
+
+class _Sentinel(_Frozen):
+  """A global that may only appear as an argument (numpy.ndarray, builtins.object)."""
+  __slots__ = ("name",)
+
+  def __init__(self, name: str):
+    self.name = name
+
+  def __repr__(self):
+    return self.name
+
+
+class _StorageType(_Frozen):
   """Stands for torch.<X>Storage / torch.storage.UntypedStorage in persistent ids."""
+  __slots__ = ("name", "dtype")
 
   def __init__(self, name: str, dtype):
     self.name, self.dtype = name, np.dtype(dtype)
+
+  def __repr__(self):
+    return f"torch.{self.name}"
 
 
 class _Storage:
@@ -144,8 +178,9 @@ class _Storage:
     return self._views[dtype]
 
 
-class _TypedStorage:
+class _TypedStorage(_Frozen):
   """What a persistent id resolves to: a storage and the dtype its storage class names."""
+  __slots__ = ("storage", "dtype")
 
   def __init__(self, storage: _Storage, dtype: np.dtype):
     self.storage, self.dtype = storage, dtype
@@ -184,7 +219,10 @@ def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks
 
 
 def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
-  return _rebuild(storage, offset, size, stride, dtype)
+  if dtype not in _DTYPE_NAMES:
+    raise CheckpointError(f"tensor dtype {dtype!r} is not supported; expected one of "
+                          f"{sorted(_DTYPE_NAMES)}")
+  return _rebuild(storage, offset, size, stride, _DTYPE_NAMES[dtype])
 
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
@@ -211,7 +249,8 @@ def _defaultdict(factory=None, *args):
 def _np_dtype(name, align=False, copy=False):
   if not isinstance(name, str):
     raise UnsafeCheckpointError(f"refusing numpy.dtype({type(name).__name__})")
-  return np.dtype(name)
+  # Always a copy: the BUILD that follows would otherwise rewrite numpy's shared builtin dtype.
+  return np.dtype(name, bool(align), True)
 
 
 def _np_scalar(dtype, data=None):
@@ -220,7 +259,8 @@ def _np_scalar(dtype, data=None):
   return np.frombuffer(data, dtype)[0]
 
 
-_NDARRAY = object()  # numpy.ndarray may be named only as the class argument of _reconstruct
+_NDARRAY = _Sentinel("numpy.ndarray")  # allowed only as the class argument of _reconstruct
+_OBJECT = _Sentinel("builtins.object")  # allowed only as the base argument of _reconstructor
 
 
 def _np_reconstruct(cls, shape, typecode):
@@ -230,35 +270,43 @@ def _np_reconstruct(cls, shape, typecode):
 
 
 def _copyreg_reconstructor(cls, base, state):
-  if isinstance(cls, _OpaqueMeta) and base is object and state is None:
+  if isinstance(cls, _OpaqueMeta) and base is _OBJECT and state is None:
     return OpaqueGlobal.__new__(cls)
   raise UnsafeCheckpointError(f"refusing copyreg._reconstructor({cls!r}, {base!r})")
 
 
+def _counter(*args):
+  return dict(collections.Counter(*args))
+
+
+# Immutable builtins and types handed out as they are; our functions wrapped as _Callable.
 _ALLOWED: dict[str, Any] = {
+    "torch.Size": tuple, "torch.device": str, "torch.serialization._get_layout": str,
+    "torch.Tensor": "torch.Tensor", "torch.nn.parameter.Parameter": "torch.nn.Parameter",
+    "collections.OrderedDict": collections.OrderedDict,  # the C type: its attributes are fixed
+    "builtins.set": set, "builtins.frozenset": frozenset, "builtins.bytearray": bytearray,
+    "builtins.complex": complex, "builtins.slice": slice, "builtins.object": _OBJECT,
+    "numpy.ndarray": _NDARRAY,
+}
+_ALLOWED.update({name: _Callable(name, fn) for name, fn in {
     "torch._utils._rebuild_tensor": _rebuild_tensor,
     "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
     "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
     "torch._utils._rebuild_parameter": _rebuild_parameter,
     "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
     "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
-    "torch.Size": tuple, "torch.device": str, "torch.serialization._get_layout": str,
-    "torch.Tensor": "torch.Tensor", "torch.nn.parameter.Parameter": "torch.nn.Parameter",
-    "collections.OrderedDict": collections.OrderedDict, "collections.Counter": collections.Counter,
-    "collections.defaultdict": _defaultdict,
+    "collections.Counter": _counter, "collections.defaultdict": _defaultdict,
     "_codecs.encode": _codecs_encode, "copyreg._reconstructor": _copyreg_reconstructor,
-    "builtins.set": set, "builtins.frozenset": frozenset, "builtins.bytearray": bytearray,
-    "builtins.complex": complex, "builtins.slice": slice, "builtins.object": object,
-    "numpy.dtype": _np_dtype, "numpy.ndarray": _NDARRAY,
+    "numpy.dtype": _np_dtype,
     "numpy.core.multiarray.scalar": _np_scalar, "numpy._core.multiarray.scalar": _np_scalar,
     "numpy.core.multiarray._reconstruct": _np_reconstruct,
     "numpy._core.multiarray._reconstruct": _np_reconstruct,
-}
+}.items()})
 _ALLOWED.update({f"torch.{k}": _StorageType(k, v) for k, v in _STORAGE_DTYPES.items()})
 _ALLOWED["torch.storage.UntypedStorage"] = _ALLOWED["torch.UntypedStorage"]
-_ALLOWED.update({f"torch.{k}": np.dtype(v) for k, v in _TORCH_DTYPES.items()})
-# Python 2 module names, which the C unpickler maps only in its own find_class.
-_MODULE_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+# torch dtypes load as their names ("torch.float16"): immutable, and plain data for callers.
+_DTYPE_NAMES = {f"torch.{k}": np.dtype(v) for k, v in _TORCH_DTYPES.items()}
+_ALLOWED.update({name: name for name in _DTYPE_NAMES})
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -267,18 +315,32 @@ class _SafeUnpickler(pickle.Unpickler):
   def __init__(self, file, storages: Mapping[str, _Storage] | None, what: str):
     super().__init__(file)
     self.storages, self.what = storages, what
+    self.seen: dict[str, np.dtype] = {}  # storage key -> dtype, for the legacy reader
+    self.opaque: dict[str, type] = {}  # one placeholder class per unknown global name
 
   def find_class(self, module, name):
-    full = f"{_MODULE_ALIASES.get(module, module)}.{name}"
-    return _ALLOWED[full] if full in _ALLOWED else _opaque(full)
+    # Protocol-2 pickles carry Python 2 names (__builtin__.eval, commands.Popen); the stock
+    # find_class maps them back, which an override must do itself.
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+      module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    full = f"{module}.{name}"
+    if full in _ALLOWED:
+      return _ALLOWED[full]
+    if full not in self.opaque:
+      self.opaque[full] = _opaque(full)
+    return self.opaque[full]
 
   def persistent_load(self, pid):
     if not isinstance(pid, tuple) or not pid or pid[0] not in ("storage", b"storage"):
       raise CheckpointError(f"{self.what}: unsupported persistent id {pid!r:.80} (only tensor "
                             "storages are supported, not pickled modules)")
+    if len(pid) > 5 and pid[5] is not None:  # legacy storage views: torch stopped writing them
+      raise CheckpointError(f"{self.what}: storage views (legacy view_metadata) are not supported")
     storage_type, key = pid[1], str(pid[2])
     if not isinstance(storage_type, _StorageType):
       raise CheckpointError(f"{self.what}: unknown storage type {storage_type!r}")
+    self.seen[key] = storage_type.dtype
     if self.storages is None:  # legacy first pass
       return None
     if key not in self.storages:
@@ -295,6 +357,7 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
 def check_file(path) -> Path:
+  """`path` as a Path, or CheckpointError if it is missing or a directory."""
   path = Path(path)
   if not path.exists():
     raise CheckpointNotFoundError(f"{path}: no such checkpoint file")
@@ -304,9 +367,11 @@ def check_file(path) -> Path:
   return path
 
 
-def _unpickle(file, storages, what):
+def _unpickle(file, storages, what, seen=None):
   try:
-    return _SafeUnpickler(file, storages, what).load()
+    unpickler = _SafeUnpickler(file, storages, what)
+    unpickler.seen = seen if seen is not None else {}
+    return unpickler.load()
   except UnsafeCheckpointError as e:
     raise UnsafeCheckpointError(f"{what}: {e}") from None
   except CheckpointError:
@@ -363,6 +428,7 @@ class _ZipStorages(dict):
 
 
 def _load_legacy(path: Path) -> Any:
+  size = path.stat().st_size
   with open(path, "rb") as f:
     what = str(path)
     if _unpickle(f, None, what) != _LEGACY_MAGIC:
@@ -373,18 +439,7 @@ def _load_legacy(path: Path) -> Any:
     start = f.tell()
     # Pass 1: walk the main pickle only to learn each storage's dtype and reach the data section.
     dtypes: dict[str, np.dtype] = {}
-
-    class _Probe(_SafeUnpickler):
-      def persistent_load(self, pid):
-        if isinstance(pid, tuple) and len(pid) >= 3 and isinstance(pid[1], _StorageType):
-          dtypes[str(pid[2])] = pid[1].dtype
-        return super().persistent_load(pid)
-    try:
-      _Probe(f, None, what).load()
-    except (UnsafeCheckpointError, CheckpointError):
-      raise
-    except Exception as e:
-      raise CheckpointError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None
+    _unpickle(f, None, what, seen=dtypes)
     keys = _unpickle(f, None, what)
     storages = {}
     for key in keys:
@@ -393,6 +448,8 @@ def _load_legacy(path: Path) -> Any:
         raise CheckpointError(f"{path}: truncated legacy checkpoint (storage {key})")
       dtype = np.dtype(dtypes.get(str(key), np.uint8))
       nbytes = struct.unpack("<q", head)[0] * dtype.itemsize
+      if not 0 <= nbytes <= size - f.tell():  # checked before allocating
+        raise CheckpointError(f"{path}: truncated legacy checkpoint (storage {key})")
       raw = np.frombuffer(bytearray(f.read(nbytes)), np.uint8)
       if raw.size != nbytes:
         raise CheckpointError(f"{path}: truncated legacy checkpoint (storage {key})")

@@ -9,8 +9,8 @@ Layout conventions (those of the Hugging Face `imagefolder` loader):
 
 Every file is checked once, when the source is built: unreadable, empty, truncated and
 decompression-bomb-sized files (more than `max_pixels` pixels) are skipped with one warning each,
-and images whose shorter side is below `min_size` are filtered out. `skipped` lists (path, reason) and
-`num_skipped` counts them, for the training metrics. Grayscale, palette, CMYK and 16-bit images are
+and images whose shorter side is below `min_size` are filtered out. `skipped` lists (path, reason)
+and `num_skipped` counts them, for the training metrics (`stats()`). Grayscale, palette, CMYK and 16-bit images are
 converted to RGB; images with an alpha channel are composited onto white, so transparent regions
 read as background instead of whatever colour the encoder left under them.
 """
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-  """Decodes an image file fully into uint8 [H, W, 3]; raises on corrupt, truncated or huge files."""
+  """Decodes an image file fully into uint8 [H, W, 3]; raises on corrupt, truncated, huge files."""
   with warnings.catch_warnings():
     # PIL warns (then errors) on big images using a global limit; ours is explicit below.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)

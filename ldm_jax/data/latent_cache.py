@@ -184,7 +184,7 @@ class LatentCacheSource:
     return f"LatentCacheSource(out_dir={self.out_dir!r}, num_examples={len(self)})"
 
 
-# ---------------------------------------------------------------- CLI ------------------------------
+# ---------------------------------------------------------------- CLI -----------------------------
 def _parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       prog="python -m ldm_jax.data.latent_cache",

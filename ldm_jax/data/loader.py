@@ -2,7 +2,7 @@
 
     source = make_dataset(DataConfig(name="shapes", size=64))
     it = make_loader(source, batch_size=32, seed=0, transform=ImageTransform(64, flip=True))
-    batch = next(it)          # {"image": float32 [32, 64, 64, 3] in [-1, 1], "label": int [32], ...}
+    batch = next(it)          # {"image": float32 [32, 64, 64, 3] in [-1, 1], "label": [32], ...}
     state = it.get_state()    # JSON-serialisable dict; save it beside the model checkpoint
     it2 = make_loader(source, batch_size=32, seed=0, transform=...); it2.set_state(state)
     # next(it2) is exactly the batch that next(it) would have returned.
@@ -11,9 +11,9 @@ Order: Grain's IndexSampler draws a fresh permutation of the whole source every 
 seed; host `process_index` of `process_count` takes every process_count-th element of that global
 order (so hosts are disjoint within an epoch and the union covers it), transforms it with a
 per-record generator derived from the seed, and batches `batch_size` (per host) with the remainder
-dropped. Worker processes (`worker_count`) parallelise reading and transforming; Grain hands worker w
-every worker_count-th record of the host's order and each worker batches its own records, so the
-batches are a deterministic function of (seed, process_index, process_count, worker_count), and a
+dropped. Worker processes (`worker_count`) parallelise reading and transforming; Grain hands
+worker w every worker_count-th record of the host's order and each worker batches its own records,
+so the batches are a deterministic function of (seed, process_index, process_count, worker_count), and a
 saved state may only be restored into a loader with the same settings (checked in `set_state`).
 """
 
@@ -30,7 +30,7 @@ from ldm_jax.data import transforms as transforms_lib
 STATE_VERSION = 1
 
 
-# ---------------------------------------------------------------- sources by name ------------------
+# ---------------------------------------------------------------- sources by name -----------------
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Which source to build (the `data` block of an experiment config)."""
@@ -87,7 +87,7 @@ def make_dataset(config: DataConfig | Mapping[str, Any] | None = None, **kwargs)
   raise ValueError(f"data name={config.name!r}; expected 'shapes', 'folder', 'tfds' or 'latents'")
 
 
-# ---------------------------------------------------------------- loader ---------------------------
+# ---------------------------------------------------------------- loader --------------------------
 def default_transform(record: dict[str, Any], rng: np.random.Generator | None = None) -> dict:
   """uint8 images -> float32 [-1, 1]; everything else unchanged (sizes must already agree)."""
   del rng
@@ -121,6 +121,18 @@ class DataIterator:
   def __next__(self) -> dict[str, np.ndarray]:
     return next(self._it)
 
+  def close(self) -> None:
+    """Stops the worker processes and frees their shared memory (also done at exit)."""
+    inner = getattr(self._it, "_iterator", None)
+    if inner is not None and hasattr(inner, "close"):
+      inner.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
   @property
   def meta(self) -> dict[str, Any]:
     """The loader settings that a saved state must agree with."""
@@ -151,7 +163,8 @@ def make_loader(source, *, batch_size: int, seed: int = 0, shuffle: bool = True,
                 num_epochs: int | None = None, worker_count: int = 0,
                 process_index: int | None = None, process_count: int | None = None,
                 transform: Callable | None = None, drop_remainder: bool = True,
-                worker_buffer_size: int = 2) -> DataIterator:
+                worker_buffer_size: int = 2, read_threads: int = 8,
+                read_buffer_size: int = 256) -> DataIterator:
   """A Grain DataLoader over `source`, returning a resumable iterator of per-host batches.
 
   Args:
@@ -167,6 +180,9 @@ def make_loader(source, *, batch_size: int, seed: int = 0, shuffle: bool = True,
     drop_remainder: drop the last incomplete batch of the run (the shard itself always drops the
       records that do not divide evenly between hosts).
     worker_buffer_size: batches each worker prepares ahead.
+    read_threads, read_buffer_size: threads reading and transforming records (in each worker, or
+      here when worker_count=0) and how many records they may run ahead. Grain's defaults (16,
+      500) overload small hosts and make a freshly created or restored iterator slow to start.
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size={batch_size}; expected a positive per-host batch size")
@@ -193,9 +209,10 @@ def make_loader(source, *, batch_size: int, seed: int = 0, shuffle: bool = True,
                                       drop_remainder=True)
   operations = [_RecordTransform(transform or default_transform),
                 grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder)]
+  read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer_size)
   loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                             worker_count=worker_count, worker_buffer_size=worker_buffer_size,
-                            shard_options=shard)
+                            shard_options=shard, read_options=read_options)
   meta = {"source": repr(source), "batch_size": batch_size, "seed": seed, "shuffle": shuffle,
           "num_epochs": num_epochs, "worker_count": worker_count,
           "process_index": process_index, "process_count": process_count}

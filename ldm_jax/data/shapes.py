@@ -63,13 +63,20 @@ def caption_for(color_index: int, shape_index: int, position_index: int) -> str:
           f"{POSITION_NAMES[position_index]}")
 
 
-def _coverage(shape_index: int, cx: float, cy: float, r: float, size: int) -> np.ndarray:
-  """Fraction of each pixel covered by the shape, from 4x4 sub-pixel samples: [size, size]."""
+def _coverage(shape_index: int, cx: float, cy: float, r: float,
+              size: int) -> tuple[np.ndarray, tuple[slice, slice]]:
+  """Fraction of each pixel covered by the shape, from 4x4 sub-pixel samples.
+
+  Returns the coverage of the pixels around the shape, [h, w], and the (rows, cols) slices of the
+  image they occupy; every other pixel has coverage 0.
+  """
   s = _SUPERSAMPLE
+  # Only the pixels of the shape's bounding box (plus one) can be covered.
+  x0, x1 = max(0, int(np.floor(cx - r)) - 1), min(size, int(np.ceil(cx + r)) + 1)
+  y0, y1 = max(0, int(np.floor(cy - r)) - 1), min(size, int(np.ceil(cy + r)) + 1)
   # Sub-pixel sample centres in pixel units; pixel (i, j) spans [j, j+1) x [i, i+1).
-  coords = (np.arange(size * s, dtype=np.float64) + 0.5) / s  # [size*s]
-  x = coords[None, :]  # [1, size*s]
-  y = coords[:, None]  # [size*s, 1]
+  x = x0 + (np.arange((x1 - x0) * s, dtype=np.float64) + 0.5)[None, :] / s  # [1, w*s]
+  y = y0 + (np.arange((y1 - y0) * s, dtype=np.float64) + 0.5)[:, None] / s  # [h*s, 1]
   if shape_index == 0:  # disc of radius r
     inside = (x - cx) ** 2 + (y - cy) ** 2 <= r * r
   elif shape_index == 1:  # axis-aligned square of side 2r
@@ -79,8 +86,10 @@ def _coverage(shape_index: int, cx: float, cy: float, r: float, size: int) -> np
     inside = (depth >= 0) & (depth <= 2 * r) & (np.abs(x - cx) <= depth / 2)
   else:
     raise ValueError(f"shape_index={shape_index}; expected 0 (circle), 1 (square) or 2 (triangle)")
-  inside = np.broadcast_to(inside, (size * s, size * s))
-  return inside.reshape(size, s, size, s).mean(axis=(1, 3))  # [size, size]
+  h, w = y1 - y0, x1 - x0
+  inside = np.broadcast_to(inside, (h * s, w * s))
+  cov = inside.reshape(h, s, w, s).mean(axis=(1, 3), dtype=np.float32)  # [h, w]
+  return cov, (slice(y0, y1), slice(x0, x1))
 
 
 def render_shapes(seed: int, index: int, size: int = 64, num_objects: int = 1,
@@ -105,7 +114,7 @@ def render_shapes(seed: int, index: int, size: int = 64, num_objects: int = 1,
   else:
     positions = [int(p) for p in rng.choice(CORNERS, size=2, replace=False)]
 
-  canvas = np.full((size, size, 3), BACKGROUND, np.float64)  # [H, W, 3]
+  image = np.full((size, size, 3), BACKGROUND, np.uint8)  # [H, W, 3]
   colors, shapes, boxes, centers, radii, captions = [], [], [], [], [], []
   for pos in positions:
     color = int(rng.integers(len(COLORS)))
@@ -114,11 +123,14 @@ def render_shapes(seed: int, index: int, size: int = 64, num_objects: int = 1,
     fx, fy = POSITIONS[pos][1]
     jx, jy = rng.uniform(-JITTER, JITTER, size=2)
     cx, cy = (fx + jx) * size, (fy + jy) * size
-    cov = _coverage(shape, cx, cy, r, size)  # [H, W]
+    cov, region = _coverage(shape, cx, cy, r, size)  # [h, w]
     if not antialias:
-      cov = (cov >= 0.5).astype(np.float64)
-    cov = cov[..., None]  # [H, W, 1]
-    canvas = canvas * (1.0 - cov) + PALETTE[color].astype(np.float64) * cov
+      cov = (cov >= 0.5).astype(np.float32)
+    cov = cov[..., None]  # [h, w, 1]
+    # Objects never overlap (distinct anchors are further apart than two half-sizes plus jitter),
+    # so blending each one with what is under it is exact.
+    patch = image[region].astype(np.float32) * (1.0 - cov) + PALETTE[color] * cov  # [h, w, 3]
+    image[region] = np.clip(np.rint(patch), 0, 255).astype(np.uint8)
     colors.append(color)
     shapes.append(shape)
     centers.append((cx, cy))
@@ -127,7 +139,6 @@ def render_shapes(seed: int, index: int, size: int = 64, num_objects: int = 1,
                          0.0, 1.0))
     captions.append(caption_for(color, shape, pos))
 
-  image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)  # [H, W, 3]
   box_labels = np.array([class_label(c, s) for c, s in zip(colors, shapes)], np.int32)
   return {
       "image": image,

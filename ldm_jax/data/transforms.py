@@ -5,10 +5,11 @@ given a seed; in the loader, Grain hands each record its own generator derived f
 and the record's position, which makes augmentations reproducible across restarts.
 
 Conventions:
-- images are uint8 [H, W, 3] on input and float32 [H, W, 3] in [-1, 1] on output (NHWC once batched);
+- images are uint8 [H, W, 3] on input and float32 [H, W, 3] in [-1, 1] on output (NHWC once
+  batched);
 - boxes are (x0, y0, x1, y1) fractions of the image and follow crops and flips;
-- inpainting masks are float32 [H, W, 1] with **1 = keep (known pixel), 0 = hole to fill**. The CompVis
-  inpainting code uses the opposite (mask = 1 marks the hole); convert with `1 - mask` there.
+- inpainting masks are float32 [H, W, 1] with **1 = keep (known pixel), 0 = hole to fill**. The
+  CompVis inpainting code uses the opposite (mask = 1 marks the hole); convert with `1 - mask`.
 """
 
 import dataclasses
@@ -20,7 +21,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 
-# ---------------------------------------------------------------- geometry -------------------------
+# ---------------------------------------------------------------- geometry ------------------------
 def resize_shorter(image: np.ndarray, size: int, resample=Image.BICUBIC) -> np.ndarray:
   """Resizes so that the shorter side is `size`, keeping the aspect ratio: uint8 [H', W', 3]."""
   h, w = image.shape[:2]
@@ -162,7 +163,8 @@ def box_mask(size: int, rng: np.random.Generator, num_boxes: tuple[int, int] = (
 
 
 def stroke_mask(size: int, rng: np.random.Generator, num_strokes: tuple[int, int] = (1, 4),
-                max_vertices: int = 8, width_frac: tuple[float, float] = (0.04, 0.12)) -> np.ndarray:
+                max_vertices: int = 8,
+                width_frac: tuple[float, float] = (0.04, 0.12)) -> np.ndarray:
   """Free-form brush strokes (random polylines with round joints), as in DeepFill v2 / LaMa.
 
   float32 [size, size, 1], 1 = keep, 0 = hole.
@@ -208,7 +210,7 @@ class InpaintTransform:
     return out
 
 
-# ---------------------------------------------------------------- layout tokens --------------------
+# ---------------------------------------------------------------- layout tokens -------------------
 def layout_vocab_size(grid: int, num_classes: int) -> int:
   """Coordinate tokens [0, grid^2), class tokens [grid^2, grid^2 + C), then one padding token."""
   return grid * grid + num_classes + 1

@@ -39,6 +39,15 @@ def _sigmas_all(schedule) -> jnp.ndarray:
   return jnp.sqrt((1.0 - ac) / ac)  # [T]
 
 
+def _x0_from_output(out, x, alpha, sigma, parameterization):
+  """x0 from the model output with the solver's own (alpha_t, sigma_t), as diffusers converts."""
+  if parameterization == 'eps':
+    return (x - sigma * out) / alpha
+  if parameterization == 'v':
+    return alpha * x - sigma * out
+  return out
+
+
 def dpmpp_2m(denoise, schedule, x_T, cond, rng, *, steps, parameterization, skip, pure_noise,
              x0, mask, step_noise, progress, return_trajectory, **unused):
   """DPM-Solver++(2M). Returns (x, trajectory [S, ...])."""
@@ -57,7 +66,7 @@ def dpmpp_2m(denoise, schedule, x_T, cond, rng, *, steps, parameterization, skip
   second = np.zeros(n, bool)
   second[1:n - 1] = True  # first step and the step to sigma 0 are first order
   w1 = jnp.where(jnp.asarray(second), 0.5 * h / h_prev, 0.0)  # 0.5 / r0, r0 = h_prev / h
-  xs = dict(t=jnp.asarray(desc_ts, jnp.int32), a=alpha[:-1] ** 2, c_x=c_x, c_m=c_m, w1=w1,
+  xs = dict(t=jnp.asarray(desc_ts, jnp.int32), alpha=alpha[:-1], sigma=sigma_t[:-1], c_x=c_x, c_m=c_m, w1=w1,
             c0=alpha[:-1], cn=sigma_t[:-1], mask_on=jnp.ones(n, bool))
   batch = x_T.shape[0]
 
@@ -65,7 +74,7 @@ def dpmpp_2m(denoise, schedule, x_T, cond, rng, *, steps, parameterization, skip
     del noise
     x, m_prev = carry
     out = denoise(x, base.full_t(inp['t'], batch), cond)
-    m, _ = x0_eps_from_output(out, x, inp['a'], parameterization)
+    m = _x0_from_output(out.astype(jnp.float32), x, inp['alpha'], inp['sigma'], parameterization)
     x_new = inp['c_x'] * x + inp['c_m'] * (m + inp['w1'] * (m - m_prev))
     return (x_new, m), x_new
 

@@ -1,9 +1,9 @@
 """BERT encoder compatible with Hugging Face `BertModel` (its `last_hidden_state`).
 
-Post-LayerNorm blocks (x = LN(x + attn(x)); x = LN(x + mlp(x))), LayerNorm eps 1e-12, exact gelu,
-word + absolute position + token-type embeddings followed by a LayerNorm. The padding mask hides keys
-only, as in HF: padded query rows are still computed (and are meaningless, as there). The pooler is
-not part of this module: latent diffusion conditions on per-token features.
+Post-LayerNorm blocks (x = LN(x + attn(x)); x = LN(x + mlp(x))), LayerNorm eps 1e-12, exact
+gelu, word + absolute position + token-type embeddings followed by a LayerNorm. The padding mask
+hides keys only, as in HF: padded query rows are still computed (and are meaningless, as there).
+The pooler is not part of this module: latent diffusion conditions on per-token features.
 """
 
 from typing import Any

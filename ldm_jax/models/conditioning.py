@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.models import layers
 from ldm_jax.models.bert import BertEncoder
 from ldm_jax.models.text import CLIPTextEncoder, LDMTextTransformer
 
@@ -66,16 +65,16 @@ def _cubic_weights(t: float, a: float = -0.75) -> list[float]:
 
 
 def resize_matrix(in_size: int, scale_factor: float, method: str) -> np.ndarray:
-  """[out, in] float32 matrix M with out = floor(in * scale_factor) such that y = M @ x equals
-  torch `F.interpolate(..., scale_factor=scale_factor, mode=method, align_corners=False)` on one axis.
+  """[out, in] float32 matrix M, out = floor(in * scale_factor), such that y = M @ x equals torch
+  `F.interpolate(..., scale_factor=scale_factor, mode=method, align_corners=False)` on one axis.
   """
   out_size = int(math.floor(in_size * scale_factor))
   if out_size < 1:
     raise ValueError(f"SpatialRescaler: size {in_size} x multiplier {scale_factor} rounds to "
                      f"{out_size} pixels; expected at least 1.")
   m = np.zeros((out_size, in_size), np.float64)
-  # torch maps output to input coordinates with 1 / scale_factor, computed in float32.
-  scale = float(np.float32(1.0) / np.float32(scale_factor))
+  # torch maps output to input coordinates with float32(1 / scale_factor) (double division).
+  scale = float(np.float32(1.0 / scale_factor))
   for o in range(out_size):
     if method == "nearest":
       m[o, min(int(math.floor(np.float32(o) * np.float32(scale))), in_size - 1)] = 1.0
@@ -102,7 +101,7 @@ def resize_matrix(in_size: int, scale_factor: float, method: str) -> np.ndarray:
 
 
 class SpatialRescaler(nn.Module):
-  """Resize [B, H, W, C] n_stages times by `multiplier`, then an optional 1x1 conv to out_channels."""
+  """Resizes [B, H, W, C] n_stages times by `multiplier`, then an optional 1x1 conv."""
   n_stages: int = 1
   method: str = "bilinear"
   multiplier: float = 0.5
@@ -181,11 +180,13 @@ def cond_stage_from_compvis(target: str, params: dict | None = None,
                             **overrides) -> tuple[nn.Module, str | None]:
   """(module, tokenizer kind) for a CompVis `cond_stage_config` (`target`, `params`).
 
-  Supports ldm.modules.encoders.modules.{ClassEmbedder, BERTEmbedder, FrozenCLIPEmbedder,
-  FrozenOpenCLIPEmbedder, SpatialRescaler}. `overrides` (e.g. dtype) go to the module.
+  Supports ldm.modules.encoders.modules.{ClassEmbedder, BERTEmbedder, TransformerEmbedder,
+  FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, SpatialRescaler}. `overrides` (e.g. dtype) go to the
+  module. The tokenizer kind is None where the module takes ids, labels or images directly.
   """
   params = dict(params or {})
   name = target.rsplit(".", 1)[-1]
+  tokenized = True  # False: an LDM text transformer fed token ids without a tokenizer
 
   def take(key, default):
     return params.pop(key, default)
@@ -194,10 +195,10 @@ def cond_stage_from_compvis(target: str, params: dict | None = None,
     take("key", None)  # the batch key, not part of the network
     kind, kw = "class", dict(embed_dim=take("embed_dim", None), n_classes=take("n_classes", 1000),
                              ucg_rate=take("ucg_rate", 0.0))
-  elif name == "BERTEmbedder":
-    if not take("use_tokenizer", True):
-      raise ValueError("BERTEmbedder.use_tokenizer=False (token ids fed directly) is not supported;"
-                       " expected True.")
+  elif name in ("BERTEmbedder", "TransformerEmbedder"):
+    # Both wrap the same x-transformers Encoder (8 heads of 64, fixed by the ldm code). Without the
+    # tokenizer (TransformerEmbedder, or use_tokenizer=False) token ids are fed directly.
+    tokenized = take("use_tokenizer", True) if name == "BERTEmbedder" else False
     take("device", None)
     take("embedding_dropout", 0.0)  # inference-irrelevant; the released model uses 0
     kind, kw = "ldm_bert", dict(width=take("n_embed", None), depth=take("n_layer", None),
@@ -205,7 +206,10 @@ def cond_stage_from_compvis(target: str, params: dict | None = None,
                                 max_length=take("max_seq_len", 77))
   elif name in ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder"):
     openclip = name == "FrozenOpenCLIPEmbedder"
-    arch = take("arch", "ViT-H-14") if openclip else take("version", "openai/clip-vit-large-patch14")
+    if openclip:
+      arch = take("arch", "ViT-H-14")
+    else:
+      arch = take("version", "openai/clip-vit-large-patch14")
     for unused in ("version", "device", "freeze", "layer_idx"):
       take(unused, None)
     layer = take("layer", "last")
@@ -219,12 +223,14 @@ def cond_stage_from_compvis(target: str, params: dict | None = None,
         ("out_channels", None), ("bias", False))}
   else:
     raise ValueError(f"cond_stage_config.target={target!r} is not supported; expected a CompVis "
-                     "ClassEmbedder, BERTEmbedder, FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder or "
-                     "SpatialRescaler.")
+                     "ClassEmbedder, BERTEmbedder, TransformerEmbedder, FrozenCLIPEmbedder, "
+                     "FrozenOpenCLIPEmbedder or SpatialRescaler.")
   if params:
     raise ValueError(f"cond_stage_config {name}: unknown params {sorted(params)}.")
   missing = sorted(k for k, v in kw.items() if v is None and k != "out_channels")
   if missing:
     raise ValueError(f"cond_stage_config {name}: required params {missing} are missing.")
   tokenizer = "openclip" if name == "FrozenOpenCLIPEmbedder" else TOKENIZER_KIND[kind]
+  if kind == "ldm_bert" and not tokenized:
+    tokenizer = None
   return make_cond_stage(kind, **kw, **overrides), tokenizer

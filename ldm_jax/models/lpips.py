@@ -75,13 +75,15 @@ class LPIPS(nn.Module):
 
   Call with x0, x1: [B, H, W, 3] in [-1, 1]. Returns [B] float32, or [B, 1, 1, 1] with
   keepdims=True (the shape the torch package returns, which CompVis broadcasts onto pixels).
+  deterministic=False applies the heads' dropout (needs rngs={'dropout': key}).
   The trunk runs in `dtype`; the normalisation, difference and heads run in float32.
   """
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x0: jax.Array, x1: jax.Array, keepdims: bool = False) -> jax.Array:
+  def __call__(self, x0: jax.Array, x1: jax.Array, keepdims: bool = False,
+               deterministic: bool = True) -> jax.Array:
     if x0.shape != x1.shape or x0.ndim != 4 or x0.shape[-1] != 3:
       raise ValueError(f"LPIPS: inputs have shapes {x0.shape} and {x1.shape}; expected two equal "
                        "[B, H, W, 3] RGB batches in [-1, 1].")
@@ -96,6 +98,10 @@ class LPIPS(nn.Module):
     for k, feat in enumerate(taps):
       feat = normalize_channels(feat.astype(jnp.float32))  # [2B, h, w, C_k]
       diff = jnp.square(feat[:batch] - feat[batch:])  # [B, h, w, C_k]
+      # NetLinLayer's Dropout(0.5). Off by default (the metric); CompVis / taming training runs
+      # it ON, because Lightning's model.train() also reaches the loss's LPIPS: pass
+      # deterministic=False with a 'dropout' rng to reproduce that.
+      diff = nn.Dropout(0.5)(diff, deterministic=deterministic)
       # NetLinLayer: 1x1 conv C_k -> 1 without bias, i.e. a Dense on channels.
       lin = nn.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype,
                      name=f"lin{k}")(diff)  # [B, h, w, 1]

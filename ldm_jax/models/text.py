@@ -3,17 +3,19 @@
 Both families are the same stack of pre-LN blocks (x += attn(LN x); x += mlp(LN x)) over token plus
 learned absolute position embeddings; they differ in masking, biases and which output is returned:
 
-* `CLIPTextEncoder`: causal self-attention, biased q/k/v, quick_gelu (OpenAI CLIP, SD 1.x) or exact
-  gelu (OpenCLIP, SD 2.x). `output_layer='last'` returns ln_final(last block) = HF
-  `CLIPTextModel.last_hidden_state`; `'penultimate'` returns ln_final(second-to-last block) as SD 2.x's
-  `FrozenOpenCLIPEmbedder(layer="penultimate")`. The final block is then never run, so it is not built
-  either: `layers` is still the checkpoint's depth and the importer checks the skipped block is there.
-* `LDMTextTransformer`: the jointly trained text encoder of the LDM paper (CompVis `BERTEmbedder`, an
-  x-transformers `Encoder`), bidirectional, q/k/v without bias, head width independent of the model
-  width (8 heads x 64 = 512 inside a 1280-wide model), exact-gelu MLP of 4x width, final LayerNorm.
-  Same computation as diffusers' `LDMBertModel`.
+* `CLIPTextEncoder`: causal self-attention, biased q/k/v, quick_gelu (OpenAI CLIP, SD 1.x) or
+  exact gelu (OpenCLIP, SD 2.x). `output_layer='last'` returns ln_final(last block) = HF
+  `CLIPTextModel.last_hidden_state`; `'penultimate'` returns ln_final(second-to-last block) as
+  SD 2.x's `FrozenOpenCLIPEmbedder(layer="penultimate")`. The final block is then never run, so it
+  is not built either: `layers` is still the checkpoint's depth, and the importer checks that the
+  skipped block is in the checkpoint (SD 2.x files hold it).
+* `LDMTextTransformer`: the jointly trained text encoder of the LDM paper (CompVis `BERTEmbedder`,
+  an x-transformers `Encoder`), bidirectional, q/k/v without bias, head width independent of the
+  model width (8 heads x 64 = 512 inside a 1280-wide model), exact-gelu MLP of 4x width, final
+  LayerNorm. Same computation as diffusers' `LDMBertModel`.
 
-Inputs are int token ids [B, L] with L <= max_length; positions are 0..L-1. Outputs are [B, L, width].
+Inputs are int token ids [B, L] with L <= max_length; positions are 0..L-1. Outputs: [B, L, width].
+Ids outside the vocabulary give NaN rows (jnp.take's fill mode) rather than a silent clamp.
 """
 
 from typing import Any
@@ -153,7 +155,8 @@ class CLIPTextEncoder(nn.Module):
       raise ValueError(f"CLIPTextEncoder.output_layer={self.output_layer!r}; "
                        "expected 'last' or 'penultimate'.")
     if self.width % self.heads:
-      raise ValueError(f"CLIPTextEncoder: width={self.width} is not divisible by heads={self.heads}.")
+      raise ValueError(f"CLIPTextEncoder: width={self.width} is not divisible by "
+                       f"heads={self.heads}.")
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"CLIPTextEncoder.activation={self.activation!r}; expected one of "
                        f"{ACTIVATIONS}.")

@@ -6,6 +6,10 @@ Three padding conventions, one per model family, all giving int32 [B, max_length
   'openclip' (SD 2.x, open_clip.tokenize): same ids, but padded with 0 after the EOS.
   'bert'     (CompVis BERTTokenizer, LDM text model): [CLS] ... [SEP], padded with [PAD] = 0.
 
+open_clip cleans text before BPE (ftfy.fix_text, html.unescape twice, strip); transformers'
+CLIPTokenizer only normalises Unicode and whitespace. For 'openclip' the same cleaning is applied
+here (ftfy only if installed: it repairs mojibake, which well-formed prompts do not contain).
+
 Nothing is ever downloaded: `load_tokenizer` reads a directory (`local_files_only`). The CLIP BPE
 vocabulary ships inside the `open-clip-torch` package (`bpe_simple_vocab_16e6.txt.gz`);
 `write_clip_tokenizer_dir` turns it into the vocab.json + merges.txt directory that
@@ -14,6 +18,7 @@ transformers' CLIPTokenizer reads, so configs can point at a local folder.
 
 import dataclasses
 import gzip
+import html
 import importlib.util
 import json
 import os
@@ -74,7 +79,8 @@ def load_tokenizer(kind: str, path: str) -> TextTokenizer:
   try:
     hf = cls.from_pretrained(path, local_files_only=True)
   except Exception as e:  # transformers raises several types for unreadable files
-    raise TokenizerError(f"{kind} tokenizer: could not load {path!r} with {cls.__name__}: {e}") from e
+    raise TokenizerError(f"{kind} tokenizer: could not load {path!r} with {cls.__name__}: "
+                         f"{e}") from e
   if kind != "bert" and hf.eos_token != CLIP_EOS:
     raise TokenizerError(f"{kind} tokenizer at {path!r}: eos_token={hf.eos_token!r}; expected "
                          f"{CLIP_EOS!r} (is this a CLIP vocabulary?).")
@@ -88,13 +94,26 @@ def tokenize(tokenizer: TextTokenizer, prompts: Sequence[str], max_length: int =
                     "load_tokenizer (it carries the padding convention).")
   if isinstance(prompts, str):
     raise TypeError("tokenize: prompts must be a list of strings, got a single string.")
-  enc = tokenizer.hf(list(prompts), padding="max_length", truncation=True, max_length=max_length,
+  prompts = list(prompts)
+  if tokenizer.kind == "openclip":
+    prompts = [_openclip_clean(p) for p in prompts]
+  enc = tokenizer.hf(prompts, padding="max_length", truncation=True, max_length=max_length,
                      return_attention_mask=True)
   ids = np.asarray(enc["input_ids"], dtype=np.int32)  # [B, max_length]
   if tokenizer.kind == "openclip":
     # open_clip fills everything after the EOS with 0 (the id of "!"), not with the EOS token.
     ids = np.where(np.asarray(enc["attention_mask"], bool), ids, 0).astype(np.int32)
   return ids
+
+
+def _openclip_clean(text: str) -> str:
+  """open_clip's basic_clean: fix mojibake, unescape HTML entities (twice), strip."""
+  try:
+    import ftfy  # optional, as in transformers' CLIPTokenizer
+    text = ftfy.fix_text(text)
+  except ImportError:
+    pass
+  return html.unescape(html.unescape(text)).strip()
 
 
 def attention_mask(tokenizer: TextTokenizer, ids: np.ndarray) -> np.ndarray:

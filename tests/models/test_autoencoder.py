@@ -5,6 +5,7 @@ modules (PyPI `stable-diffusion-sdkit`), every torch parameter re-randomised to 
 torch.distributions for the Gaussian's KL and likelihood; the published SD kl-f8 parameter count.
 """
 
+import functools
 import json
 import math
 
@@ -65,6 +66,13 @@ def assert_close_to_scale(ours, ref, rel=1e-4):
   assert err <= rel * scale, f"max abs error {err:.3g} > {rel} * output scale {scale:.3g}"
 
 
+def jitted(model, method=None, **static):
+  """`(params, *args, rngs=None) -> model.apply(...)` compiled once: op-by-op eager dispatch costs
+  far more than one compile on a shared CPU."""
+  fn = functools.partial(model.apply, method=method, **static)
+  return jax.jit(lambda params, *args, rngs=None: fn({"params": params}, *args, rngs=rngs))
+
+
 def image(seed, b=2, hw=16):
   return np.random.default_rng(seed).uniform(-1, 1, (b, hw, hw, 3)).astype(np.float32)
 
@@ -88,10 +96,10 @@ def test_diffusers_kl_parity(diffusers_kl, tmp_path):
     dist = diffusers_kl.encode(nchw(x)).latent_dist
     z = torch.from_numpy(np.random.default_rng(1).normal(size=(2, 4, 8, 8)).astype(np.float32))
     dec = diffusers_kl.decode(z).sample
-  post = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))(params, x)
+  post = jitted(model, model.encode)(params, x)
   assert_close_to_scale(post.mean, nhwc(dist.mean))
   assert_close_to_scale(post.logvar, nhwc(dist.logvar))
-  ours = jax.jit(lambda p, z: model.apply({"params": p}, z, method=model.decode))(params, nhwc(z))
+  ours = jitted(model, model.decode)(params, nhwc(z))
   assert_close_to_scale(ours, nhwc(dec))
 
 
@@ -137,7 +145,7 @@ def test_diffusers_vq_parity(tmp_path):
   assert cls_name == "VQModel" and kwargs["n_embed"] == 32 and kwargs["embed_dim"] == 3
   model = VQModel(**kwargs)
   params = autoencoder_from_diffusers(numpy_state(tvq), model)
-  apply = lambda method, *a: model.apply({"params": params}, *a, method=method)
+  apply = lambda method, *a: jitted(model, method)(params, *a)
 
   ours_h = apply(model.encode, x)
   assert_close_to_scale(ours_h, nhwc(h))
@@ -212,11 +220,11 @@ def test_compvis_kl_matches_original_ldm_code():
   with torch.no_grad():
     moments = tm.quant_conv(tm.encoder(nchw(x)))
     dec = tm.decoder(tm.post_quant_conv(nchw(z)))
-  post = model.apply({"params": params}, x, method=model.encode)
+  post = jitted(model, model.encode)(params, x)
   mean, logvar = np.split(nhwc(moments), 2, axis=-1)
   assert_close_to_scale(post.mean, mean)
   assert_close_to_scale(post.logvar, np.clip(logvar, -30, 20))
-  assert_close_to_scale(model.apply({"params": params}, z, method=model.decode), nhwc(dec))
+  assert_close_to_scale(jitted(model, model.decode)(params, z), nhwc(dec))
 
 
 def test_compvis_vq_matches_original_ldm_code():
@@ -233,8 +241,8 @@ def test_compvis_vq_matches_original_ldm_code():
   sd["quantize.embedding.weight"] = tq.embedding.weight.detach().numpy().copy()
   model = VQModel(**TINY, n_embed=32, embed_dim=3)
   params = autoencoder_from_compvis(sd, model)
-  assert_close_to_scale(model.apply({"params": params}, x, method=model.encode), nhwc(h))
-  recon, _, ours_idx = model.apply({"params": params}, x)
+  assert_close_to_scale(jitted(model, model.encode)(params, x), nhwc(h))
+  recon, _, ours_idx = jitted(model)(params, x)
   np.testing.assert_array_equal(np.asarray(ours_idx), idx.numpy().reshape(2, 8, 8))
   assert_close_to_scale(recon, nhwc(dec))
 
@@ -281,8 +289,8 @@ def test_sd_kl_f8_parameter_count_without_allocation():
 @pytest.fixture(scope="module")
 def tiny_kl_params():
   model = AutoencoderKL(**TINY, embed_dim=4)
-  return model, model.init({"params": jax.random.key(0), "sample": jax.random.key(1)},
-                           jnp.asarray(image(13)))["params"]
+  rngs = {"params": jax.random.key(0), "sample": jax.random.key(1)}
+  return model, jax.jit(model.init)(rngs, jnp.asarray(image(13)))["params"]
 
 
 def test_bf16_compute_is_close_to_fp32(tiny_kl_params):
@@ -290,8 +298,8 @@ def test_bf16_compute_is_close_to_fp32(tiny_kl_params):
   bf16 = AutoencoderKL(**TINY, embed_dim=4, dtype=jnp.bfloat16)
   x = image(14)
   rngs = {"sample": jax.random.key(2)}
-  ref, ref_post = model.apply({"params": params}, x, rngs=rngs)
-  out, post = bf16.apply({"params": params}, x, rngs=rngs)
+  ref, ref_post = jitted(model)(params, x, rngs=rngs)
+  out, post = jitted(bf16)(params, x, rngs=rngs)
   assert out.dtype == jnp.float32 and post.mean.dtype == jnp.float32
   scale = float(jnp.max(jnp.abs(ref)))
   err = float(jnp.max(jnp.abs(out - ref)))
@@ -306,9 +314,10 @@ def test_remat_matches_no_remat(tiny_kl_params):
   x = image(15)
   rngs = {"sample": jax.random.key(3)}
   loss = lambda m: lambda p: jnp.mean(jnp.square(m.apply({"params": p}, x, rngs=rngs)[0] - x))
-  assert jax.tree_util.tree_structure(remat.init({"params": jax.random.key(0), "sample": jax.random.key(1)}, x)["params"]) == jax.tree_util.tree_structure(params)
-  v0, g0 = jax.value_and_grad(loss(model))(params)
-  v1, g1 = jax.value_and_grad(loss(remat))(params)
+  same_tree = jax.tree_util.tree_structure(abstract_params(remat))
+  assert same_tree == jax.tree_util.tree_structure(params)
+  v0, g0 = jax.jit(jax.value_and_grad(loss(model)))(params)
+  v1, g1 = jax.jit(jax.value_and_grad(loss(remat)))(params)
   np.testing.assert_allclose(v1, v0, rtol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
@@ -317,12 +326,12 @@ def test_remat_matches_no_remat(tiny_kl_params):
 def test_sampling_uses_sample_rng_and_mode(tiny_kl_params):
   model, params = tiny_kl_params
   x = image(16)
-  a, post = model.apply({"params": params}, x, rngs={"sample": jax.random.key(4)})
-  b, _ = model.apply({"params": params}, x, rngs={"sample": jax.random.key(5)})
-  c, _ = model.apply({"params": params}, x, sample_posterior=False)
+  forward = jitted(model)
+  a, post = forward(params, x, rngs={"sample": jax.random.key(4)})
+  b, _ = forward(params, x, rngs={"sample": jax.random.key(5)})
+  c, _ = jitted(model, sample_posterior=False)(params, x)
   assert not np.allclose(a, b)
-  np.testing.assert_allclose(c, model.apply({"params": params}, post.mean, method=model.decode),
-                             atol=1e-6)
+  np.testing.assert_allclose(c, jitted(model, model.decode)(params, post.mean), atol=1e-5)
 
 
 # ---------------------------------------------------------------- DiagonalGaussian

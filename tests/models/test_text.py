@@ -1,8 +1,8 @@
 """Text encoders and their importers against independent torch references.
 
-References: transformers CLIPTextModel (quick_gelu / last layer, and gelu / penultimate layer through
-final_layer_norm, which is what SD 2.x's OpenCLIP embedder computes), transformers BertModel (random
-and the real pretrained MiniLM), diffusers LDMBertModel. Every torch weight is re-drawn non-zero.
+References: transformers CLIPTextModel (quick_gelu / last layer, and gelu / penultimate layer
+through final_layer_norm, which is what SD 2.x's OpenCLIP embedder computes), transformers
+BertModel (random and the real pretrained MiniLM), diffusers LDMBertModel. Every torch weight is re-drawn non-zero.
 Tolerance: max abs error <= 1e-4 relative to the output's scale.
 """
 
@@ -23,6 +23,7 @@ from ldm_jax.convert.text import (bert_from_hf, bert_kwargs_from_hf_config, clip
                                   ldm_text_from_compvis, ldm_text_from_diffusers,
                                   ldm_text_kwargs_from_diffusers_config)
 from ldm_jax.models.bert import BertEncoder
+from ldm_jax.models.conditioning import cond_stage_from_compvis
 from ldm_jax.models.text import CLIPTextEncoder, LDMTextTransformer
 from ldm_jax.models.tokenizers import load_tokenizer, tokenize
 
@@ -34,6 +35,11 @@ SEQ = 77
 
 def _tokens(vocab, batch=2, length=SEQ, seed=0):
   return np.random.default_rng(seed).integers(0, vocab, (batch, length)).astype(np.int32)
+
+
+def _apply(model, params, *args):
+  """Jitted apply: one compilation is cheaper than op-by-op dispatch on a busy CPU."""
+  return np.asarray(jax.jit(model.apply)({"params": params}, *args))
 
 
 def _clip_reference(hidden_act):
@@ -59,12 +65,11 @@ def test_clip_quick_gelu_last_layer_matches_hf():
   sd_v4 = {f"cond_stage_model.transformer.text_model.{k}": v for k, v in sd.items()}
   sd_v4["cond_stage_model.transformer.text_model.embeddings.position_ids"] = np.arange(SEQ)[None]
   sd_v4["model.diffusion_model.out.0.weight"] = np.ones(4, np.float32)  # outside the prefix
-  for layout in (sd, sd_v4):
-    params = clip_from_hf(layout, model)
-    got = model.apply({"params": params}, jnp.asarray(tokens))
-    assert_close(got, want, what="CLIP last layer")
+  params = clip_from_hf(sd, model)
+  assert_close(_apply(model, params, tokens), want, what="CLIP last layer")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, clip_from_hf(sd_v4, model), params)
   # A shorter sequence uses the first positions, still causal.
-  got_short = model.apply({"params": params}, jnp.asarray(tokens[:, :9]))
+  got_short = _apply(model, params, tokens[:, :9])
   with torch.no_grad():
     want_short = ref(torch.from_numpy(tokens[:, :9]).long()).last_hidden_state.numpy()
   assert_close(got_short, want_short, what="CLIP short sequence")
@@ -103,11 +108,11 @@ def test_openclip_penultimate_gelu_matches_reference():
   sd = _openclip_state_dict(state_dict_numpy(ref), layers=3)
   params = clip_from_openclip(sd, model)
   assert "blocks_2" not in params and "blocks_1" in params  # the unused last block is not built
-  got = model.apply({"params": params}, jnp.asarray(tokens))
+  got = _apply(model, params, tokens)
   assert_close(got, want, what="OpenCLIP penultimate")
   # The last-layer variant of the same weights must differ, and match HF's last_hidden_state.
   model_last = model.clone(output_layer="last")
-  got_last = model_last.apply({"params": clip_from_openclip(sd, model_last)}, jnp.asarray(tokens))
+  got_last = _apply(model_last, clip_from_openclip(sd, model_last), tokens)
   assert_close(got_last, out.last_hidden_state.numpy(), what="OpenCLIP last")
   assert np.abs(np.asarray(got_last) - np.asarray(got)).max() > 1e-2
   # A checkpoint one block short would otherwise load silently into the penultimate model.
@@ -132,11 +137,10 @@ def test_bert_with_attention_mask_matches_hf():
                token_type_ids=torch.from_numpy(types).long()).last_hidden_state.numpy()
   model = BertEncoder(**bert_kwargs_from_hf_config(config.to_dict()))
   params = bert_from_hf({f"bert.{k}": v for k, v in state_dict_numpy(ref).items()}, model)
-  got = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
-                               jnp.asarray(types)))
+  got = _apply(model, params, ids, mask, types)
   assert_close(got, want, what="BERT")
   # The mask matters: without it the padded sequence's real tokens change.
-  unmasked = np.asarray(model.apply({"params": params}, jnp.asarray(ids), None, jnp.asarray(types)))
+  unmasked = _apply(model, params, ids, None, types)
   assert np.abs(unmasked[1, :13] - want[1, :13]).max() > 1e-3
 
 
@@ -155,8 +159,7 @@ def test_pretrained_minilm_matches_transformers_on_real_sentences():
     model = BertEncoder(**bert_kwargs_from_hf_config(json.load(f)))
   from safetensors.numpy import load_file
   params = bert_from_hf(load_file(os.path.join(path, "model.safetensors")), model)
-  got = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
-  assert_close(got, want, what="MiniLM")
+  assert_close(_apply(model, params, ids, mask), want, what="MiniLM")
 
 
 def _ldm_bert_reference(seed=3):
@@ -202,7 +205,7 @@ def test_ldm_text_transformer_matches_diffusers_ldmbert():
   assert (model.width, model.heads, model.head_dim, model.mlp_ratio) == (32, 2, 12, 4)
   sd = state_dict_numpy(ref)
   params = ldm_text_from_diffusers(sd, model)
-  assert_close(model.apply({"params": params}, jnp.asarray(tokens)), want, what="LDM-BERT")
+  assert_close(_apply(model, params, tokens), want, what="LDM-BERT")
   compvis = ldm_text_from_compvis(_compvis_from_diffusers(sd, 2), model)
   jax.tree_util.tree_map(np.testing.assert_array_equal, compvis, params)
   # With a padding mask (keys only), as LDMBertModel's attention_mask.
@@ -210,8 +213,7 @@ def test_ldm_text_transformer_matches_diffusers_ldmbert():
   with torch.no_grad():
     want_masked = ref(torch.from_numpy(tokens).long(),
                       attention_mask=torch.from_numpy(mask).long())[0].numpy()
-  got = model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask))
-  assert_close(got, want_masked, what="LDM-BERT masked")
+  assert_close(_apply(model, params, tokens, mask), want_masked, what="LDM-BERT masked")
 
 
 def test_strict_loading_reports_missing_unexpected_and_mismatched():
@@ -263,9 +265,45 @@ def test_config_helpers_and_argument_errors():
 def test_bf16_compute_keeps_fp32_params_and_stays_close():
   model = LDMTextTransformer(vocab_size=50, max_length=16, width=32, depth=2, heads=2, head_dim=16)
   tokens = jnp.asarray(_tokens(50, length=16))
-  params = model.init(jax.random.PRNGKey(0), tokens)["params"]
-  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
-  full = model.apply({"params": params}, tokens)
-  half = model.clone(dtype=jnp.bfloat16).apply({"params": params}, tokens)
+  shapes = jax.eval_shape(model.clone(dtype=jnp.bfloat16).init, jax.random.PRNGKey(0), tokens)
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(shapes))
+  # Random parameters drawn on the host: a compiled random init costs seconds on a busy CPU.
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(
+      lambda s: (0.2 * rng.normal(size=s.shape)).astype(np.float32), shapes["params"])
+  full = _apply(model, params, tokens)
+  half = jax.jit(model.clone(dtype=jnp.bfloat16).apply)({"params": params}, tokens)
   assert half.dtype == jnp.bfloat16
   assert_close(np.asarray(half, np.float32), full, rel=5e-2, what="bf16 vs fp32")
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def test_parameter_counts_of_the_real_architectures():
+  """Full-size models (shapes only; torch on the meta device) have exactly the reference counts."""
+  from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import (LDMBertConfig,
+                                                                              LDMBertModel)
+
+  def ours(model):
+    return _count(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
+
+  def torch_count(module, skip=()):
+    return sum(p.numel() for n, p in module.named_parameters() if not n.startswith(skip))
+
+  with torch.device("meta"):
+    vit_l = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12))
+    vit_h = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        hidden_act="gelu"))
+    ldm = LDMBertModel(LDMBertConfig())  # the LAION 1.45B model's 1280-wide, 32-layer encoder
+    bert = transformers.BertModel(transformers.BertConfig())
+  sd1, _ = cond_stage_from_compvis("ldm.modules.encoders.modules.FrozenCLIPEmbedder")
+  sd2, _ = cond_stage_from_compvis("ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                                   {"layer": "penultimate"})
+  assert ours(sd1) == torch_count(vit_l) == 123_060_480  # SD 1.x text encoder
+  assert ours(sd2) == torch_count(vit_h, skip=("encoder.layers.23.",))
+  assert ours(LDMTextTransformer()) == torch_count(ldm, skip=("to_logits.",))
+  assert ours(BertEncoder()) == torch_count(bert, skip=("pooler.",))

@@ -83,16 +83,16 @@ def test_keep_last_k_and_save_interval(tmp_path):
   with ckpt_lib.Checkpointer(tmp_path, max_to_keep=2, save_every=2,
                              async_save=False) as ckpt:
     saved = [ckpt.save(s, state.replace(step=jnp.int32(s)), {'s': s})
-             for s in range(1, 9)]
-    assert saved == [s % 2 == 0 for s in range(1, 9)]
-    assert ckpt.all_steps() == [6, 8]
-    assert ckpt.save(9, state, force=True)  # Forced off-interval save ...
-    assert not ckpt.save(9, state, force=True)  # ... never overwrites.
-    assert ckpt.all_steps() == [8, 9]
-    restored, extra = ckpt.restore(8, target_state=state)
-    assert int(restored.step) == 8 and extra == {'s': 8}
-    with pytest.raises(FileNotFoundError, match=r'step=6 not found.*\[8, 9\]'):
-      ckpt.restore(6, target_state=state)
+             for s in range(1, 7)]
+    assert saved == [False, True, False, True, False, True]
+    assert ckpt.all_steps() == [4, 6]
+    assert ckpt.save(7, state, force=True)  # Forced off-interval save ...
+    assert not ckpt.save(7, state, force=True)  # ... never overwrites.
+    assert ckpt.all_steps() == [6, 7]
+    restored, extra = ckpt.restore(6, target_state=state)
+    assert int(restored.step) == 6 and extra == {'s': 6}
+    with pytest.raises(FileNotFoundError, match=r'step=4 not found.*\[6, 7\]'):
+      ckpt.restore(4, target_state=state)
 
 
 def test_partial_and_tmp_directories_are_ignored(tmp_path):
@@ -135,6 +135,8 @@ class _FileSizeLimit:
     signal.signal(signal.SIGXFSZ, self.old_handler)
 
 
+# Tensorstore may report the aborted write after Orbax closed its loop.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.parametrize('failure', ['disk_full', 'rename_fails'])
 @pytest.mark.parametrize('async_save', [True, False])
 def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch,

@@ -182,3 +182,21 @@ def test_nonfinite_stop_raises_naming_the_step():
   assert np.isfinite(np.asarray(state.params['fc2']['kernel'])).all()
   with pytest.raises(ValueError, match="nonfinite='ignore'"):
     step_lib.make_train_step(toy.loss_fn, _tx(), nonfinite='ignore')
+
+
+def test_bf16_compute_keeps_fp32_master_params():
+  state = _fresh_state()
+  batch = toy.make_batch(0)
+  fp32_step = step_lib.make_train_step(toy.loss_fn, _tx(), donate=False)
+  bf16_step = step_lib.make_train_step(toy.loss_fn, _tx(), donate=False,
+                                       compute_dtype=jnp.bfloat16)
+  new32, m32 = fp32_step(state, batch)
+  new16, m16 = bf16_step(state, batch)
+  for leaf in jax.tree.leaves(new16.params) + jax.tree.leaves(new16.ema_params):
+    assert leaf.dtype == jnp.float32
+  assert m16['loss'].dtype == jnp.float32
+  # bf16 has ~3 significant digits: close to, but not equal to, fp32.
+  np.testing.assert_allclose(float(m16['loss']), float(m32['loss']), rtol=2e-2)
+  assert float(m16['loss']) != float(m32['loss'])
+  np.testing.assert_allclose(float(m16['grad_norm']), float(m32['grad_norm']),
+                             rtol=5e-2)

@@ -1,0 +1,242 @@
+"""UNetModel against diffusers' UNet2DConditionModel / UNet2DModel, plus structure and error checks.
+
+Every torch weight is re-randomised (including the zero-initialised conv_out / proj_out, which would
+hide wiring bugs), moved through `unet_from_diffusers` with kwargs from
+`unet_kwargs_from_diffusers_config`, and the outputs compared at 1e-4 of the output scale.
+CompVis-layout parity lives in test_unet_compvis.py.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+from ldm_jax.convert import common
+from ldm_jax.convert import unet as convert_unet
+from ldm_jax.models.unet import UNetModel
+
+
+def _randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for p in module.parameters():
+      p.normal_(0, 0.2)
+  return module.eval()
+
+
+def _numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
+  return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+def _apply(model, params, x_nchw, t, context=None, y=None, **kw):
+  """Runs our model on NCHW numpy inputs and returns NCHW numpy."""
+  opt = lambda a: None if a is None else jnp.asarray(a)
+  out = jax.jit(lambda p, *a: model.apply({"params": p}, *a, **kw))(
+      params, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)), jnp.asarray(t), opt(context), opt(y))
+  return np.asarray(out, np.float32).transpose(0, 3, 1, 2)
+
+
+def _check_parity(torch_model, x, t, context=None, y=None):
+  kwargs = convert_unet.unet_kwargs_from_diffusers_config(dict(torch_model.config))
+  model = UNetModel(**kwargs)
+  params = convert_unet.unet_from_diffusers(_numpy(torch_model), model)
+  extra = {} if context is None else {"encoder_hidden_states": torch.from_numpy(context)}
+  if y is not None:
+    extra["class_labels"] = torch.from_numpy(y)
+  with torch.no_grad():
+    ref = torch_model(torch.from_numpy(x), torch.from_numpy(t), **extra).sample.numpy()
+  out = _apply(model, params, x, t, context, y)
+  assert out.shape == ref.shape
+  scale = np.abs(ref).max()
+  assert scale > 0.1  # a dead network (e.g. zero conv_out) would make the comparison vacuous
+  np.testing.assert_array_less(np.abs(out - ref).max(), 1e-4 * scale)
+  return kwargs
+
+
+_RS = np.random.RandomState(0)
+_T = np.array([3.0, 731.0], np.float32)
+
+
+def test_diffusers_sd1_style_class_labels():
+  """Conv proj_in/out, heads by count (attention_head_dim is a head count there), nn.Embedding."""
+  m = _randomise(UNet2DConditionModel(
+      sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+      cross_attention_dim=24, attention_head_dim=2, num_class_embeds=5))
+  kwargs = _check_parity(m, _RS.randn(2, 4, 8, 8).astype(np.float32), _T,
+                         _RS.randn(2, 5, 24).astype(np.float32), np.array([1, 4]))
+  assert kwargs["num_heads"] == 2 and kwargs["attention_resolutions"] == (1,)
+  assert not kwargs["use_linear_in_transformer"] and kwargs["num_classes"] == 5
+
+
+def test_diffusers_sd2_style():
+  """Linear proj, 16-channel heads, per-level depth / res blocks, only-cross attention,
+  scale-shift norm and a projection class embedding (num_classes='sequential')."""
+  m = _randomise(UNet2DConditionModel(
+      sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=(1, 2),
+      cross_attention_dim=24, attention_head_dim=(2, 4), use_linear_projection=True,
+      transformer_layers_per_block=(1, 2), only_cross_attention=(False, True),
+      upcast_attention=True, resnet_time_scale_shift="scale_shift",
+      class_embed_type="projection", projection_class_embeddings_input_dim=6))
+  kwargs = _check_parity(m, _RS.randn(2, 4, 8, 8).astype(np.float32), _T,
+                         _RS.randn(2, 5, 24).astype(np.float32), _RS.randn(2, 6).astype(np.float32))
+  assert kwargs["num_head_channels"] == 16 and kwargs["transformer_depth"] == (1, 2)
+  assert kwargs["num_classes"] == "sequential" and kwargs["disable_self_attentions"] == (False, True)
+
+
+def test_diffusers_unet2d_legacy_attention():
+  """Unconditional-LDM style: AttnDownBlock2D / AttnUpBlock2D, 16-channel heads (2 and 4 heads)."""
+  m = _randomise(UNet2DModel(
+      sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+      down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"),
+      up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"), layers_per_block=1, attention_head_dim=16))
+  kwargs = _check_parity(m, _RS.randn(2, 3, 8, 8).astype(np.float32), _T)
+  assert kwargs["num_head_channels"] == 16 and "use_spatial_transformer" not in kwargs
+
+
+def test_diffusers_unet2d_resblock_updown_scale_shift_classes():
+  m = _randomise(UNet2DModel(
+      sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+      down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D"),
+      up_block_types=("AttnUpBlock2D", "ResnetUpsampleBlock2D"), layers_per_block=1,
+      attention_head_dim=None, downsample_type="resnet", upsample_type="resnet",
+      resnet_time_scale_shift="scale_shift", attn_norm_num_groups=32, num_class_embeds=4))
+  kwargs = _check_parity(m, _RS.randn(2, 3, 8, 8).astype(np.float32), _T, y=np.array([0, 3]))
+  assert kwargs["resblock_updown"] and kwargs["num_heads"] == 1 and kwargs["use_scale_shift_norm"]
+
+
+def _count(model, context_dim):
+  x, t = jnp.zeros((1, 32, 32, 4)), jnp.zeros((1,))
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, jnp.zeros((1, 77, context_dim)))
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(variables))
+
+
+def test_parameter_counts_match_stable_diffusion():
+  common_kw = dict(in_channels=4, model_channels=320, out_channels=4, num_res_blocks=2,
+                   attention_resolutions=(4, 2, 1), channel_mult=(1, 2, 4, 4),
+                   use_spatial_transformer=True, transformer_depth=1)
+  assert _count(UNetModel(num_heads=8, context_dim=768, **common_kw), 768) == 859_520_964
+  assert _count(UNetModel(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True,
+                          **common_kw), 1024) == 865_910_724
+
+
+_TINY = dict(in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
+             attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2,
+             use_spatial_transformer=True, context_dim=8)
+
+
+def _tiny_inputs(batch=2):
+  rs = np.random.RandomState(1)
+  return (jnp.asarray(rs.randn(batch, 8, 8, 4), jnp.float32), jnp.asarray([5.0, 900.0][:batch]),
+          jnp.asarray(rs.randn(batch, 3, 8), jnp.float32))
+
+
+def test_remat_matches_plain_forward_dropout_and_gradients():
+  x, t, ctx = _tiny_inputs()
+  plain = UNetModel(dropout=0.3, **_TINY)
+  remat = UNetModel(dropout=0.3, remat=True, **_TINY)
+  params = plain.init(jax.random.PRNGKey(0), x, t, ctx)["params"]
+  params = jax.tree_util.tree_map(  # non-zero everywhere, so out_conv does not hide the rest
+      lambda p: jax.random.normal(jax.random.PRNGKey(p.size), p.shape) * 0.2, params)
+  remat_shapes = jax.eval_shape(remat.init, jax.random.PRNGKey(0), x, t, ctx)["params"]
+  assert (jax.tree_util.tree_structure(remat_shapes) == jax.tree_util.tree_structure(params))
+
+  def loss(model, p):
+    out = model.apply({"params": p}, x, t, ctx, deterministic=False,
+                      rngs={"dropout": jax.random.PRNGKey(7)})
+    return jnp.mean(out ** 2), out
+
+  (l0, o0), g0 = jax.jit(jax.value_and_grad(lambda p: loss(plain, p), has_aux=True))(params)
+  (l1, o1), g1 = jax.jit(jax.value_and_grad(lambda p: loss(remat, p), has_aux=True))(params)
+  np.testing.assert_allclose(o1, o0, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max() + 1e-6))
+  # Dropout is really on: a deterministic pass differs.
+  det = plain.apply({"params": params}, x, t, ctx)
+  assert float(jnp.abs(det - o0).max()) > 1e-3
+
+
+def test_bf16_compute_with_fp32_params_is_close():
+  x, t, ctx = _tiny_inputs()
+  f32 = UNetModel(**_TINY)
+  bf16 = UNetModel(dtype=jnp.bfloat16, **_TINY)
+  params = f32.init(jax.random.PRNGKey(0), x, t, ctx)["params"]
+  params = jax.tree_util.tree_map(
+      lambda p: jax.random.normal(jax.random.PRNGKey(p.size + 1), p.shape) * 0.1, params)
+  ref = f32.apply({"params": params}, x, t, ctx)
+  out = bf16.apply({"params": params}, x, t, ctx)
+  assert out.dtype == jnp.bfloat16
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+  err = float(jnp.abs(out.astype(jnp.float32) - ref).max())
+  assert err < 5e-2 * float(jnp.abs(ref).max())
+
+
+def _sd1_pair():
+  m = _randomise(UNet2DConditionModel(
+      sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+      cross_attention_dim=24, attention_head_dim=2))
+  return _numpy(m), convert_unet.unet_kwargs_from_diffusers_config(dict(m.config))
+
+
+def test_strict_loading_names_missing_unexpected_and_mismatched_keys():
+  sd, kwargs = _sd1_pair()
+  model = UNetModel(**kwargs)
+  broken = dict(sd)
+  del broken["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
+  broken["down_blocks.0.resnets.0.extra.weight"] = np.zeros(3, np.float32)
+  broken["time_embedding.linear_1.weight"] = np.zeros((128, 16), np.float32)
+  with pytest.raises(common.WeightLoadError) as info:
+    convert_unet.unet_from_diffusers(broken, model)
+  msg = str(info.value)
+  assert "missing keys (1)" in msg and "attn2.to_k.weight" in msg
+  assert "unexpected keys (1)" in msg and "down_blocks.0.resnets.0.extra.weight" in msg
+  assert "shape mismatches (1)" in msg and "time_embedding.linear_1.weight" in msg
+  # Conv-style proj_in / proj_out (SD 1.x) must not load into a linear-projection (SD 2.x) model.
+  linear = UNetModel(**{**kwargs, "use_linear_in_transformer": True})
+  with pytest.raises(common.WeightLoadError, match=r"proj_in.weight: checkpoint \(32, 32, 1, 1\)"):
+    convert_unet.unet_from_diffusers(sd, linear)
+  # diffusers keys are not CompVis keys.
+  with pytest.raises(common.WeightLoadError, match="input_blocks.0.0.weight"):
+    convert_unet.unet_from_compvis(sd, model)
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (dict(model_channels=48), r"model_channels=48 .* multiple of 32"),
+    (dict(num_heads=3), r"num_heads=3 does not divide the 32 channels"),
+    (dict(num_heads=-1, num_head_channels=24), r"num_head_channels=24 does not divide"),
+    (dict(num_heads=-1), r"num_heads=-1 and num_head_channels=-1"),
+    (dict(num_res_blocks=(1, 1, 1)), r"num_res_blocks=\(1, 1, 1\) has 3 entries"),
+    (dict(context_dim=None), r"context_dim=None with use_spatial_transformer=True"),
+    (dict(num_classes="one-hot"), r"num_classes='one-hot'"),
+    (dict(num_classes=10), r"num_classes=10 but y is None"),
+    (dict(context_dim=16), r"context has shape \(2, 3, 8\); expected \[B, L, context_dim=16\]"),
+])
+def test_invalid_configs_raise_clear_errors(overrides, pattern):
+  x, t, ctx = _tiny_inputs()
+  with pytest.raises(ValueError, match=pattern):
+    jax.eval_shape(UNetModel(**{**_TINY, **overrides}).init, jax.random.PRNGKey(0), x, t, ctx)
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (dict(addition_embed_type="text_time"), r"addition_embed_type='text_time' is not supported"),
+    (dict(freq_shift=1), r"freq_shift=1 is not supported"),
+    (dict(class_embed_type="timestep"), r"class_embed_type='timestep'"),
+    (dict(attention_head_dim=(2, 3)), r"neither constant nor a constant head width"),
+    (dict(down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D")), r"disagree"),
+    (dict(down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D")), r"not supported"),
+])
+def test_unsupported_diffusers_configs_raise(overrides, pattern):
+  config = dict(_class_name="UNet2DConditionModel", block_out_channels=(32, 64),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
+                attention_head_dim=2)
+  convert_unet.unet_kwargs_from_diffusers_config(config)  # the base config is fine
+  with pytest.raises(ValueError, match=pattern):
+    convert_unet.unet_kwargs_from_diffusers_config({**config, **overrides})
