@@ -1,1 +1,12 @@
-"""ldm_jax.data."""
+"""ldm_jax.data: datasets, transforms and the Grain input pipeline.
+
+Modules (imported on demand, so that `import ldm_jax.data` stays cheap and never needs Grain or
+TFDS):
+- `shapes`: the built-in synthetic dataset (coloured shapes with captions, labels and boxes);
+- `shapes_detect`: a detector that grades samples against their shapes captions (`match_rate`);
+- `folder`: `ImageFolderSource` over jpg/png/webp files with .txt / metadata.jsonl captions;
+- `tfds_source`: `TfdsSource` over TFDS ArrayRecord datasets, without TensorFlow;
+- `transforms`: crops, flips, [-1, 1] floats, super-resolution pairs, inpainting masks, layouts;
+- `loader`: `make_dataset` / `make_loader`, a resumable, per-host-sharded Grain loader;
+- `latent_cache`: encode a dataset once and train on the cached latents.
+"""

@@ -10,9 +10,9 @@ Layout conventions (those of the Hugging Face `imagefolder` loader):
 Every file is checked once, when the source is built: unreadable, empty, truncated and
 decompression-bomb-sized files (more than `max_pixels` pixels) are skipped with one warning each,
 and images whose shorter side is below `min_size` are filtered out. `skipped` lists (path, reason)
-and `num_skipped` counts them, for the training metrics (`stats()`). Grayscale, palette, CMYK and 16-bit images are
-converted to RGB; images with an alpha channel are composited onto white, so transparent regions
-read as background instead of whatever colour the encoder left under them.
+and `num_skipped` counts them, for the training metrics (`stats()`). Grayscale, palette, CMYK and
+16-bit images are converted to RGB; images with an alpha channel are composited onto white, so
+transparent regions read as background instead of whatever colour the encoder left under them.
 """
 
 import json
@@ -78,7 +78,8 @@ class ImageFolderSource:
       labels_from_subfolders: class labels from the first sub-folder name.
       max_pixels: larger images are skipped (decompression-bomb guard).
       verify: decode every image once while scanning, so that truncated files are found up front.
-        With False only headers are read, and a file that fails later raises in __getitem__.
+        With False only headers are read; a file that fails later is replaced by the next
+        readable one in __getitem__ (with one warning, counted in `num_read_failures`).
     """
     if caption_source not in (None, "txt", "jsonl"):
       raise ValueError(f"caption_source={caption_source!r}; expected None, 'txt' or 'jsonl'")
@@ -92,6 +93,7 @@ class ImageFolderSource:
     self.skipped: list[tuple[str, str]] = []
     self.num_filtered_small = 0
     self.num_missing_captions = 0
+    self._read_failures: set[str] = set()  # files that failed in __getitem__ (this process)
 
     candidates = []
     for dirpath, dirnames, filenames in os.walk(self.root):
@@ -148,11 +150,17 @@ class ImageFolderSource:
     """Files skipped as unreadable (corrupt, truncated, empty, too many pixels, misplaced)."""
     return len(self.skipped)
 
+  @property
+  def num_read_failures(self) -> int:
+    """Files that failed when read by this process (workers keep their own count)."""
+    return len(self._read_failures)
+
   def stats(self) -> dict[str, int]:
     """Counters for the training metrics."""
     return {"data/num_images": len(self.files), "data/num_skipped": self.num_skipped,
             "data/num_filtered_small": self.num_filtered_small,
-            "data/num_missing_captions": self.num_missing_captions}
+            "data/num_missing_captions": self.num_missing_captions,
+            "data/num_read_failures": self.num_read_failures}
 
   def _class_dir(self, path: str) -> str | None:
     rel = os.path.relpath(path, self.root).split(os.sep)
@@ -207,7 +215,25 @@ class ImageFolderSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
-    record = {"image": load_rgb(self.files[index], self.max_pixels)}
+    if not 0 <= index < len(self.files):
+      raise IndexError(f"index {index} out of range for {len(self.files)} images")
+    # A file can still fail here (verify=False, or changed on disk since the scan). Training should
+    # not die for one bad file: warn once, count it, and use the next readable file instead, which
+    # keeps the record a deterministic function of the index.
+    for offset in range(len(self.files)):
+      i = (index + offset) % len(self.files)
+      try:
+        image = load_rgb(self.files[i], self.max_pixels)
+        break
+      except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        if self.files[i] not in self._read_failures:
+          self._read_failures.add(self.files[i])
+          log.warning("ImageFolderSource: cannot read %s (%s: %s); using the next image",
+                      self.files[i], type(e).__name__, e)
+    else:
+      raise ValueError(f"ImageFolderSource: no image under {self.root!r} can be read any more")
+    index = i
+    record = {"image": image}
     if self.caption_source is not None:
       record["caption"] = self.captions[index]
     if self.labels_from_subfolders:

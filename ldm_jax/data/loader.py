@@ -13,8 +13,9 @@ order (so hosts are disjoint within an epoch and the union covers it), transform
 per-record generator derived from the seed, and batches `batch_size` (per host) with the remainder
 dropped. Worker processes (`worker_count`) parallelise reading and transforming; Grain hands
 worker w every worker_count-th record of the host's order and each worker batches its own records,
-so the batches are a deterministic function of (seed, process_index, process_count, worker_count), and a
-saved state may only be restored into a loader with the same settings (checked in `set_state`).
+so the batches are a deterministic function of (seed, process_index, process_count,
+worker_count), and a saved state may only be restored into a loader with the same settings
+(checked in `set_state`).
 """
 
 import dataclasses
@@ -122,7 +123,7 @@ class DataIterator:
     return next(self._it)
 
   def close(self) -> None:
-    """Stops the worker processes and frees their shared memory (also done at exit)."""
+    """Stops the worker processes and frees their shared memory; call it when done."""
     inner = getattr(self._it, "_iterator", None)
     if inner is not None and hasattr(inner, "close"):
       inner.close()

@@ -101,8 +101,8 @@ def detect_shapes(image: np.ndarray, min_area_frac: float = 0.006, alpha_thresho
   """
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-    raise ValueError(f"image of shape {image.shape} and dtype {image.dtype}; "
-                     "expected uint8 [H, W, 3]")
+    raise ValueError(f"image of shape {image.shape} and dtype {image.dtype}; expected uint8 "
+                     "[H, W, 3] (convert [-1, 1] samples with ldm_jax.data.transforms.to_uint8)")
   h, w, _ = image.shape
   if denoise is None:
     denoise = noise_level(image) > 2.0

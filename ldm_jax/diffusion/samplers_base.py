@@ -111,20 +111,22 @@ def run_scan(body: Callable, carry: tuple, xs: Dict[str, jnp.ndarray], *, rng: j
                        f'{(total,) + tuple(carry[0].shape)} (one noise per scan iteration)')
     xs['noise'] = step_noise.astype(jnp.float32)
 
+  draw_step_noise = needs_noise and step_noise is None
+
   def wrapped(carry, inp):
-    key = jax.random.fold_in(rng, inp['i'])
-    step_key, mask_key = jax.random.split(key)
+    if mask is not None or draw_step_noise:
+      # Keys are derived only when used: threefry is costly to compile on CPU.
+      step_key, mask_key = jax.random.split(jax.random.fold_in(rng, inp['i']))
     x = carry[0]
     if mask is not None:
       n = jax.random.normal(mask_key, x.shape, jnp.float32)  # [B, H, W, C]
       known = inp['c0'] * x0 + inp['cn'] * n
       x = jnp.where(inp['mask_on'], mask * known + (1.0 - mask) * x, x)
+    noise = None
     if step_noise is not None:
       noise = inp['noise']
-    elif needs_noise:
+    elif draw_step_noise:
       noise = jax.random.normal(step_key, x.shape, jnp.float32)
-    else:
-      noise = None
     carry, x_new = body((x,) + tuple(carry[1:]), inp, noise)
     if progress:
       jax.debug.callback(functools.partial(_tick, total=total, desc=desc), inp['i'])

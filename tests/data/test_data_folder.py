@@ -79,14 +79,19 @@ def test_loads_good_files_and_reports_skips(messy_folder, caplog):
   assert recs[1]["caption"] == "" and src.num_missing_captions == len(src) - 1
 
 
-def test_header_only_scan_finds_the_same_bad_headers(messy_folder):
-  root, _ = messy_folder
+def test_header_only_scan_replaces_files_that_fail_later(messy_folder, caplog):
+  root, rgb = messy_folder
   src = ImageFolderSource(str(root), min_size=16, max_pixels=100 * 100, verify=False)
-  # Without a full decode the truncated JPEG passes the scan and fails when read.
-  assert "x_truncated.jpg" in [p.rsplit("/", 1)[-1] for p in src.files]
-  assert src.num_skipped == 3
-  with pytest.raises(OSError):
-    src[src.files.index(str(root / "x_truncated.jpg"))]
+  # Without a full decode the truncated JPEG passes the scan and fails when read: the record is
+  # the next file's (wrapping around to the first), with one warning and a count.
+  assert src.files[-1] == str(root / "x_truncated.jpg") and src.num_skipped == 3
+  with caplog.at_level(logging.WARNING, logger="ldm_jax.data.folder"):
+    for _ in range(2):
+      assert np.array_equal(src[len(src) - 1]["image"], rgb)  # a_rgb.png
+  assert len([r for r in caplog.records if "cannot read" in r.getMessage()]) == 1
+  assert src.num_read_failures == 1 and src.stats()["data/num_read_failures"] == 1
+  with pytest.raises(IndexError):
+    src[len(src)]
 
 
 def test_empty_or_all_bad_folder_fails_fast(tmp_path):

@@ -111,3 +111,11 @@ def test_make_dataset_from_configs():
     loader.make_dataset(name="shapes", sise=3)
   with pytest.raises(ValueError, match="data name='imagenet'"):
     loader.make_dataset(name="imagenet")
+
+
+def test_host_shard_defaults_to_jax_process():
+  import jax  # pylint: disable=g-import-not-at-top
+  it = loader.make_loader(_src(), batch_size=2, seed=0, read_threads=1, read_buffer_size=4)
+  assert it.meta["process_index"] == jax.process_index() == 0
+  assert it.meta["process_count"] == jax.process_count() == 1
+  assert next(it)["image"].shape == (2, 16, 16, 3)

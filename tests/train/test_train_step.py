@@ -40,18 +40,23 @@ def _max_diff(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_sharded_step_matches_single_device_and_traces_once():
+# The single-device reference, shared by the tests below (compiled once).
+_PLAIN_STEP = step_lib.make_train_step(toy.loss_fn, _tx(), ema_decay=0.999,
+                                       learning_rate_fn=_lr(), donate=False)
+
+
+def _state_bytes(tree, device):
+  return sum(shard.data.nbytes for leaf in jax.tree.leaves(tree)
+             for shard in leaf.addressable_shards if shard.device == device)
+
+
+def test_sharded_step_matches_single_device_traces_once_and_saves_memory():
   mesh = parallel.make_mesh({'data': 2, 'fsdp': 4})
   batches = [toy.make_batch(s) for s in range(3)]
 
-  # Single device reference.
-  ref_traces = []
-  ref_step = step_lib.make_train_step(_counting(toy.loss_fn, ref_traces),
-                                      _tx(), ema_decay=0.999,
-                                      learning_rate_fn=_lr())
   ref_state, ref_losses = _fresh_state(), []
   for b in batches:
-    ref_state, m = ref_step(ref_state, jax.tree.map(jnp.asarray, b))
+    ref_state, m = _PLAIN_STEP(ref_state, b)
     ref_losses.append(float(m['loss']))
 
   # FSDP over 4 devices x 2 data replicas, params born sharded.
@@ -64,16 +69,35 @@ def test_sharded_step_matches_single_device_and_traces_once():
   assert kernel.addressable_shards[0].data.shape == (3, 3, 16, 8)
   assert state.opt_state[1][0].mu['conv2']['kernel'].sharding.spec == (
       kernel.sharding.spec)
+
+  # Per-device bytes of params + EMA + Adam moments: about a quarter.
+  full = _fresh_state()
+  per_device = _state_bytes(state, jax.devices()[0])
+  unsharded = _state_bytes(full, list(full.step.devices())[0])
+  assert per_device <= (0.25 + 0.10) * unsharded, (per_device, unsharded)
+
   traces = []
   train_step = step_lib.make_train_step(
       _counting(toy.loss_fn, traces), _tx(), ema_decay=0.999,
       learning_rate_fn=_lr(), mesh=mesh, state_shardings=shardings)
+  # The same from XLA's view of the compiled steps' arguments (state and
+  # batch shards per device).
+  _, info_s = step_lib.compile_step(train_step, state,
+                                    parallel.make_global_batch(batches[0],
+                                                               mesh))
+  _, info_p = step_lib.compile_step(_PLAIN_STEP, full, batches[0])
+  arg_s = info_s['argument_size_in_bytes']
+  arg_p = info_p['argument_size_in_bytes']
+  assert arg_s <= (0.25 + 0.10) * arg_p, (arg_s, arg_p)
+  assert info_p['flops'] > 0
+
   losses = []
   for b in batches:
     state, m = train_step(state, parallel.make_global_batch(b, mesh))
     losses.append(float(m['loss']))
 
-  assert len(traces) == 1, f'step traced {len(traces)} times in 3 calls'
+  # One trace in all: compile_step's lowering, reused by the 3 calls.
+  assert len(traces) == 1, f'step traced {len(traces)} times'
   np.testing.assert_allclose(losses, ref_losses, atol=1e-5, rtol=0)
   assert _max_diff(state.params, ref_state.params) <= 1e-5
   assert _max_diff(state.ema_params, ref_state.ema_params) <= 1e-5
@@ -84,42 +108,6 @@ def test_sharded_step_matches_single_device_and_traces_once():
   # ... and the shardings survived the step.
   assert state.params['conv2']['kernel'].sharding.spec == kernel.sharding.spec
   np.testing.assert_allclose(float(m['lr']), 1e-2)  # Third update: warmed up.
-
-
-def test_sharded_state_memory_is_a_quarter():
-  mesh = parallel.make_mesh({'data': 2, 'fsdp': 4})
-  batch = toy.make_batch(0)
-  full = _fresh_state()
-  sharded = parallel.init_sharded(_fresh_state, mesh=mesh,
-                                  min_size=toy.MIN_SIZE)
-
-  def state_bytes(tree, device):
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-      for shard in leaf.addressable_shards:
-        if shard.device == device:
-          total += shard.data.nbytes
-    return total
-
-  dev = jax.devices()[0]
-  per_device = state_bytes(sharded, sharded.params['fc1']['kernel']
-                           .addressable_shards[0].device)
-  unsharded = state_bytes(full, list(full.params['fc1']['kernel'].devices())[0])
-  assert per_device <= (0.25 + 0.10) * unsharded, (per_device, unsharded)
-
-  # The same from XLA's view of the compiled step's arguments.
-  shardings = jax.tree.map(lambda x: x.sharding, sharded)
-  sharded_step = step_lib.make_train_step(toy.loss_fn, _tx(), mesh=mesh,
-                                          state_shardings=shardings)
-  plain_step = step_lib.make_train_step(toy.loss_fn, _tx())
-  _, info_s = step_lib.compile_step(sharded_step, sharded,
-                                    parallel.make_global_batch(batch, mesh))
-  _, info_p = step_lib.compile_step(plain_step, full,
-                                    jax.device_put(batch, dev))
-  arg_s, arg_p = info_s['argument_size_in_bytes'], info_p[
-      'argument_size_in_bytes']
-  assert arg_s <= (0.25 + 0.10) * arg_p, (arg_s, arg_p)
-  assert info_p['flops'] > 0
 
 
 def test_global_batch_is_split_across_devices():
@@ -187,10 +175,10 @@ def test_nonfinite_stop_raises_naming_the_step():
 def test_bf16_compute_keeps_fp32_master_params():
   state = _fresh_state()
   batch = toy.make_batch(0)
-  fp32_step = step_lib.make_train_step(toy.loss_fn, _tx(), donate=False)
   bf16_step = step_lib.make_train_step(toy.loss_fn, _tx(), donate=False,
+                                       ema_decay=0.999,
                                        compute_dtype=jnp.bfloat16)
-  new32, m32 = fp32_step(state, batch)
+  new32, m32 = _PLAIN_STEP(state, batch)
   new16, m16 = bf16_step(state, batch)
   for leaf in jax.tree.leaves(new16.params) + jax.tree.leaves(new16.ema_params):
     assert leaf.dtype == jnp.float32
