@@ -146,8 +146,9 @@ def make_autoencoder_losses(kind: str = "kl", disc_start: int = 0, kl_weight: fl
   generator(inputs, reconstruct, last_layer, *, discriminator, global_step, perceptual=None,
             kl=None, codebook_loss=None, logvar=0.0, weights=None, compute_d_weight=True)
     inputs: [B, H, W, C] images in [-1, 1].
-    reconstruct: last_layer -> reconstructions [B, H, W, C]; called once, inside a VJP, so the
-      adaptive weight costs one forward and two backward passes of what it recomputes.
+    reconstruct: last_layer -> reconstructions [B, H, W, C]; called once, inside a VJP that is
+      pulled back twice for the adaptive weight, so it should recompute as little as possible
+      (e.g. only the last conv on cached decoder features).
     last_layer: the decoder's current last-layer kernel.
     discriminator: images -> patch logits (apply the discriminator in train mode, as CompVis's
       generator pass does).
@@ -175,8 +176,7 @@ def make_autoencoder_losses(kind: str = "kl", disc_start: int = 0, kl_weight: fl
     batch = inputs.shape[0]
     logvar = jnp.asarray(logvar, jnp.float32)
 
-    def terms(w):
-      recon = reconstruct(w)  # [B, H, W, C]
+    def nll_terms(recon):
       rec, p = reconstruction_loss(inputs, recon, perceptual, perceptual_weight)
       if kind == "kl":
         nll = rec / jnp.exp(logvar) + logvar  # [B, H, W, C]
@@ -184,16 +184,24 @@ def make_autoencoder_losses(kind: str = "kl", disc_start: int = 0, kl_weight: fl
         weighted = nll_loss if weights is None else jnp.sum(weights * nll) / batch
       else:
         nll_loss = weighted = jnp.mean(rec)
-      g_loss = generator_adv_loss(discriminator(recon))
-      return (nll_loss, g_loss), dict(rec_loss=jnp.mean(rec), p_loss=jnp.mean(p),
-                                      weighted_nll=weighted)
+      return nll_loss, dict(rec_loss=jnp.mean(rec), p_loss=jnp.mean(p), weighted_nll=weighted)
+
+    def g_term(recon):
+      return generator_adv_loss(discriminator(recon))
 
     # CompVis KL skips the adaptive weight when disc_factor is 0; VQ always computes it.
     if compute_d_weight and (kind == "vq" or disc_factor > 0):
-      (nll_loss, g_loss), grads, aux = last_layer_grads(terms, last_layer, has_aux=True)
-      d_weight = calculate_adaptive_weight(*grads, disc_weight)
+      # Chain rule split at the reconstruction: LPIPS and the discriminator each run forward and
+      # backward once; only the `reconstruct` part is pulled back twice. (A VJP of the whole
+      # thing with cotangents (1, 0) and (0, 1) would run the VGG backward twice.)
+      recon, pullback = jax.vjp(reconstruct, last_layer)
+      (nll_loss, aux), d_nll = jax.value_and_grad(nll_terms, has_aux=True)(recon)
+      g_loss, d_g = jax.value_and_grad(g_term)(recon)
+      d_weight = calculate_adaptive_weight(pullback(d_nll)[0], pullback(d_g)[0], disc_weight)
     else:
-      (nll_loss, g_loss), aux = terms(last_layer)
+      recon = reconstruct(last_layer)
+      nll_loss, aux = nll_terms(recon)
+      g_loss = g_term(recon)
       d_weight = jnp.zeros((), jnp.float32)
     factor = adopt_weight(disc_factor, global_step, disc_start)
     metrics = dict(nll_loss=nll_loss, rec_loss=aux["rec_loss"], d_weight=d_weight,

@@ -44,12 +44,12 @@ def diffusers_img2img(sched, x0, noise, steps, strength, begin_index=False):
   ts = sched.timesteps[t_start * sched.order:]
   if begin_index:
     sched.set_begin_index(t_start * sched.order)
-  x = sched.add_noise(torch.from_numpy(np.asarray(x0)), torch.from_numpy(np.asarray(noise)),
+  x = sched.add_noise(torch.from_numpy(np.array(x0)), torch.from_numpy(np.array(noise)),
                       ts[:1].repeat(SHAPE[0]))
   traj = []
   for t in ts:
     out = stand_in(jnp.asarray(x.numpy()), jnp.full((SHAPE[0],), int(t)), None)
-    x = sched.step(torch.from_numpy(np.asarray(out)), t, x).prev_sample
+    x = sched.step(torch.from_numpy(np.array(out)), t, x).prev_sample
     traj.append(x.numpy())
   return np.stack(traj), [int(t) for t in ts]
 
@@ -63,7 +63,7 @@ def test_img2img_matches_diffusers(schedule, sampler, steps, strength):
                           clip_sample=False)
   else:
     sched = DPMSolverMultistepScheduler(**SD, algorithm_type='dpmsolver++', solver_order=2)
-  sched.alphas_cumprod = torch.from_numpy(np.asarray(schedule.alphas_cumprod))
+  sched.alphas_cumprod = torch.from_numpy(np.array(schedule.alphas_cumprod))
   if hasattr(sched, 'final_alpha_cumprod'):
     sched.final_alpha_cumprod = sched.alphas_cumprod[0]
   ref, ref_ts = diffusers_img2img(sched, x0, noise, steps, strength, sampler == 'dpmpp_2m')
@@ -76,10 +76,11 @@ def test_img2img_matches_diffusers(schedule, sampler, steps, strength):
 
 def test_strength_one_is_pure_noise(schedule):
   x0, x_T = arrays()
+  noise = jnp.asarray(np.random.default_rng(1).standard_normal((5,) + SHAPE), jnp.float32)
   for sampler in ('ddim', 'euler_ancestral'):
-    plain = sample(stand_in, schedule, x_T, None, jax.random.key(2), sampler=sampler, steps=5)
-    full = sample(stand_in, schedule, x_T, None, jax.random.key(2), sampler=sampler, steps=5,
-                  x0=x0, strength=1.0)
+    kw = dict(sampler=sampler, steps=5, step_noise=noise)
+    plain = sample(stand_in, schedule, x_T, None, jax.random.key(2), **kw)
+    full = sample(stand_in, schedule, x_T, None, jax.random.key(2), x0=x0, strength=1.0, **kw)
     np.testing.assert_array_equal(np.asarray(full), np.asarray(plain))
   with pytest.raises(ValueError, match='strength=0.05 with steps=10'):
     sample(stand_in, schedule, x_T, None, jax.random.key(2), steps=10, x0=x0, strength=0.05)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ldm_jax.diffusion import samplers_base
 from ldm_jax.diffusion.samplers import SAMPLERS, sample, sampler_timesteps
 from ldm_jax.diffusion.schedules import Schedule
 
@@ -62,10 +63,7 @@ def test_exact_prediction_closed_form(schedule, sampler):
   noise = (jnp.asarray(np.random.default_rng(9).standard_normal((8,) + SHAPE), jnp.float32)
            if sampler in ('ddpm', 'euler_ancestral') else None)
   for param in ('eps', 'x0', 'v'):
-    start = x_T
-    if sampler == 'euler_ancestral':  # it starts at x_T * sigma_max, i.e. a VP latent of x_T * ~1
-      start = x_T / np.sqrt(1 - a_top) / np.sqrt(1 / a_top) * np.sqrt(1 / a_top - 1)
-    out = sample(exact_denoiser(schedule, x0, param), schedule, start, None, jax.random.key(1),
+    out = sample(exact_denoiser(schedule, x0, param), schedule, x_T, None, jax.random.key(1),
                  sampler=sampler, steps=8, parameterization=param, step_noise=noise)
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-4,
                                err_msg=f'{sampler} {param}')
@@ -148,3 +146,17 @@ def test_rng_drives_the_noise(schedule):
   a, b, c = run(jax.random.key(0)), run(jax.random.key(0)), run(jax.random.key(1))
   np.testing.assert_array_equal(a, b)
   assert np.isfinite(a).all() and np.abs(a - c).max() > 1e-2
+
+
+def test_quad_grid_and_progress(schedule, monkeypatch):
+  # CompVis 'quad': (linspace(0, sqrt(0.8 T), S)^2).astype(int) + 1; S=5, T=1000: 0, 50, 200, 450, 800.
+  np.testing.assert_array_equal(sampler_timesteps('ddim', 1000, 5, 'quad')[::-1],
+                                [1, 51, 201, 451, 801])
+  ticks = []
+  monkeypatch.setattr(samplers_base, '_tick', lambda i, total, desc: ticks.append((int(i), total)))
+  _, x_T = arrays()
+  out = sample(stand_in, schedule, x_T, None, jax.random.key(0), sampler='plms', steps=5,
+               grid='quad', progress=True)
+  jax.block_until_ready(out)
+  jax.effects_barrier()
+  assert sorted(ticks) == [(i, 6) for i in range(6)]  # PLMS: S + 1 iterations

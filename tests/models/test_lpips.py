@@ -25,6 +25,8 @@ from ldm_jax.models.lpips import LPIPS, lpips_fn
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
+# One compiled LPIPS shared by the tests, so equal shapes compile once.
+_APPLY = jax.jit(LPIPS().apply, static_argnames="keepdims")
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
@@ -104,13 +106,12 @@ def test_matches_lpips_package(torch_lpips):
   assert len(vgg) == 26 and len(lin) == 5  # 13 convs (weight, bias), 5 heads
   params = convert_lpips.lpips_from_torch(vgg, lin, LPIPS())
   x0, x1 = _images(1), _images(2)
-  apply = jax.jit(LPIPS().apply, static_argnames="keepdims")
   # A batch of 2 plus an odd size (36 -> 18 -> 9 -> 4 -> 2) to exercise flooring max-pools.
   y0, y1 = _images(3, (1, 3, 36, 44)), _images(4, (1, 3, 36, 44))
   for a, b in ((x0, x1), (y0, y1)):
     with torch.no_grad():
       want = torch_lpips(a, b).numpy()  # [B, 1, 1, 1]
-    got = apply({"params": params}, _nhwc(a), _nhwc(b), keepdims=True)
+    got = _APPLY({"params": params}, _nhwc(a), _nhwc(b), keepdims=True)
     assert got.shape == want.shape
     assert float(np.min(want)) > 1e-3, "degenerate reference: distances near zero"
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=0)
@@ -122,12 +123,17 @@ def test_identical_images_give_zero_and_grads_reach_only_images(torch_lpips):
   dist = lpips_fn(params)
   x = _nhwc(_images(5, (2, 3, 16, 16)))
   y = _nhwc(_images(6, (2, 3, 16, 16)))
-  same, different = jax.jit(dist)(x, x), jax.jit(dist)(x, y)
+
+  @jax.jit
+  def run(params, x, y):
+    gp, gx = jax.grad(lambda p, a: lpips_fn(p)(a, y).sum(), argnums=(0, 1))(params, x)
+    return dist(x, x), dist(x, y), gp, gx
+
+  same, different, gp, gx = run(params, x, y)
   # Compiled convs may round a batch row differently by its position (~1e-15 here), so "zero"
   # is judged against the distance of different images.
   assert float(jnp.max(same)) < 1e-9 and float(jnp.min(different)) > 1e-2
-  # One compiled pass for both gradients: the trunk is frozen, the images are not.
-  gp, gx = jax.jit(jax.grad(lambda p, a: lpips_fn(p)(a, y).sum(), argnums=(0, 1)))(params, x)
+  # The trunk and heads are frozen; the images are not.
   assert float(jnp.abs(gx).max()) > 0
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree_util.tree_leaves(gp))
 
@@ -155,8 +161,8 @@ def test_real_heads_file_and_npz_round_trip(tmp_path, torch_lpips):
     for k, v in heads.items():
       reference.state_dict()[k].copy_(torch.from_numpy(v))
     x0, x1 = _images(7), _images(8)
-    want = reference(x0, x1).numpy().reshape(-1)
-  got = jax.jit(LPIPS().apply)({"params": loaded}, _nhwc(x0), _nhwc(x1))
+    want = reference(x0, x1).numpy()
+  got = _APPLY({"params": loaded}, _nhwc(x0), _nhwc(x1), keepdims=True)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=0)
 
 
@@ -172,3 +178,23 @@ def test_errors_name_the_problem(tmp_path, torch_lpips):
     convert_lpips.load_lpips_params(missing)
   with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
     LPIPS().init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1, 8, 8, 4)))
+
+
+def test_training_dropout_is_unbiased(torch_lpips):
+  """deterministic=False: the heads' Dropout(0.5), as CompVis training runs it; its mean over
+  masks is the metric."""
+  vgg, lin = _split_state_dicts(torch_lpips)
+  params = convert_lpips.lpips_from_torch(vgg, lin)
+  x, y = _nhwc(_images(9, (1, 3, 16, 16))), _nhwc(_images(10, (1, 3, 16, 16)))
+  model = LPIPS()
+
+  @jax.jit
+  def both(keys):
+    exact = model.apply({"params": params}, x, y)
+    noisy = jax.vmap(lambda k: model.apply({"params": params}, x, y, deterministic=False,
+                                           rngs={"dropout": k}))(keys)
+    return exact, noisy[:, 0]
+
+  exact, noisy = both(jax.random.split(jax.random.key(0, impl="rbg"), 64))
+  assert float(jnp.std(noisy)) > 1e-3 * float(exact[0])
+  np.testing.assert_allclose(float(jnp.mean(noisy)), float(exact[0]), rtol=0.1)

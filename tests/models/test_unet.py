@@ -128,21 +128,30 @@ def test_parameter_counts_match_stable_diffusion():
 _TINY = dict(in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
              attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2,
              use_spatial_transformer=True, context_dim=8)
+# One level (no resampling) keeps the compile of the remat / bf16 checks short on CPU.
+_ONE_LEVEL = {**_TINY, "channel_mult": (1,), "attention_resolutions": (1,), "num_res_blocks": 0}
 
 
-def _tiny_inputs(batch=2):
+def _tiny_inputs(batch=2, size=8):
   rs = np.random.RandomState(1)
-  return (jnp.asarray(rs.randn(batch, 8, 8, 4), jnp.float32), jnp.asarray([5.0, 900.0][:batch]),
-          jnp.asarray(rs.randn(batch, 3, 8), jnp.float32))
+  return (jnp.asarray(rs.randn(batch, size, size, 4), jnp.float32),
+          jnp.asarray([5.0, 900.0][:batch]), jnp.asarray(rs.randn(batch, 3, 8), jnp.float32))
+
+
+def _random_params(model, x, t, ctx, std):
+  """Initialised, then every leaf redrawn non-zero (out_conv / proj_out start at zero otherwise)."""
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, ctx)["params"]
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+  return jax.tree_util.tree_unflatten(
+      tree, [jax.random.normal(k, p.shape) * std for k, p in zip(keys, leaves)])
 
 
 def test_remat_matches_plain_forward_dropout_and_gradients():
-  x, t, ctx = _tiny_inputs()
-  plain = UNetModel(dropout=0.3, **_TINY)
-  remat = UNetModel(dropout=0.3, remat=True, **_TINY)
-  params = plain.init(jax.random.PRNGKey(0), x, t, ctx)["params"]
-  params = jax.tree_util.tree_map(  # non-zero everywhere, so out_conv does not hide the rest
-      lambda p: jax.random.normal(jax.random.PRNGKey(p.size), p.shape) * 0.2, params)
+  x, t, ctx = _tiny_inputs(batch=1, size=4)
+  plain = UNetModel(dropout=0.3, **_ONE_LEVEL)
+  remat = UNetModel(dropout=0.3, remat=True, **_ONE_LEVEL)
+  params = _random_params(plain, x, t, ctx, 0.2)
   remat_shapes = jax.eval_shape(remat.init, jax.random.PRNGKey(0), x, t, ctx)["params"]
   assert (jax.tree_util.tree_structure(remat_shapes) == jax.tree_util.tree_structure(params))
 
@@ -154,22 +163,22 @@ def test_remat_matches_plain_forward_dropout_and_gradients():
   (l0, o0), g0 = jax.jit(jax.value_and_grad(lambda p: loss(plain, p), has_aux=True))(params)
   (l1, o1), g1 = jax.jit(jax.value_and_grad(lambda p: loss(remat, p), has_aux=True))(params)
   np.testing.assert_allclose(o1, o0, rtol=1e-5, atol=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max() + 1e-6))
+  g0, g1 = jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)
+  scale = max(float(jnp.abs(g).max()) for g in g0)  # some grads are analytically ~0 (pre-GN biases)
+  for a, b in zip(g1, g0):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
   # Dropout is really on: a deterministic pass differs.
-  det = plain.apply({"params": params}, x, t, ctx)
+  det = jax.jit(plain.apply)({"params": params}, x, t, ctx)
   assert float(jnp.abs(det - o0).max()) > 1e-3
 
 
 def test_bf16_compute_with_fp32_params_is_close():
-  x, t, ctx = _tiny_inputs()
-  f32 = UNetModel(**_TINY)
-  bf16 = UNetModel(dtype=jnp.bfloat16, **_TINY)
-  params = f32.init(jax.random.PRNGKey(0), x, t, ctx)["params"]
-  params = jax.tree_util.tree_map(
-      lambda p: jax.random.normal(jax.random.PRNGKey(p.size + 1), p.shape) * 0.1, params)
-  ref = f32.apply({"params": params}, x, t, ctx)
-  out = bf16.apply({"params": params}, x, t, ctx)
+  x, t, ctx = _tiny_inputs(size=4)
+  f32 = UNetModel(**_ONE_LEVEL)
+  bf16 = UNetModel(dtype=jnp.bfloat16, **_ONE_LEVEL)
+  params = _random_params(f32, x, t, ctx, 0.1)
+  ref = jax.jit(f32.apply)({"params": params}, x, t, ctx)
+  out = jax.jit(bf16.apply)({"params": params}, x, t, ctx)
   assert out.dtype == jnp.bfloat16
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
   err = float(jnp.abs(out.astype(jnp.float32) - ref).max())
@@ -209,7 +218,7 @@ def test_strict_loading_names_missing_unexpected_and_mismatched_keys():
 
 @pytest.mark.parametrize("overrides, pattern", [
     (dict(model_channels=48), r"model_channels=48 .* multiple of 32"),
-    (dict(num_heads=3), r"num_heads=3 does not divide the 32 channels"),
+    (dict(num_heads=3), r"num_heads=3 does not divide the 64 channels"),
     (dict(num_heads=-1, num_head_channels=24), r"num_head_channels=24 does not divide"),
     (dict(num_heads=-1), r"num_heads=-1 and num_head_channels=-1"),
     (dict(num_res_blocks=(1, 1, 1)), r"num_res_blocks=\(1, 1, 1\) has 3 entries"),

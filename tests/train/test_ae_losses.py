@@ -101,6 +101,13 @@ def test_adaptive_weight_is_the_ratio_of_separate_gradient_norms():
   want = 0.8 * min(n_nll / (n_g + 1e-4), 1e4)
   got = ae_losses.calculate_adaptive_weight(grad_nll, grad_g, 0.8)
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # The helper for train steps: both gradients from one VJP.
+  (v_nll, v_g), (h_nll, h_g) = jax.jit(lambda w: ae_losses.last_layer_grads(
+      lambda u: (nll(u), g(u)), w))(params["last"])
+  np.testing.assert_allclose(float(v_nll), float(nll(params["last"])), rtol=1e-6)
+  np.testing.assert_allclose(float(v_g), float(g(params["last"])), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(h_nll), np.asarray(grad_nll), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(h_g), np.asarray(grad_g), rtol=1e-5, atol=1e-7)
 
   losses = ae_losses.make_autoencoder_losses("kl", disc_start=0, disc_weight=0.8,
                                              perceptual_weight=0.5)
@@ -235,7 +242,6 @@ def test_vq_loss_matches_taming(monkeypatch):
   from taming.modules.losses import vqperceptual
   monkeypatch.setattr(taming_lpips.LPIPS, "load_from_pretrained", lambda self, name=None: None)
 
-  import time; t1 = time.time()
   torch.manual_seed(0)
   ref = vqperceptual.VQLPIPSWithDiscriminator(
       disc_start=3, codebook_weight=1.3, disc_weight=0.7, perceptual_weight=0.9, disc_ndf=8,
@@ -255,8 +261,8 @@ def test_vq_loss_matches_taming(monkeypatch):
   ref.perceptual_loss.eval()  # dropout off on both sides for a deterministic comparison
 
   r = _rng(7)
-  x_np = r.uniform(-1, 1, (B, 3, 32, 32)).astype(np.float32)
-  h_np = r.normal(size=(B, 6, 32, 32)).astype(np.float32)  # decoder features before conv_out
+  x_np = r.uniform(-1, 1, (B, 3, 24, 24)).astype(np.float32)
+  h_np = r.normal(size=(B, 6, 24, 24)).astype(np.float32)  # decoder features before conv_out
   last = torch.nn.Parameter(torch.from_numpy(r.normal(0, 0.2, (3, 6, 3, 3)).astype(np.float32)))
   bias = torch.from_numpy(r.normal(0, 0.1, (3,)).astype(np.float32))
   recon_t = torch.tanh(torch.nn.functional.conv2d(torch.from_numpy(h_np), last, bias, padding=1))
@@ -265,7 +271,6 @@ def test_vq_loss_matches_taming(monkeypatch):
   loss_t, log = ref(codebook, torch.from_numpy(x_np), recon_t, 0, global_step=5, last_layer=last)
   d_loss_t, dlog = ref(codebook, torch.from_numpy(x_np), recon_t.detach(), 1, global_step=5)
 
-  print("TORCHTIME", time.time() - t1)
   lp = lpips_from_torch({k.split(".", 3)[3]: v for k, v in sd.items()
                          if k.startswith("perceptual_loss.net.")},
                         {k[len("perceptual_loss."):]: v for k, v in sd.items()
@@ -309,16 +314,14 @@ def test_vq_loss_matches_taming(monkeypatch):
     d_loss, dm = losses.discriminator(apply_disc(x), apply_disc(recon), global_step=5)
     return loss, m, d_loss, dm
 
-  import time; t0 = time.time()
   loss, m, d_loss, dm = run(x, w0)
-  print("JAXTIME", time.time() - t0)
   assert float(log["train/d_weight"]) > 1e-3 and float(log["train/p_loss"]) > 1e-3
   np.testing.assert_allclose(float(loss), float(loss_t.detach()), rtol=1e-4)
   for name in ("total_loss", "quant_loss", "nll_loss", "rec_loss", "p_loss", "d_weight",
                "disc_factor", "g_loss"):
     np.testing.assert_allclose(float(m[name]), float(log[f"train/{name}"]), rtol=1e-4,
                                atol=1e-6, err_msg=name)
-  np.testing.assert_allclose(float(d_loss), float(d_loss_t), rtol=1e-4)
+  np.testing.assert_allclose(float(d_loss), float(d_loss_t.detach()), rtol=1e-4)
   for name in ("disc_loss", "logits_real", "logits_fake"):
     np.testing.assert_allclose(float(dm[name]), float(dlog[f"train/{name}"]), rtol=1e-4,
                                atol=1e-6, err_msg=name)
