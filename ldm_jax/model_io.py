@@ -92,7 +92,7 @@ def load_model(path: str, *, use_ema: bool = True) -> tuple[ml_collections.Confi
   """A saved model directory, or a training workdir (newest checkpoint, EMA weights by default)."""
   if not os.path.exists(path):
     raise CheckpointNotFoundError(f"{path}: no such file or directory.")
-  if os.path.isfile(os.path.join(path, "config.json")):
+  if os.path.isdir(os.path.join(path, "params")):
     return load_saved_model(path)
   model_dir = os.path.join(path, MODEL_SUBDIR)
   if not os.path.isfile(os.path.join(model_dir, "config.json")):

@@ -16,7 +16,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ldm_jax.convert.common import Path, Transform, WeightLoadError, conv_kernel, identity, strict_load
+from ldm_jax.convert.common import (Path, Transform, WeightLoadError, conv_kernel, identity,
+                                    strict_load)
 from ldm_jax.models.autoencoder import AutoencoderKL, VQModel, abstract_params
 
 # Keys of a CompVis first stage that are not autoencoder weights: the training loss (LPIPS and
@@ -67,13 +68,14 @@ def _compvis_key(path: Path) -> tuple[str, Transform]:
 
 
 def linear_as_conv1x1(w: np.ndarray) -> np.ndarray:
-  """torch Linear [out, in] (or a 1x1 conv [out, in, 1, 1]) -> Flax 1x1 conv kernel [1, 1, in, out]."""
+  """torch Linear [out, in] (or 1x1 conv [out, in, 1, 1]) -> Flax 1x1 kernel [1, 1, in, out]."""
   if w.ndim == 4:
     return conv_kernel(w)
   return np.transpose(w, (1, 0))[None, None]
 
 
-_DIFFUSERS_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_DIFFUSERS_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v",
+                   "proj_out": "to_out.0"}
 _DIFFUSERS_ATTN_OLD = {"norm": "group_norm", "q": "query", "k": "key", "v": "value",
                        "proj_out": "proj_attn"}
 _DIFFUSERS_RESNET = {"nin_shortcut": "conv_shortcut"}
@@ -196,7 +198,8 @@ def autoencoder_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> tuple
                      f"{down}; expected either no attention at all or a mid-block attention.")
 
   latent = int(config.get("latent_channels", 4))
-  kwargs = dict(ch=ch, out_ch=int(config.get("out_channels", 3)), ch_mult=tuple(c // ch for c in channels),
+  kwargs = dict(ch=ch, out_ch=int(config.get("out_channels", 3)),
+                ch_mult=tuple(c // ch for c in channels),
                 num_res_blocks=int(config.get("layers_per_block", 1)),
                 attn_resolutions=attn_resolutions, in_channels=int(config.get("in_channels", 3)),
                 resolution=resolution, z_channels=latent, dropout=0.0,

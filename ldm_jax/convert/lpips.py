@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--vgg", required=True,
-                      help="torchvision VGG16 weights (.pth/.safetensors; whole model or .features)")
+                      help="torchvision VGG16 weights, .pth or .safetensors (whole model or "
+                      ".features)")
   parser.add_argument("--lin", required=True,
                       help="lpips heads, e.g. <lpips package>/weights/v0.1/vgg.pth")
   parser.add_argument("--out", required=True, help="output .npz")

@@ -1,4 +1,4 @@
-"""Forward process, eps/x0/v conversions and the training loss of CompVis `LatentDiffusion.p_losses`.
+"""Forward process, eps/x0/v conversions, and the training loss of `LatentDiffusion.p_losses`.
 
 Conventions (Ho et al. 2020; Salimans & Ho 2022 for v), with a = alphas_cumprod[t]:
   x_t = sqrt(a) x0 + sqrt(1 - a) eps
@@ -106,7 +106,8 @@ def lvlb_weights(schedule: Schedule, parameterization: str) -> jnp.ndarray:
   """Per-timestep weights [T] of the VLB term, exactly as `DDPM.register_schedule` sets them.
 
   The 'x0' formula keeps the original's `2. * 1 - a` (i.e. 2 - a) on purpose: it is what the
-  published models were trained with. Entry 0 is copied from entry 1 (posterior variance is 0 at t=0).
+  published models were trained with. Entry 0 is copied from entry 1 (the posterior variance is 0
+  at t=0).
   """
   check_parameterization(parameterization)
   if parameterization == 'eps':

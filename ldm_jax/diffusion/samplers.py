@@ -1,12 +1,12 @@
-"""The sampling entry point: every classical sampler as one jitted loop, with img2img and inpainting.
+"""The sampling entry point: each classical sampler as one jitted loop, with img2img and inpainting.
 
     x = sample(denoise, schedule, x_T, cond, rng, sampler='ddim', steps=50)
 
 `denoise(x_t [B, H, W, C], t [B], cond) -> output` is any function (a UNet apply, a CFG wrapper from
-`guidance`, a closed form in tests); `cond` is any pytree and is traced, so put everything that changes
-between calls (text embeddings, and the network parameters too) in it: a new `cond`, `x_T` or `rng`
-reuses the compiled loop. `denoise`, the sampler, the step count and the sampler settings are static;
-changing them compiles a new loop.
+`guidance`, a closed form in tests); `cond` is any pytree and is traced, so put everything that
+changes between calls (text embeddings, and the network parameters too) in it: a new `cond`, `x_T`
+or `rng` reuses the compiled loop. `denoise`, the sampler, the step count and the sampler settings
+are static; changing them compiles a new loop.
 
 Families and their reference implementations are described in `samplers_ddim` (ddim, plms, ddpm) and
 `samplers_dpm` (dpmpp_2m, euler_ancestral).
@@ -37,7 +37,7 @@ _STATIC = ('denoise', 'sampler', 'steps', 'eta', 'parameterization', 'strength',
 
 def _sample_impl(schedule, x_T, cond, rng, x0, mask, step_noise, *, denoise, sampler, steps, eta,
                  parameterization, strength, grid, clip_x0, progress, return_trajectory):
-  """The traced body of `sample`: builds the start, runs one sampler loop, pastes the known region."""
+  """The traced body of `sample`: builds the start, runs a sampler loop, pastes the known region."""
   pure_noise = strength is None or strength >= 1.0
   skip = base.img2img_skip(steps, strength)
   x0 = None if x0 is None else x0.astype(jnp.float32)
@@ -64,11 +64,11 @@ def sample(denoise: Callable, schedule: Schedule, x_T: jnp.ndarray, cond: Any, r
   """Samples x_0 [B, H, W, C] from x_T (standard normal noise of the same shape).
 
   sampler: 'ddim' | 'plms' | 'ddpm' | 'dpmpp_2m' | 'euler_ancestral'; steps: 1..T.
-  eta: DDIM only (0 deterministic). grid: 'uniform' | 'quad' (ddim, plms). clip_x0: ddpm only,
-    clamps the x0 prediction to [-1, 1] like the original `clip_denoised`.
+  eta: DDIM only (0 deterministic). grid: 'uniform' | 'quad' | 'trailing' (ddim, plms).
+  clip_x0: ddpm only, clamps the x0 prediction to [-1, 1] like the original `clip_denoised`.
   x0 [B, H, W, C]: the clean latent for img2img and inpainting.
-  strength in (0, 1]: img2img; runs min(int(steps * strength), steps) steps from x0 noised (with x_T)
-    to the first of them. 1.0 (or None) starts from pure noise at the top of the grid.
+  strength in (0, 1]: img2img; runs min(int(steps * strength), steps) steps from x0 noised (with
+    x_T) to the first of them. 1.0 (or None) starts from pure noise at the top of the grid.
   mask [B, H, W, 1|C] (1 = keep x0): inpainting; works with every sampler and with strength.
   return_trajectory: also return the state after each loop iteration [N, B, H, W, C] (the sampler's
     own state: sigma space for euler_ancestral; PLMS has N = S + 1 for S > 1).
@@ -90,14 +90,16 @@ def sample(denoise: Callable, schedule: Schedule, x_T: jnp.ndarray, cond: Any, r
   if x_T.ndim != 4:
     raise ValueError(f'x_T shape {x_T.shape}: expected [B, H, W, C]')
   if (mask is not None or (strength is not None and strength < 1.0)) and x0 is None:
-    raise ValueError('x0=None: inpainting (mask) and img2img (strength < 1) need the clean latent x0')
+    raise ValueError('x0=None: inpainting (mask) and img2img (strength < 1) need the clean '
+                     'latent x0')
   if x0 is not None and x0.shape != x_T.shape:
     raise ValueError(f'x0 shape {x0.shape}: expected the shape of x_T {x_T.shape}')
   if mask is not None:
     try:
       jnp.broadcast_shapes(mask.shape, x_T.shape)
     except ValueError:
-      raise ValueError(f'mask shape {mask.shape}: expected to broadcast to x_T {x_T.shape}') from None
+      raise ValueError(f'mask shape {mask.shape}: expected to broadcast to x_T '
+                       f'{x_T.shape}') from None
   if strength is not None:
     base.img2img_skip(steps, float(strength))  # validates before tracing
     strength = float(strength)

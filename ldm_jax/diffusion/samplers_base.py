@@ -1,11 +1,12 @@
 """Shared machinery of the samplers: timestep grids, the img2img start, and the one scan loop.
 
 Each sampler describes its steps as per-iteration arrays (`xs`, scanned over) and a body
-`body(carry, xs_i, noise_i) -> (carry, x_new)` whose carry starts with the current latent x. `run_scan`
-wraps the body with what every sampler shares: per-step noise (from the rng, or injected for tests),
-inpainting by latent masking before each step, an optional host progress bar, and the optional
-trajectory. Grids are numpy (they depend only on the static step count and T); everything that
-depends on the schedule's values is jnp, so a new schedule is just a new argument, not a recompile.
+`body(carry, xs_i, noise_i) -> (carry, x_new)` whose carry starts with the current latent x.
+`run_scan` wraps the body with what every sampler shares: per-step noise (from the rng, or injected
+for tests), inpainting by latent masking before each step, an optional host progress bar, and the
+optional trajectory. Grids are numpy (they depend only on the static step count and T); everything
+that depends on the schedule's values is jnp, so a new schedule is just a new argument, not a
+recompile.
 """
 
 import functools
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-GRIDS = ('uniform', 'quad')
+GRIDS = ('uniform', 'quad', 'trailing')
 
 
 # -- timestep grids (ascending numpy int arrays unless stated) ----------------------------------
@@ -26,7 +27,10 @@ def ddim_timesteps(num_timesteps: int, steps: int, grid: str = 'uniform') -> np.
   'uniform': arange(steps) * (T // steps) + 1 (T=1000, S=50 -> 1, 21, ..., 981), which is CompVis'
   `range(0, T, T // S)` when S divides T and diffusers' 'leading' spacing with steps_offset=1 in
   general. The original indexes alphas_cumprod[T] for S = T; here the +1 shift is dropped when it
-  would leave the table, so S = T gives 0..T-1. 'quad': (linspace(0, sqrt(0.8 T), S)^2).astype(int) + 1.
+  would leave the table, so S = T gives 0..T-1.
+  'quad': (linspace(0, sqrt(0.8 T), S)^2).astype(int) + 1.
+  'trailing': diffusers' round(arange(T, 0, -T / S)) - 1, which starts at T - 1 (Lin et al. 2023:
+  with a zero-terminal-SNR schedule the first step then really starts from pure noise).
   """
   if not 1 <= steps <= num_timesteps:
     raise ValueError(f'steps={steps!r}: expected 1 <= steps <= num_timesteps={num_timesteps}')
@@ -34,6 +38,9 @@ def ddim_timesteps(num_timesteps: int, steps: int, grid: str = 'uniform') -> np.
     ts = np.arange(steps, dtype=np.int64) * (num_timesteps // steps)
   elif grid == 'quad':
     ts = (np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2).astype(np.int64)
+  elif grid == 'trailing':
+    ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64) - 1
+    return np.sort(ts)
   else:
     raise ValueError(f'grid={grid!r}: expected one of {GRIDS}')
   shift = 1 if ts[-1] + 1 <= num_timesteps - 1 else 0
@@ -51,8 +58,8 @@ def img2img_skip(steps: int, strength: Optional[float]) -> int:
   """How many of the `steps` descending grid entries img2img skips, as diffusers computes it.
 
   init = min(int(steps * strength), steps) steps are run, starting at descending index steps - init,
-  and the input is noised to that step's timestep (CompVis noises one grid step higher than it starts,
-  an off-by-one we do not copy). strength None or 1.0 runs every step.
+  and the input is noised to that step's timestep (CompVis noises one grid step higher than it
+  starts, an off-by-one we do not copy). strength None or 1.0 runs every step.
   """
   if strength is None:
     return 0

@@ -5,10 +5,11 @@ All three take eps, x0 or v models: the output is split into (x0, eps) with the 
 alphas_cumprod, and the update is written in those terms.
 
 Reference behaviour:
-  ddim: CompVis `DDIMSampler` (a_prev of the last step = alphas_cumprod[0]) == diffusers `DDIMScheduler`
-        with timestep_spacing 'leading', steps_offset 1, set_alpha_to_one False.
-  plms: CompVis `PLMSSampler` == diffusers `PNDMScheduler(skip_prk_steps=True)` for eps models. The first
-        step needs two model calls; here it is two scan iterations, so the scan runs S + 1 times (S > 1).
+  ddim: CompVis `DDIMSampler` (a_prev of the last step = alphas_cumprod[0]) == diffusers
+        `DDIMScheduler` with timestep_spacing 'leading', steps_offset 1, set_alpha_to_one False.
+  plms: CompVis `PLMSSampler` == diffusers `PNDMScheduler(skip_prk_steps=True)` for eps models.
+        The first step needs two model calls; here it is two scan iterations, so the scan runs
+        S + 1 times (S > 1).
         For v / x0 models each output is converted to eps with its own x_t and t before the
         Adams-Bashforth combination, as CompVis does (diffusers combines raw v's, which differs).
   ddpm: ancestral sampling as diffusers `DDPMScheduler` ('fixed_small' variance, 'leading' spacing,

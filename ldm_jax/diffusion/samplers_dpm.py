@@ -1,7 +1,8 @@
 """Samplers written in the sigma / log-SNR view of the chain: DPM-Solver++(2M) and Euler ancestral.
 
-With a = alphas_cumprod[t], sigma = sqrt((1 - a) / a) and the VP pair alpha_t = 1 / sqrt(1 + sigma^2),
-sigma_t = sigma * alpha_t, lambda = log(alpha_t / sigma_t) (half the log-SNR).
+With a = alphas_cumprod[t] and sigma = sqrt((1 - a) / a), the VP pair is
+alpha_t = 1 / sqrt(1 + sigma^2), sigma_t = sigma * alpha_t, and lambda = log(alpha_t / sigma_t) is
+half the log-SNR.
 
   dpmpp_2m: diffusers `DPMSolverMultistepScheduler(algorithm_type='dpmsolver++', solver_order=2)`
     with its defaults: 'linspace' spacing (linspace(0, T-1, S+1).round()[::-1][:-1]), final sigma 0,
@@ -35,7 +36,9 @@ def euler_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
 
 
 def _sigmas_all(schedule) -> jnp.ndarray:
-  ac = schedule.alphas_cumprod
+  # A zero-terminal-SNR schedule has alphas_cumprod[-1] = 0, an infinite sigma: like diffusers, use
+  # 2^-24 there instead (sigma ~ 4096), which these solvers can step from.
+  ac = jnp.maximum(schedule.alphas_cumprod, 2.0 ** -24)
   return jnp.sqrt((1.0 - ac) / ac)  # [T]
 
 
@@ -66,7 +69,8 @@ def dpmpp_2m(denoise, schedule, x_T, cond, rng, *, steps, parameterization, skip
   second = np.zeros(n, bool)
   second[1:n - 1] = True  # first step and the step to sigma 0 are first order
   w1 = jnp.where(jnp.asarray(second), 0.5 * h / h_prev, 0.0)  # 0.5 / r0, r0 = h_prev / h
-  xs = dict(t=jnp.asarray(desc_ts, jnp.int32), alpha=alpha[:-1], sigma=sigma_t[:-1], c_x=c_x, c_m=c_m, w1=w1,
+  xs = dict(t=jnp.asarray(desc_ts, jnp.int32), alpha=alpha[:-1], sigma=sigma_t[:-1], c_x=c_x,
+            c_m=c_m, w1=w1,
             c0=alpha[:-1], cn=sigma_t[:-1], mask_on=jnp.ones(n, bool))
   batch = x_T.shape[0]
 
@@ -87,7 +91,7 @@ def dpmpp_2m(denoise, schedule, x_T, cond, rng, *, steps, parameterization, skip
 
 def euler_ancestral(denoise, schedule, x_T, cond, rng, *, steps, parameterization, skip,
                     pure_noise, x0, mask, step_noise, progress, return_trajectory, **unused):
-  """Euler ancestral (eta 1). Returns (x, trajectory [S, ...]) in the sigma space (x_t / sqrt(a))."""
+  """Euler ancestral (eta 1). Returns (x, trajectory [S, ...]) in sigma space (x_t / sqrt(a))."""
   del unused
   T = schedule.num_timesteps
   desc_ts = euler_timesteps(T, steps)[skip:]  # [S'] float32

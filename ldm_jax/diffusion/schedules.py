@@ -2,8 +2,8 @@
 
 `make_betas` reproduces `ldm.modules.diffusionmodules.util.make_beta_schedule`; `Schedule` holds the
 arrays that `ldm.models.diffusion.ddpm.DDPM.register_schedule` registers as buffers. Everything is
-computed in float64 numpy first (as the original does) and only the finished arrays are cast to fp32,
-so alphas_cumprod[999] of the SD schedule (linear 0.00085 -> 0.012) is 0.004660 to 6 digits.
+computed in float64 numpy first (as the original does) and only the finished arrays are cast to
+fp32, so alphas_cumprod[999] of the SD schedule (linear 0.00085 -> 0.012) is 0.004660 to 6 digits.
 """
 
 import flax.struct

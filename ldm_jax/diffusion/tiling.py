@@ -2,8 +2,8 @@
 
 The decoder is compiled once for the tile shape, so device memory is bounded by the tile, not by the
 latent; only the blended output image is accumulated on the host. Sampling bigger than the training
-resolution needs nothing special (the UNet is convolutional): sample on a larger latent, then decode it
-here when the full-size decode would not fit.
+resolution needs nothing special (the UNet is convolutional): sample on a larger latent, then
+decode it here when the full-size decode would not fit.
 """
 
 from typing import Any, Callable, List, Optional, Tuple
@@ -31,7 +31,7 @@ def tile_shape(z_shape: Tuple[int, ...], tile: int) -> Tuple[int, ...]:
 
 
 def _ramp(length: int, ramp: int, left: bool, right: bool) -> np.ndarray:
-  """1-D blend weights [length]: linear ramps of `ramp` pixels on the sides that meet another tile."""
+  """1-D blend weights [length]: linear ramps of `ramp` pixels on sides that meet another tile."""
   w = np.ones(length, np.float32)
   if ramp > 0:
     up = (np.arange(length, dtype=np.float32) + 0.5) / ramp

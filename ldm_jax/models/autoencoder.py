@@ -12,6 +12,7 @@ Use `model.apply({"params": p}, x, method=model.encode)` etc.; `__call__` of Aut
 posterior sample from the 'sample' rng stream.
 """
 
+import math
 from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
@@ -36,7 +37,7 @@ class DiagonalGaussian:
 
   @classmethod
   def from_moments(cls, moments: jax.Array) -> "DiagonalGaussian":
-    """Splits [B, h, w, 2C] moments into (mean, logvar) on channels and clamps logvar to [-30, 20]."""
+    """Splits [B, h, w, 2C] moments into (mean, logvar) on channels; clamps logvar to [-30, 20]."""
     mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)  # [B, h, w, C] each
     return cls(mean=mean, logvar=jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX))
 
@@ -97,9 +98,10 @@ class VectorQuantizer(nn.Module):
                                 self.param_dtype)  # [n_e, e_dim]
 
   def __call__(self, z: jax.Array):
-    """z [B, h, w, e_dim] -> (z_q [B, h, w, e_dim] f32, loss scalar f32, indices [B, h, w] int32)."""
+    """z [B, h, w, e_dim] -> (z_q [B, h, w, e_dim] f32, loss scalar f32, indices [B, h, w] i32)."""
     if z.shape[-1] != self.e_dim:
-      raise ValueError(f"VectorQuantizer: input channels={z.shape[-1]}; expected e_dim={self.e_dim}.")
+      raise ValueError(f"VectorQuantizer: input channels={z.shape[-1]}; expected "
+                       f"e_dim={self.e_dim}.")
     z = z.astype(jnp.float32)
     codebook = self.embedding.astype(jnp.float32)  # [n_e, e_dim]
     flat = z.reshape(-1, self.e_dim)  # [N, e_dim]
@@ -242,10 +244,16 @@ class VQModel(_FirstStage, kw_only=True):
 
 def abstract_params(model: _FirstStage):
   """The model's parameter tree as ShapeDtypeStructs (jax.eval_shape: nothing is allocated)."""
-  side = 2 ** (len(model.ch_mult) - 1)  # smallest input the trunk accepts; shapes don't depend on it
+  # The smallest input the trunk accepts: parameter shapes do not depend on the image size.
+  side = 2 ** (len(model.ch_mult) - 1)
   x = jax.ShapeDtypeStruct((1, side, side, model.in_channels), jnp.float32)
 
   def init(x):
     rngs = {"params": jax.random.key(0), "sample": jax.random.key(1)}
     return model.init(rngs, x)["params"]
   return jax.eval_shape(init, x)
+
+
+def count_params(tree) -> int:
+  """Number of scalars in a parameter tree (also of an abstract one: nothing is allocated)."""
+  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))

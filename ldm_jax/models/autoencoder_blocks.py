@@ -1,4 +1,4 @@
-"""Encoder and Decoder of the first-stage autoencoders (CompVis `ldm/modules/diffusionmodules/model.py`).
+"""Encoder and Decoder of the first-stage autoencoders (CompVis diffusionmodules/model.py).
 
 The same convolutional trunk serves the KL and the VQ autoencoders; `autoencoder.py` adds the
 latent bottleneck. Parameter names follow the CompVis module tree flattened with underscores
@@ -10,11 +10,9 @@ Everything is NHWC. GroupNorm uses 32 groups and eps 1e-6, computed in float32 (
 `resolution` the nominal input size) gets attention after each ResnetBlock when `r` is listed.
 """
 
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ldm_jax.models import layers
@@ -86,7 +84,7 @@ def _block_classes(remat: bool):
 
 
 class Encoder(nn.Module):
-  """Image [B, H, W, in_channels] -> latent moments [B, H/f, W/f, (2 if double_z else 1) * z_channels].
+  """Image [B, H, W, in_channels] -> [B, H/f, W/f, (2 if double_z else 1) * z_channels].
 
   f = 2 ** (len(ch_mult) - 1). `out_ch` is accepted for ddconfig compatibility and unused, as in
   CompVis.
@@ -198,7 +196,3 @@ class Decoder(nn.Module):
     h = layers.conv(self.out_ch, 3, name="conv_out", **kw)(h)  # [B, H, W, out_ch]
     return jnp.tanh(h) if self.tanh_out else h
 
-
-def count_params(tree) -> int:
-  """Number of scalars in a parameter tree (works on jax.eval_shape outputs: nothing allocated)."""
-  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))

@@ -13,8 +13,11 @@ the running averages with momentum 0.1 using the *unbiased* variance (Flax's Bat
 biased one); eps 1e-5; statistics in float32. Running averages live in the `batch_stats`
 collection: apply with `train=True, mutable=['batch_stats']` for a torch-train-mode pass.
 
-ActNorm is initialised from data as in taming: `init` must be called with a real batch; each
-ActNorm sets loc = -mean and scale = 1 / (std + 1e-6) (unbiased std, per channel) of its input.
+ActNorm is initialised from data as in taming (where the first train-mode batch does it): call
+`init` with a real training batch, not zeros; each ActNorm sets loc = -mean and
+scale = 1 / (std + 1e-6) (unbiased std, per channel) of its input. On a constant batch the scale
+would be 1e6. The conv weights depend only on the rng, so re-running `init` with the same rng
+and a real batch fixes a model initialised on dummy data.
 
 Initialisation as `weights_init`: conv kernels N(0, 0.02); BatchNorm scale N(1, 0.02), bias 0.
 Conv biases keep torch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -87,7 +90,10 @@ class ActNorm(nn.Module):
 
 
 class NLayerDiscriminator(nn.Module):
-  """PatchGAN: [B, H, W, input_nc] in [-1, 1] -> patch logits [B, H', W', 1].
+  """PatchGAN: [B, H, W, input_nc] in [-1, 1] -> patch logits [B, H', W', 1] (float32).
+
+  train=True is torch's train mode (BatchNorm on batch statistics; pass
+  mutable=['batch_stats'] to keep the updated running averages), train=False its eval mode.
 
   For 256x256 inputs and n_layers=3 the output is [B, 30, 30, 1].
   """
@@ -106,7 +112,7 @@ class NLayerDiscriminator(nn.Module):
                    name=f"main_{index}")
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if x.ndim != 4 or x.shape[-1] != self.input_nc:
       raise ValueError(f"NLayerDiscriminator: input shape {x.shape}; expected [B, H, W, "
                        f"{self.input_nc}] (input_nc={self.input_nc}).")

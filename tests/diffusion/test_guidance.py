@@ -7,7 +7,8 @@ import pytest
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-from ldm_jax.diffusion.guidance import classifier_free_guidance, rescale_guidance
+from ldm_jax.diffusion.guidance import (classifier_free_guidance, combine_guidance,
+                                      rescale_guidance)
 from ldm_jax.diffusion.samplers import sample
 from ldm_jax.diffusion.schedules import Schedule
 
@@ -100,3 +101,15 @@ def test_guided_sampling_runs_with_v_models():
                             jax.random.key(0), sampler='ddim', steps=4, parameterization=p)
   np.testing.assert_allclose(np.asarray(run(v_net, 'v')), np.asarray(run(eps_net, 'eps')),
                              atol=1e-4)
+
+
+def test_combine_guidance_with_traced_scale():
+  x, t, uncond, cond = arrays()
+  e_u, e_c = net(x, t, uncond), net(x, t, cond)
+  f = jax.jit(combine_guidance)
+  for scale, rescale in ((3.0, 0.0), (6.0, 0.5)):
+    ref = rescale_noise_cfg(torch.from_numpy(np.array(e_u + scale * (e_c - e_u))),
+                            torch.from_numpy(np.array(e_c)), guidance_rescale=rescale).numpy()
+    out = f(e_u, e_c, jnp.float32(scale), jnp.float32(rescale))
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
+  assert f._cache_size() == 1  # pylint: disable=protected-access

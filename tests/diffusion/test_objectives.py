@@ -53,8 +53,8 @@ def test_q_sample_and_conversions(schedule):
   np.testing.assert_allclose(np.asarray(obj.predict_eps_from_v(schedule, x_t, t, v)), eps,
                              atol=1e-5)
   # eps -> x0 amplifies by 1/sqrt(a) (~16 at t=999 here): compare at float32 precision.
-  np.testing.assert_allclose(np.asarray(obj.predict_x0_from_eps(schedule, x_t, t, jnp.asarray(eps))),
-                             x0, atol=1e-4)
+  x0_back = obj.predict_x0_from_eps(schedule, x_t, t, jnp.asarray(eps))
+  np.testing.assert_allclose(np.asarray(x0_back), x0, atol=1e-4)
   np.testing.assert_allclose(np.asarray(obj.predict_eps_from_x0(schedule, x_t, t, jnp.asarray(x0))),
                              eps, atol=1e-4)
   for p, out in (('eps', eps), ('x0', x0), ('v', np.asarray(v))):

@@ -50,7 +50,7 @@ def test_exact_prediction_closed_form(schedule, sampler):
   """With the exact x0 known, every parameterisation lands on the closed-form end point.
 
   dpmpp_2m, euler_ancestral and ddpm end at sigma 0: the result is x0. ddim and plms end at
-  alphas_cumprod[0] (CompVis): the chain stays on sqrt(a) x0 + sqrt(1 - a) e with the e of the start.
+  alphas_cumprod[0] (CompVis): the chain stays on sqrt(a) x0 + sqrt(1 - a) e, e from the start.
   """
   x0, x_T = arrays()
   a0 = schedule.alphas_cumprod[0]
@@ -149,7 +149,8 @@ def test_rng_drives_the_noise(schedule):
 
 
 def test_quad_grid_and_progress(schedule, monkeypatch):
-  # CompVis 'quad': (linspace(0, sqrt(0.8 T), S)^2).astype(int) + 1; S=5, T=1000: 0, 50, 200, 450, 800.
+  # CompVis 'quad': (linspace(0, sqrt(0.8 T), S)^2).astype(int) + 1; S=5, T=1000 gives
+  # 0, 50, 200, 450, 800 before the + 1.
   np.testing.assert_array_equal(sampler_timesteps('ddim', 1000, 5, 'quad')[::-1],
                                 [1, 51, 201, 451, 801])
   ticks = []

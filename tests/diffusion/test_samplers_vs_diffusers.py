@@ -1,11 +1,10 @@
 """Every sampler's full trajectory against the diffusers (torch) schedulers, step by step.
 
-The stand-in denoiser is the same elementwise closed form in torch and jnp, so the only thing compared
-is the sampler arithmetic; the same per-step noise is fed to both (diffusers' `variance_noise`, or its
-`randn_tensor` replaced by one that hands out our noise). Max abs error <= 1e-5 on every step.
+The stand-in denoiser is the same elementwise closed form in torch and jnp, so the only thing
+compared is the sampler arithmetic; the same per-step noise is fed to both (diffusers'
+`variance_noise`, or its `randn_tensor` replaced by one that hands out our noise). Max abs error <=
+1e-5 on every step.
 """
-
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -170,3 +169,30 @@ def test_euler_ancestral(schedule, monkeypatch, steps, param):
   np.testing.assert_allclose(sampler_timesteps('euler_ancestral', 1000, steps), ts)
   assert_traj(run_ours(schedule, 'euler_ancestral', x_T, steps, noise, parameterization=param),
               ref)
+
+
+@pytest.fixture(scope='module')
+def zsnr():
+  return Schedule.create('linear', 1000, 0.00085, 0.012, zero_terminal_snr=True)
+
+
+def test_ddim_trailing_zero_snr(zsnr):
+  """Lin et al. 2023's recipe: zero terminal SNR, v prediction, 'trailing' grid from t = 999."""
+  x_T, _ = inputs(0)
+  ref_sched = make_ref(zsnr, DDIMScheduler, timestep_spacing='trailing', set_alpha_to_one=False,
+                       clip_sample=False, prediction_type='v_prediction',
+                       rescale_betas_zero_snr=True)
+  ref, ts = run_diffusers(ref_sched, x_T, 10)
+  assert ts[0] == 999 and float(ref_sched.alphas_cumprod[999]) == 0.0
+  np.testing.assert_array_equal(sampler_timesteps('ddim', 1000, 10, 'trailing'), ts)
+  assert_traj(run_ours(zsnr, 'ddim', x_T, 10, parameterization='v', grid='trailing'), ref)
+
+
+def test_dpmpp_2m_zero_snr(zsnr):
+  """diffusers steps from alphas_cumprod[-1] = 2^-24 instead of 0; so do we."""
+  x_T, _ = inputs(0)
+  ref_sched = make_ref(zsnr, DPMSolverMultistepScheduler, algorithm_type='dpmsolver++',
+                       solver_order=2, prediction_type='v_prediction', rescale_betas_zero_snr=True)
+  ref_sched.alphas_cumprod[-1] = 2.0 ** -24
+  ref, _ = run_diffusers(ref_sched, x_T, 8)
+  assert_traj(run_ours(zsnr, 'dpmpp_2m', x_T, 8, parameterization='v'), ref)

@@ -53,7 +53,7 @@ def test_other_kinds():
   np.testing.assert_allclose(make_betas('sqrt_linear', 10, 1e-4, 2e-2), np.linspace(1e-4, 2e-2, 10))
   np.testing.assert_allclose(make_betas('sqrt', 10, 1e-4, 2e-2),
                              np.sqrt(np.linspace(1e-4, 2e-2, 10)))
-  # Cosine: alpha_bar(t) = f(t)/f(0), f(t) = cos((t/T + s)/(1 + s) * pi/2)^2, betas clipped at 0.999.
+  # Cosine: alpha_bar(t) = f(t)/f(0), f(t) = cos((t/T + s)/(1 + s) * pi/2)^2, betas clip at 0.999.
   T, s = 1000, 8e-3
   f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
   betas = make_betas('cosine', T, cosine_s=s)

@@ -51,7 +51,7 @@ def test_tiled_equals_untiled(h, w, tile, overlap):
 
 
 def test_blending_is_smooth_across_seams():
-  """A decoder with a tile-position-dependent offset: the linear ramps fade it instead of cutting."""
+  """A decoder with a per-tile offset: the linear ramps fade it in instead of cutting."""
   z = smooth_latent(16, 40)
 
   def biased(z_tile):
@@ -74,3 +74,23 @@ def test_tile_memory_does_not_grow():
   full = jax.jit(decoder).lower(jax.ShapeDtypeStruct((1, 64, 64, 4), jnp.float32)).compile()
   fm = full.memory_analysis()
   assert fm.output_size_in_bytes > 10 * mem[64][2]
+
+
+def test_bigger_than_trained_latent():
+  """A convolutional denoiser samples any latent size; the result then decodes tile by tile."""
+  from ldm_jax.diffusion.samplers import sample  # pylint: disable=g-import-not-at-top
+  from ldm_jax.diffusion.schedules import Schedule  # pylint: disable=g-import-not-at-top
+  schedule = Schedule.create('linear', 1000, 0.00085, 0.012)
+  kernel = jnp.asarray(np.random.default_rng(0).normal(0, 0.1, (3, 3, 4, 4)), jnp.float32)
+
+  def conv_denoiser(x, t, cond):
+    del t, cond
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return 0.9 * x + jnp.tanh(y)
+
+  x_T = jax.random.normal(jax.random.key(0), (1, 24, 40, 4))
+  z = sample(conv_denoiser, schedule, x_T, None, jax.random.key(1), sampler='dpmpp_2m', steps=4)
+  assert z.shape == x_T.shape and bool(jnp.all(jnp.isfinite(z)))
+  out = tiled_decode(decoder, z, tile=16, overlap=4, scale=SCALE)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(decoder(z)), atol=1e-5)

@@ -19,13 +19,13 @@ from ldm_jax.convert.autoencoder import (WeightLoadError, autoencoder_from_compv
                                          autoencoder_from_diffusers,
                                          autoencoder_kwargs_from_diffusers_config)
 from ldm_jax.models.autoencoder import (AutoencoderKL, DiagonalGaussian, VectorQuantizer, VQModel,
-                                        abstract_params)
-from ldm_jax.models.autoencoder_blocks import count_params
+                                        abstract_params, count_params)
 
 TINY = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
             in_channels=3, resolution=16, z_channels=4)
 DIFFUSERS_TINY = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
-                      sample_size=16, down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+                      sample_size=16,
+                      down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
                       up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"))
 
 
@@ -124,7 +124,8 @@ def test_diffusers_legacy_attention_names(diffusers_kl):
   _, kwargs = autoencoder_kwargs_from_diffusers_config(dict(diffusers_kl.config))
   model = AutoencoderKL(**kwargs)
   sd = numpy_state(diffusers_kl)
-  renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+  renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.",
+             ".to_out.0.": ".proj_attn."}
   old = {}
   for k, v in sd.items():
     for new_name, old_name in renames.items():
@@ -177,7 +178,7 @@ def test_diffusers_vq_parity(tmp_path):
 
 
 def test_vq_legacy_loss_and_gradients_match_taming():
-  """Value and gradients (w.r.t. z and codebook) of the legacy loss, vs diffusers' copy of taming."""
+  """Value and gradients (w.r.t. z and codebook) of both losses, vs diffusers' copy of taming."""
   from diffusers.models.autoencoders.vae import VectorQuantizer as TorchVQ
   rng = np.random.default_rng(5)
   z = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
@@ -209,7 +210,7 @@ def test_vq_straight_through_gradient_is_identity():
   np.testing.assert_allclose(z_q, params["embedding"][idx], atol=1e-6)  # the forward value is z_q
 
 
-# ---------------------------------------------------------------- CompVis layout (original ldm code)
+# ---------------------------------------------------------------- CompVis layout (original code)
 
 def compvis_first_stage(double_z: bool, seed: int):
   """The original CompVis Encoder/Decoder plus quant convs, randomised, as a CompVis state dict."""
@@ -250,10 +251,11 @@ def test_compvis_vq_matches_original_ldm_code():
   with torch.no_grad():
     h = tm.quant_conv(tm.encoder(nchw(x)))
     tq = TorchVQ(32, 3, beta=0.25)
-    tq.embedding.weight.copy_(h.mean() + h.std() * torch.randn((32, 3),
-                                                               generator=torch.Generator().manual_seed(11)))
+    g = torch.Generator().manual_seed(11)
+    tq.embedding.weight.copy_(h.mean() + h.std() * torch.randn((32, 3), generator=g))
     z_q, _, (_, _, idx) = tq(h)
     dec = tm.decoder(tm.post_quant_conv(z_q))
+    dec_unquantized = tm.decoder(tm.post_quant_conv(h))
   sd["quantize.embedding.weight"] = tq.embedding.weight.detach().numpy().copy()
   model = VQModel(**TINY, n_embed=32, embed_dim=3)
   params = autoencoder_from_compvis(sd, model)
@@ -261,6 +263,8 @@ def test_compvis_vq_matches_original_ldm_code():
   recon, _, ours_idx = jitted(model)(params, x)
   np.testing.assert_array_equal(np.asarray(ours_idx), idx.numpy().reshape(2, 8, 8))
   assert_close_to_scale(recon, nhwc(dec))
+  unquantized = jitted(model, model.decode, force_not_quantize=True)(params, nhwc(h))
+  assert_close_to_scale(unquantized, nhwc(dec_unquantized))
 
 
 def test_load_errors_name_missing_unexpected_and_mismatched_keys():
@@ -271,8 +275,9 @@ def test_load_errors_name_missing_unexpected_and_mismatched_keys():
   with pytest.raises(WeightLoadError) as err:
     autoencoder_from_compvis(sd, AutoencoderKL(**TINY, embed_dim=4))
   msg = str(err.value)
-  for needle in ("missing keys (1)", "decoder.up.1.block.0.conv1.bias", "unexpected keys (1)",
-                 "encoder.down.0.block.0.extra.weight", "shape mismatches (1)", "quant_conv.weight"):
+  for needle in ("missing keys (1)", "decoder.up.1.block.0.conv1.bias",
+                 "unexpected keys (1)", "encoder.down.0.block.0.extra.weight",
+                 "shape mismatches (1)", "quant_conv.weight"):
     assert needle in msg, f"{needle!r} not in:\n{msg}"
   assert "loss." not in msg  # the training-loss tensors are ignored, not reported
 
@@ -330,7 +335,8 @@ def test_remat_matches_no_remat():
   small = dict(TINY, ch_mult=(2,), resolution=8, embed_dim=4)
   plain, remat = AutoencoderKL(**small), AutoencoderKL(**small, remat=True)
   params = random_params(plain, seed=16)
-  assert jax.tree_util.tree_structure(abstract_params(remat)) == jax.tree_util.tree_structure(params)
+  structure = jax.tree_util.tree_structure
+  assert structure(abstract_params(remat)) == structure(params)
   assert "nin_shortcut" in str(params["encoder"]) and "mid_attn_1" in params["decoder"]
   x, rngs = image(17, hw=8), {"sample": jax.random.key(3)}
 
@@ -386,7 +392,8 @@ def test_gaussian_logvar_clamp_and_sampling():
   np.testing.assert_array_equal(clamp.logvar, -30.0)
   np.testing.assert_allclose(clamp.std, math.exp(-15.0), rtol=1e-6)
   # Sampling: mean + std * N(0, 1), checked by moments over many draws.
-  g = DiagonalGaussian(mean=jnp.asarray([[[[1.0, -2.0]]]]), logvar=jnp.log(jnp.asarray([[[[0.25, 4.0]]]])))
+  g = DiagonalGaussian(mean=jnp.asarray([[[[1.0, -2.0]]]]),
+                       logvar=jnp.log(jnp.asarray([[[[0.25, 4.0]]]])))
   draws = jax.vmap(g.sample)(jax.random.split(jax.random.key(6), 20000))  # [N, 1, 1, 1, 2]
   np.testing.assert_allclose(draws.mean(0).ravel(), [1.0, -2.0], atol=0.05)
   np.testing.assert_allclose(draws.std(0).ravel(), [0.5, 2.0], rtol=0.03)

@@ -101,7 +101,7 @@ def test_actnorm_data_dependent_init_matches_taming():
   model = NLayerDiscriminator(ndf=NDF, n_layers=LAYERS, use_actnorm=True)
   rng = np.random.default_rng(0)
   x0 = jnp.asarray(rng.uniform(-1, 1, (2, 24, 24, 3)), jnp.float32)
-  variables = model.init(_key(1), x0)
+  variables = jax.jit(model.init)(_key(1), x0)
   assert "batch_stats" not in variables
   params = variables["params"]
   # Copy our conv weights into taming's module; its first train-mode forward runs its own
@@ -121,14 +121,13 @@ def test_actnorm_data_dependent_init_matches_taming():
     for field in ("loc", "scale"):
       np.testing.assert_allclose(np.asarray(params[f"main_{i}"][field]),
                                  torch_params[f"main_{i}"][field], rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(_nchw(model.apply({"params": params}, x0)), want, rtol=1e-4,
-                             atol=1e-5)
+  apply = jax.jit(model.apply)
+  np.testing.assert_allclose(_nchw(apply({"params": params}, x0)), want, rtol=1e-4, atol=1e-5)
   # After init both are fixed affine maps: a second batch matches too.
   x1 = jnp.asarray(rng.normal(size=(1, 24, 24, 3)), jnp.float32)
   with torch.no_grad():
     want1 = ref(torch.from_numpy(_nchw(x1).copy())).numpy()
-  np.testing.assert_allclose(_nchw(model.apply({"params": params}, x1)), want1, rtol=1e-4,
-                             atol=1e-5)
+  np.testing.assert_allclose(_nchw(apply({"params": params}, x1)), want1, rtol=1e-4, atol=1e-5)
 
 
 def test_default_size_shapes_and_weights_init():
@@ -142,7 +141,7 @@ def test_default_size_shapes_and_weights_init():
   assert jax.eval_shape(apply_eval, variables, x).shape == (1, 30, 30, 1)
   assert "bias" not in variables["params"]["main_2"]  # conv before BatchNorm has no bias
   # weights_init: conv kernels N(0, 0.02), BatchNorm scale N(1, 0.02), bias 0.
-  params = model.init(_key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = jax.jit(model.init)(_key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   kernel = np.asarray(params["main_8"]["kernel"])
   assert abs(kernel.std() - 0.02) < 0.001 and abs(kernel.mean()) < 0.001
   scale = np.asarray(params["main_9"]["scale"])

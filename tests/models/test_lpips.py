@@ -152,7 +152,8 @@ def test_real_heads_file_and_npz_round_trip(tmp_path, torch_lpips):
   assert convert_lpips.main(["--vgg", str(tmp_path / "vgg16.pth"), "--lin",
                              str(tmp_path / "heads.pth"), "--out", out]) == 0
   loaded = convert_lpips.load_lpips_params(out)
-  np.testing.assert_array_equal(loaded["lin3"]["kernel"][:, 0], heads["lin3.model.1.weight"][0, :, 0, 0])
+  np.testing.assert_array_equal(loaded["lin3"]["kernel"][:, 0],
+                                heads["lin3.model.1.weight"][0, :, 0, 0])
   np.testing.assert_array_equal(loaded["net"]["features_28"]["kernel"],
                                 vgg["28.weight"].transpose(2, 3, 1, 0))
   # With the real heads, the Flax metric still matches the package.

@@ -194,7 +194,8 @@ def test_bad_arguments_are_named():
         x, lambda w: _decode(params, z, w), params["last"], discriminator=_disc, global_step=0)
   tree = {"decoder": {"conv_out": {"kernel": 1, "bias": 2}}}
   new = ae_losses.replace_leaf(tree, ("decoder", "conv_out", "kernel"), 5)
-  assert new["decoder"]["conv_out"] == {"kernel": 5, "bias": 2} and tree["decoder"]["conv_out"]["kernel"] == 1
+  assert new["decoder"]["conv_out"] == {"kernel": 5, "bias": 2}
+  assert tree["decoder"]["conv_out"]["kernel"] == 1  # the input is not modified
   with pytest.raises(KeyError, match="'conv'"):
     ae_losses.replace_leaf(tree, ("decoder", "conv", "kernel"), 5)
 
