@@ -319,7 +319,7 @@ def test_bf16_compute_is_close_to_fp32(tiny_kl_params):
   x = image(14)
   rngs = {"sample": jax.random.key(2)}
   ref, ref_post = jitted(model)(params, x, rngs=rngs)
-  out, post = jitted(bf16)(params, x, rngs=rngs)
+  out, post = jax.jit(jitted(bf16))(params, x, rngs=rngs)  # one compile beats eager bf16 ops
   assert out.dtype == jnp.float32 and post.mean.dtype == jnp.float32
   scale = float(jnp.max(jnp.abs(ref)))
   err = float(jnp.max(jnp.abs(out - ref)))
@@ -330,8 +330,8 @@ def test_bf16_compute_is_close_to_fp32(tiny_kl_params):
 
 def test_remat_matches_no_remat():
   # One level (ch_mult (2,): the first block has a 1x1 nin_shortcut) with attention, so every
-  # rematerialised block kind is exercised; compiling the backward pass of a deeper model costs
-  # far more on the shared CPU and adds no block kind.
+  # rematerialised block kind is exercised; gradients through the encoder only, since compiling
+  # backward passes is what costs on the shared CPU and the decoder wraps the same block classes.
   small = dict(TINY, ch_mult=(2,), resolution=8, embed_dim=4)
   plain, remat = AutoencoderKL(**small), AutoencoderKL(**small, remat=True)
   params = random_params(plain, seed=16)
@@ -339,17 +339,16 @@ def test_remat_matches_no_remat():
   assert structure(abstract_params(remat)) == structure(params)
   assert "nin_shortcut" in str(params["encoder"]) and "mid_attn_1" in params["decoder"]
   x, rngs = image(17, hw=8), {"sample": jax.random.key(3)}
+  np.testing.assert_array_equal(jitted(remat)(params, x, rngs=rngs)[0],
+                                jitted(plain)(params, x, rngs=rngs)[0])
 
-  def loss(model):
-    def fn(p):
-      recon, _ = model.apply({"params": p}, x, rngs=rngs)
-      return jnp.mean(jnp.square(recon - x)), recon
-    return jax.jit(jax.value_and_grad(fn, has_aux=True))
+  def grads(model):
+    loss = lambda p: jnp.sum(model.apply({"params": p}, x, method=model.encode).mean ** 2)
+    return jax.jit(jax.value_and_grad(loss))(params)
 
-  (v0, recon0), g0 = loss(plain)(params)
-  (v1, recon1), g1 = loss(remat)(params)
-  np.testing.assert_array_equal(recon1, recon0)
+  (v0, g0), (v1, g1) = grads(plain), grads(remat)
   np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  assert any(np.any(g != 0) for g in jax.tree_util.tree_leaves(g0["encoder"]["mid_attn_1"]))
   for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
 
