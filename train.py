@@ -14,6 +14,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from ldm_jax.train import entry
@@ -27,7 +28,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.INFO)
+  # Orbax and JAX log every checkpoint step at INFO; keep ldm_jax's own messages only.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("ldm_jax").setLevel(logging.INFO)
   try:
     entry.train(FLAGS.config, FLAGS.workdir)
   except entry.UserError as e:

@@ -14,5 +14,8 @@ python -m pip install -q -r requirements-test.txt
 # CLIP's BPE vocabulary ships inside open-clip-torch, whose dependencies (torchvision) do not install
 # beside the CPU torch build: take the package alone, for its data files.
 python -m pip install -q --no-deps open-clip-torch==3.3.0
+# Independent references whose own dependency lists pull torchvision: the packages alone suffice
+# (lpips: the LPIPS heads and logic; taming-transformers: PatchGAN and VQ losses).
+python -m pip install -q --no-deps lpips==0.1.4 taming-transformers==0.0.1
 export JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 python -m pytest -q "$@"

@@ -8,3 +8,22 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                              " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402  (after the environment is set up)
+
+
+@pytest.fixture(scope="session")
+def tiny_workdirs(tmp_path_factory):
+  """A tiny shapes autoencoder and text LDM, each trained 2 steps through the real trainers.
+
+  Returns {'ae': workdir, 'ldm': workdir}; shared by the sampling, CLI and model tests.
+  """
+  from configs import shapes_autoencoder, shapes_ldm_text
+  from ldm_jax.train import entry
+  root = tmp_path_factory.mktemp("tiny_models")
+  ae_dir, ldm_dir = str(root / "ae"), str(root / "ldm")
+  entry.train(shapes_autoencoder.get_config("tiny"), ae_dir)
+  cfg = shapes_ldm_text.get_config("tiny")
+  cfg.first_stage_checkpoint = ae_dir
+  entry.train(cfg, ldm_dir)
+  return {"ae": ae_dir, "ldm": ldm_dir}

@@ -35,12 +35,14 @@ def test_kl_f8_autoencoder_is_the_sd_autoencoder():
   assert count_params(abstract_model("kl_f8", "")["first_stage"]) == KL_F8_PARAMS
 
 
-@pytest.mark.parametrize("name,params", [("celebahq_ldm_vq4", 274e6),
-                                         ("lsun_churches_ldm_kl8", 294e6),
-                                         ("cin256_v2", 400e6),
-                                         ("txt2img_laion", 1.45e9)])
-def test_paper_ldm_sizes_match_the_published_counts(name, params):
-  # The paper quotes sizes rounded to 3 digits: UNet (+ the jointly trained text transformer).
+@pytest.mark.parametrize("name,params,rtol", [
+    ("celebahq_ldm_vq4", 274e6, 0.005),  # paper: 274M (ours 274.06M)
+    ("lsun_churches_ldm_kl8", 294e6, 0.005),  # paper: 294M (ours 294.97M)
+    ("cin256_v2", 400e6, 0.005),  # paper: 400M (ours 401.43M with the class embedding)
+    # The 1.45B quoted for the LAION model is looser: ours 872.3M UNet + 542.9M transformer.
+    ("txt2img_laion", 1.45e9, 0.03),
+])
+def test_paper_ldm_sizes_match_the_published_counts(name, params, rtol):
   m = abstract_model(name, "")
   n = count_params(m["unet"]) + count_params(m.get("cond_stage", {}))
-  assert abs(n - params) / params < 0.03, n
+  assert abs(n - params) / params < rtol, n

@@ -222,7 +222,7 @@ _REQUIRED_2D = {"mid_block_type": "UNetMidBlock2D", "add_attention": True}
 def _check(config: Mapping[str, Any], required: Mapping[str, Any], cls: str):
   for key, expected in required.items():
     value = config.get(key, expected)
-    if value != expected and not (key == "mid_block_scale_factor" and value == 1.0):
+    if value != expected:
       raise ValueError(f"diffusers {cls} config: {key}={value!r} is not supported; expected "
                        f"{expected!r} (the CompVis UNet has no equivalent).")
 
@@ -283,7 +283,7 @@ def unet_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict:
   if cls == "UNet2DConditionModel":
     kwargs.update(_condition_kwargs(config, down, up, channels))
   else:
-    kwargs.update(_unet2d_kwargs(config, down, up, channels, shift))
+    kwargs.update(_unet2d_kwargs(config, down, up, shift))
   return kwargs
 
 
@@ -304,8 +304,6 @@ def _condition_kwargs(config, down, up, channels) -> dict:
   levels = len(channels)
   attn = _attention_levels(down, up, "CrossAttnDownBlock2D", "CrossAttnUpBlock2D",
                            ("DownBlock2D",), ("UpBlock2D",), cls)
-  if config.get("mid_block_only_cross_attention"):
-    raise ValueError(f"diffusers {cls} config: mid_block_only_cross_attention=True is not supported.")
   context_dim = config.get("cross_attention_dim", 1280)
   if isinstance(context_dim, (list, tuple)):
     if len(set(context_dim)) != 1:
@@ -342,9 +340,8 @@ def _resample_style(block: str, attn_block: str, attn_style: str, conv_block: st
   return {attn_block: attn_style, conv_block: "conv", res_block: "resnet"}[block]
 
 
-def _unet2d_kwargs(config, down, up, channels, shift) -> dict:
+def _unet2d_kwargs(config, down, up, shift) -> dict:
   cls = "UNet2DModel"
-  levels = len(channels)
   attn = _attention_levels(down, up, "AttnDownBlock2D", "AttnUpBlock2D",
                            ("DownBlock2D", "ResnetDownsampleBlock2D"),
                            ("UpBlock2D", "ResnetUpsampleBlock2D"), cls)

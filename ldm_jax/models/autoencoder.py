@@ -165,8 +165,9 @@ class _FirstStage(nn.Module):
                   resolution=self.resolution, z_channels=self.z_channels,
                   ch_mult=tuple(self.ch_mult), dropout=self.dropout, attn_type=self.attn_type,
                   resamp_with_conv=self.resamp_with_conv, norm_num_groups=self.norm_num_groups,
-                  remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype)
-    return Encoder(double_z=self._double_z, **common), Decoder(tanh_out=self.tanh_out, **common)
+                  double_z=self._double_z, remat=self.remat, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
+    return Encoder(**common), Decoder(tanh_out=self.tanh_out, **common)
 
   def _conv1x1(self, features: int) -> nn.Conv:
     return layers.conv(features, 1, dtype=self.dtype, param_dtype=self.param_dtype)

@@ -143,8 +143,8 @@ class Decoder(nn.Module):
   """Latent [B, h, w, z_channels] -> image [B, h*f, w*f, out_ch].
 
   `up_{i}_*` is resolution level i (0 = full resolution, which runs last), as CompVis indexes
-  `decoder.up[i]`; each level has num_res_blocks + 1 ResnetBlocks. `in_channels` is accepted for
-  ddconfig compatibility and unused, as in CompVis.
+  `decoder.up[i]`; each level has num_res_blocks + 1 ResnetBlocks. `in_channels` and `double_z`
+  are accepted so that a whole ddconfig can be passed, and unused, as in CompVis.
   """
   ch: int
   out_ch: int
@@ -155,6 +155,7 @@ class Decoder(nn.Module):
   z_channels: int
   ch_mult: Sequence[int] = (1, 2, 4, 8)
   dropout: float = 0.0
+  double_z: bool = True
   attn_type: str = "vanilla"
   resamp_with_conv: bool = True
   tanh_out: bool = False

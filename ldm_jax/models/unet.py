@@ -14,7 +14,6 @@ import dataclasses
 from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ldm_jax.models import attention as attention_lib

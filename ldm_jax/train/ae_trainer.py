@@ -37,7 +37,7 @@ log = logging.getLogger("ldm_jax.train")
 @flax.struct.dataclass
 class AEState:
   step: jax.Array
-  params: Any            # {'autoencoder': ..., 'logvar': scalar (KL only)}
+  params: Any            # {'autoencoder': ...}
   opt_state: Any
   disc_vars: Any         # {'params': ..., 'batch_stats'?: ...}
   disc_opt_state: Any
@@ -71,83 +71,75 @@ def make_step(ae, disc, config, opt_g, opt_d, use_lpips: bool):
   loss_cfg = config.loss
   kind = loss_cfg.kind
   lpips_model = lpips_lib.LPIPS()
-  disc_loss_fn = ae_losses.hinge_d_loss if loss_cfg.disc_loss == "hinge" else (
-      ae_losses.vanilla_d_loss)
-  last_layer = lambda tree: tree["autoencoder"]
-  for k in ae.decoder_last_layer_path:
-    last_layer = (lambda f, k: (lambda tree: f(tree)[k]))(last_layer, k)
+  losses = ae_losses.make_autoencoder_losses(
+      kind, disc_start=loss_cfg.disc_start, kl_weight=loss_cfg.kl_weight,
+      codebook_weight=loss_cfg.codebook_weight, disc_weight=loss_cfg.disc_weight,
+      disc_factor=loss_cfg.disc_factor,
+      perceptual_weight=loss_cfg.perceptual_weight if use_lpips else 0.0,
+      disc_loss=loss_cfg.disc_loss)
+  last_path = ("autoencoder",) + tuple(ae.decoder_last_layer_path)
 
   def apply_disc(disc_vars, images):
-    mutable = ["batch_stats"] if "batch_stats" in disc_vars else []
-    if mutable:
-      logits, new = disc.apply(disc_vars, images, train=True, mutable=mutable)
-      return logits, new
+    """Train-mode logits (BatchNorm uses batch statistics, as in CompVis) and new batch_stats."""
+    if "batch_stats" in disc_vars:
+      return disc.apply(disc_vars, images, train=True, mutable=["batch_stats"])
     return disc.apply(disc_vars, images, train=True), {}
 
   def step(state: AEState, batch, lpips_params):
     x = batch["image"].astype(jnp.float32)  # [B, H, W, 3]
-    b = x.shape[0]
     rng, r_sample, r_drop = jax.random.split(state.rng, 3)
-    disc_factor = ae_losses.adopt_weight(loss_cfg.disc_factor, state.step, loss_cfg.disc_start)
+    perceptual = None
+    if use_lpips:
+      perceptual = lambda a, b: lpips_model.apply({"params": lpips_params}, a, b)  # [B]
 
-    def forward(params):
-      variables = {"params": params["autoencoder"]}
+    def generator_loss(params):
       rngs = {"sample": r_sample, "dropout": r_drop}
+      variables = {"params": params["autoencoder"]}
       if kind == "kl":
-        recon, posterior = ae.apply(variables, x, deterministic=False, rngs=rngs)
-        reg = loss_cfg.kl_weight * jnp.sum(posterior.kl()) / b
+        posterior = ae.apply(variables, x, deterministic=False, rngs=rngs, method=ae.encode)
+        z, extra = posterior.sample(r_sample), {"kl": posterior.kl()}
       else:
-        recon, codebook_loss, _ = ae.apply(variables, x, deterministic=False, rngs=rngs)
-        reg = loss_cfg.codebook_weight * codebook_loss
-      rec = jnp.abs(x - recon)  # [B, H, W, 3]
-      if use_lpips:
-        p = lpips_model.apply({"params": lpips_params}, x, recon, keepdims=True)  # [B,1,1,1]
-        rec = rec + loss_cfg.perceptual_weight * p
-      if kind == "kl":
-        nll = jnp.sum(rec / jnp.exp(params["logvar"]) + params["logvar"]) / b
-      else:
-        nll = jnp.mean(rec)
-      logits_fake, _ = apply_disc(state.disc_vars, recon)
-      g_loss = -jnp.mean(logits_fake)
-      aux = dict(recon=recon, rec_loss=jnp.mean(rec), nll_loss=nll, reg_loss=reg)
-      return (nll + reg, g_loss), aux
+        h = ae.apply(variables, x, deterministic=False, rngs=rngs, method=ae.encode)
+        z, codebook_loss, _ = ae.apply(variables, h, method=ae.quantize)
+        extra = {"codebook_loss": codebook_loss}
 
-    (main_loss, g_loss), vjp_fn, aux = jax.vjp(forward, state.params, has_aux=True)
-    grads_main, = vjp_fn((jnp.ones_like(main_loss), jnp.zeros_like(g_loss)))
-    grads_g, = vjp_fn((jnp.zeros_like(main_loss), jnp.ones_like(g_loss)))
-    d_weight = ae_losses.calculate_adaptive_weight(last_layer(grads_main), last_layer(grads_g),
-                                                   loss_cfg.disc_weight)
-    scale = d_weight * disc_factor
-    grads = jax.tree.map(lambda a, g: a + scale * g, grads_main, grads_g)
+      def reconstruct(last_kernel):
+        p = ae_losses.replace_leaf(params, last_path, last_kernel)
+        decode_kw = {"force_not_quantize": True} if kind == "vq" else {}
+        return ae.apply({"params": p["autoencoder"]}, z, deterministic=False, rngs=rngs,
+                        method=ae.decode, **decode_kw)  # [B, H, W, 3]
+
+      loss, metrics = losses.generator(
+          x, reconstruct, ae_losses.get_leaf(params, last_path),
+          discriminator=lambda images: apply_disc(state.disc_vars, images)[0],
+          global_step=state.step, perceptual=perceptual, **extra)
+      return loss, (metrics, reconstruct(ae_losses.get_leaf(params, last_path)))
+
+    (g_total, (g_metrics, recon)), grads = jax.value_and_grad(
+        generator_loss, has_aux=True)(state.params)
     updates, opt_state = opt_g.update(grads, state.opt_state, state.params)
     params = jax.tree.map(lambda p, u: p + u, state.params, updates)
 
-    fake = jax.lax.stop_gradient(aux["recon"])
+    fake = jax.lax.stop_gradient(recon)
 
-    def d_loss(disc_params):
+    def discriminator_loss(disc_params):
       variables = dict(state.disc_vars, params=disc_params)
       logits_real, new_vars = apply_disc(variables, x)
       variables = dict(variables, **new_vars)
       logits_fake, new_vars = apply_disc(variables, fake)
-      loss = disc_factor * disc_loss_fn(logits_real, logits_fake)
-      return loss, (new_vars, jnp.mean(logits_real), jnp.mean(logits_fake))
+      loss, metrics = losses.discriminator(logits_real, logits_fake, global_step=state.step)
+      return loss, (new_vars, metrics)
 
-    (disc_loss, (new_vars, lr_mean, lf_mean)), d_grads = jax.value_and_grad(
-        d_loss, has_aux=True)(state.disc_vars["params"])
+    (d_total, (new_vars, d_metrics)), d_grads = jax.value_and_grad(
+        discriminator_loss, has_aux=True)(state.disc_vars["params"])
     d_updates, disc_opt_state = opt_d.update(d_grads, state.disc_opt_state,
                                              state.disc_vars["params"])
     disc_params = jax.tree.map(lambda p, u: p + u, state.disc_vars["params"], d_updates)
     disc_vars = dict(state.disc_vars, **new_vars, params=disc_params)
-    total = main_loss + scale * g_loss
-    metrics = dict(loss=total, rec_loss=aux["rec_loss"], nll_loss=aux["nll_loss"],
-                   reg_loss=aux["reg_loss"], g_loss=g_loss, d_weight=d_weight,
-                   disc_factor=jnp.float32(disc_factor), disc_loss=disc_loss,
-                   logits_real=lr_mean, logits_fake=lf_mean,
-                   psnr=psnr(x, jax.lax.stop_gradient(aux["recon"])),
+
+    metrics = dict(g_metrics, **d_metrics, loss=g_total, psnr=psnr(x, fake),
                    grad_norm=optax.global_norm(grads))
-    if kind == "kl":
-      metrics["logvar"] = state.params["logvar"]
-    finite = jnp.isfinite(total) & jnp.isfinite(disc_loss)
+    finite = jnp.isfinite(g_total) & jnp.isfinite(d_total) & jnp.isfinite(metrics["grad_norm"])
     metrics["nonfinite"] = (~finite).astype(jnp.int32)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = AEState(step=state.step + 1, params=keep(params, state.params),
@@ -165,13 +157,14 @@ def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.mean(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)))
 
 
-def init_state(ae, disc, config, opt_g, opt_d, image_size: int, rng) -> AEState:
+def init_state(ae, disc, opt_g, opt_d, first_images, rng) -> AEState:
+  """Fresh state. The discriminator initialises on real images: ActNorm's data-dependent init
+  (and nothing else) depends on them. CompVis never optimises the loss's logvar, so it is fixed at 0
+  and not part of the state."""
   r_ae, r_disc, r_state = jax.random.split(rng, 3)
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  ae_vars = ae.init({"params": r_ae, "sample": r_ae}, x)
+  x = jnp.asarray(first_images, jnp.float32)
+  ae_vars = ae.init({"params": r_ae, "sample": r_ae}, x[:1])
   params = {"autoencoder": ae_vars["params"]}
-  if config.loss.kind == "kl":
-    params["logvar"] = jnp.zeros((), jnp.float32)
   disc_vars = dict(disc.init(r_disc, x, train=False))
   return AEState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_g.init(params),
                  disc_vars=disc_vars, disc_opt_state=opt_d.init(disc_vars["params"]),
@@ -190,8 +183,10 @@ def train(config, workdir: str) -> dict:
   opt_d = optim.make_gan_optimizer(learning_rate=lr)
   pipeline = inputs.make_pipeline(config, mesh=mesh)
 
+  first_images = np.asarray(pipeline.peek()["image"], np.float32)
+
   def init_fn(rng):
-    return init_state(ae, disc, config, opt_g, opt_d, config.data.image_size, rng)
+    return init_state(ae, disc, opt_g, opt_d, first_images, rng)
 
   state = parallel.init_sharded(init_fn, jax.random.PRNGKey(config.seed), mesh=mesh,
                                 min_size=config.mesh.min_shard_size)

@@ -66,8 +66,8 @@ def assert_close_to_scale(ours, ref, rel=1e-4):
   assert err <= rel * scale, f"max abs error {err:.3g} > {rel} * output scale {scale:.3g}"
 
 
-def jitted(model, method=None, **static):
-  """`(params, *args, rngs=None) -> model.apply(...)`, run eagerly on purpose: JAX caches each
+def applier(model, method=None, **static):
+  """`(params, *args, rngs=None) -> model.apply(...)`, not jitted on purpose: JAX caches each
   primitive by shape, so the tests' many same-shaped tiny models cost one compilation, where every
   jax.jit of a new function compiles the whole graph again (seconds each on the shared CPU)."""
   fn = functools.partial(model.apply, method=method, **static)
@@ -95,6 +95,13 @@ def image(seed, b=2, hw=16):
 
 # ---------------------------------------------------------------- diffusers parity (KL and VQ)
 
+def saved_config(torch_model, folder) -> dict:
+  """The config.json diffusers writes for the model (what a `vae/` folder holds)."""
+  torch_model.save_config(folder)
+  with open(folder / "config.json") as f:
+    return json.load(f)
+
+
 @pytest.fixture(scope="module")
 def diffusers_kl():
   from diffusers import AutoencoderKL as TorchKL
@@ -112,10 +119,10 @@ def test_diffusers_kl_parity(diffusers_kl, tmp_path):
     dist = diffusers_kl.encode(nchw(x)).latent_dist
     z = torch.from_numpy(np.random.default_rng(1).normal(size=(2, 4, 8, 8)).astype(np.float32))
     dec = diffusers_kl.decode(z).sample
-  post = jitted(model, model.encode)(params, x)
+  post = applier(model, model.encode)(params, x)
   assert_close_to_scale(post.mean, nhwc(dist.mean))
   assert_close_to_scale(post.logvar, nhwc(dist.logvar))
-  ours = jitted(model, model.decode)(params, nhwc(z))
+  ours = applier(model, model.decode)(params, nhwc(z))
   assert_close_to_scale(ours, nhwc(dec))
 
 
@@ -138,13 +145,6 @@ def test_diffusers_legacy_attention_names(diffusers_kl):
     np.testing.assert_array_equal(x, y, err_msg=str(path))
 
 
-def saved_config(torch_model, folder) -> dict:
-  """The config.json diffusers writes for the model (what a `vae/` folder holds)."""
-  torch_model.save_config(folder)
-  with open(folder / "config.json") as f:
-    return json.load(f)
-
-
 def test_diffusers_vq_parity(tmp_path):
   from diffusers import VQModel as TorchVQ
   torch.manual_seed(0)
@@ -162,7 +162,7 @@ def test_diffusers_vq_parity(tmp_path):
   assert cls_name == "VQModel" and kwargs["n_embed"] == 32 and kwargs["embed_dim"] == 3
   model = VQModel(**kwargs)
   params = autoencoder_from_diffusers(numpy_state(tvq), model)
-  apply = lambda method, *a: jitted(model, method)(params, *a)
+  apply = lambda method, *a: applier(model, method)(params, *a)
 
   ours_h = apply(model.encode, x)
   assert_close_to_scale(ours_h, nhwc(h))
@@ -177,7 +177,7 @@ def test_diffusers_vq_parity(tmp_path):
   assert_close_to_scale(ours_recon, nhwc(recon))
 
 
-def test_vq_legacy_loss_and_gradients_match_taming():
+def test_vq_loss_and_gradients_match_taming():
   """Value and gradients (w.r.t. z and codebook) of both losses, vs diffusers' copy of taming."""
   from diffusers.models.autoencoders.vae import VectorQuantizer as TorchVQ
   rng = np.random.default_rng(5)
@@ -237,11 +237,11 @@ def test_compvis_kl_matches_original_ldm_code():
   with torch.no_grad():
     moments = tm.quant_conv(tm.encoder(nchw(x)))
     dec = tm.decoder(tm.post_quant_conv(nchw(z)))
-  post = jitted(model, model.encode)(params, x)
+  post = applier(model, model.encode)(params, x)
   mean, logvar = np.split(nhwc(moments), 2, axis=-1)
   assert_close_to_scale(post.mean, mean)
   assert_close_to_scale(post.logvar, np.clip(logvar, -30, 20))
-  assert_close_to_scale(jitted(model, model.decode)(params, z), nhwc(dec))
+  assert_close_to_scale(applier(model, model.decode)(params, z), nhwc(dec))
 
 
 def test_compvis_vq_matches_original_ldm_code():
@@ -259,11 +259,11 @@ def test_compvis_vq_matches_original_ldm_code():
   sd["quantize.embedding.weight"] = tq.embedding.weight.detach().numpy().copy()
   model = VQModel(**TINY, n_embed=32, embed_dim=3)
   params = autoencoder_from_compvis(sd, model)
-  assert_close_to_scale(jitted(model, model.encode)(params, x), nhwc(h))
-  recon, _, ours_idx = jitted(model)(params, x)
+  assert_close_to_scale(applier(model, model.encode)(params, x), nhwc(h))
+  recon, _, ours_idx = applier(model)(params, x)
   np.testing.assert_array_equal(np.asarray(ours_idx), idx.numpy().reshape(2, 8, 8))
   assert_close_to_scale(recon, nhwc(dec))
-  unquantized = jitted(model, model.decode, force_not_quantize=True)(params, nhwc(h))
+  unquantized = applier(model, model.decode, force_not_quantize=True)(params, nhwc(h))
   assert_close_to_scale(unquantized, nhwc(dec_unquantized))
 
 
@@ -282,7 +282,13 @@ def test_load_errors_name_missing_unexpected_and_mismatched_keys():
   assert "loss." not in msg  # the training-loss tensors are ignored, not reported
 
 
-def test_diffusers_config_errors_name_the_field():
+def test_bad_settings_raise_errors_naming_the_field():
+  with pytest.raises(ValueError, match="AutoencoderKL.double_z=False"):
+    abstract_params(AutoencoderKL(**TINY, embed_dim=4, double_z=False))
+  with pytest.raises(ValueError, match="VQModel.double_z=True"):
+    abstract_params(VQModel(**TINY, n_embed=8, embed_dim=3, double_z=True))
+  with pytest.raises(ValueError, match="attn_type='linear'"):
+    abstract_params(AutoencoderKL(**TINY, embed_dim=4, attn_type="linear"))
   base = dict(_class_name="AutoencoderKL", block_out_channels=[32, 64], latent_channels=4)
   with pytest.raises(ValueError, match="act_fn='gelu'"):
     autoencoder_kwargs_from_diffusers_config(dict(base, act_fn="gelu"))
@@ -318,8 +324,8 @@ def test_bf16_compute_is_close_to_fp32(tiny_kl_params):
   bf16 = AutoencoderKL(**TINY, embed_dim=4, dtype=jnp.bfloat16)
   x = image(14)
   rngs = {"sample": jax.random.key(2)}
-  ref, ref_post = jitted(model)(params, x, rngs=rngs)
-  out, post = jax.jit(jitted(bf16))(params, x, rngs=rngs)  # one compile beats eager bf16 ops
+  ref, ref_post = applier(model)(params, x, rngs=rngs)
+  out, post = jax.jit(applier(bf16))(params, x, rngs=rngs)  # one compile beats eager bf16 ops
   assert out.dtype == jnp.float32 and post.mean.dtype == jnp.float32
   scale = float(jnp.max(jnp.abs(ref)))
   err = float(jnp.max(jnp.abs(out - ref)))
@@ -339,8 +345,8 @@ def test_remat_matches_no_remat():
   assert structure(abstract_params(remat)) == structure(params)
   assert "nin_shortcut" in str(params["encoder"]) and "mid_attn_1" in params["decoder"]
   x, rngs = image(17, hw=8), {"sample": jax.random.key(3)}
-  np.testing.assert_array_equal(jitted(remat)(params, x, rngs=rngs)[0],
-                                jitted(plain)(params, x, rngs=rngs)[0])
+  np.testing.assert_array_equal(applier(remat)(params, x, rngs=rngs)[0],
+                                applier(plain)(params, x, rngs=rngs)[0])
 
   def grads(model):
     loss = lambda p: jnp.sum(model.apply({"params": p}, x, method=model.encode).mean ** 2)
@@ -356,12 +362,12 @@ def test_remat_matches_no_remat():
 def test_sampling_uses_sample_rng_and_mode(tiny_kl_params):
   model, params = tiny_kl_params
   x = image(16)
-  forward = jitted(model)
+  forward = applier(model)
   a, post = forward(params, x, rngs={"sample": jax.random.key(4)})
   b, _ = forward(params, x, rngs={"sample": jax.random.key(5)})
-  c, _ = jitted(model, sample_posterior=False)(params, x)
+  c, _ = applier(model, sample_posterior=False)(params, x)
   assert not np.allclose(a, b)
-  np.testing.assert_allclose(c, jitted(model, model.decode)(params, post.mean), atol=1e-5)
+  np.testing.assert_allclose(c, applier(model, model.decode)(params, post.mean), atol=1e-5)
 
 
 # ---------------------------------------------------------------- DiagonalGaussian
