@@ -17,7 +17,8 @@ from configs import vq_f4
 
 def get_config(arg: str = ""):
   if arg not in ("", "tiny"):
-    raise ValueError(f"configs/celebahq_ldm_vq4.py: unknown variant {arg!r}; expected '' or 'tiny'.")
+    raise ValueError(f"configs/celebahq_ldm_vq4.py: unknown variant {arg!r}; expected '' or "
+                     "'tiny'.")
   c = common.base_config()
   c.stage = "ldm"
   c.data.source = "tfds"

@@ -5,7 +5,7 @@ FID 4.98; hyperparameters Tab. 12: batch 42, 635k steps, lr 8.4e-5); the network
 `configs/latent-diffusion/ffhq-ldm-vq-4.yaml` (identical to the CelebA-HQ model).
 
   python train.py --config configs/ffhq_ldm_vq4.py --workdir workdirs/ffhq_ldm \
-      --config.first_stage_checkpoint=workdirs/vq_f4 --config.data.data_dir=/data/ffhq/images1024x1024
+      --config.first_stage_checkpoint=workdirs/vq_f4 --config.data.data_dir=/data/ffhq/images
   python train.py --config configs/ffhq_ldm_vq4.py:tiny --workdir /tmp/ffhq_tiny \
       --config.first_stage_checkpoint=/tmp/vq_f4_tiny
 Variants: '' (the paper run), 'tiny' (2 CPU steps on shapes, with the `vq_f4:tiny` first stage).

@@ -19,7 +19,7 @@ def get_config(arg: str = ""):
   c.data.image_size = 256
   c.data.random_crop = True          # The released data config crops 256 px from 384 px images.
   c.data.min_size = 256
-  c.data.batch_size = 6              # The released per-GPU batch; the lr scales with the global batch.
+  c.data.batch_size = 6              # Released per-GPU batch; the lr scales with it.
   c.model.first_stage = common.first_stage(
       "kl", ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
       attn_resolutions=(16, 8),      # Pixel resolutions of the two lowest levels.

@@ -24,7 +24,7 @@ def get_config(arg: str = ""):
   c.data.random_crop = True          # The released data config crops 256 px from 384 px images.
   c.data.random_flip = False
   c.data.min_size = 256
-  c.data.batch_size = 4              # The released per-GPU batch; the lr scales with the global batch.
+  c.data.batch_size = 4              # Released per-GPU batch; the lr scales with it.
   c.model.first_stage = common.first_stage(
       "kl", ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, attn_resolutions=ATTN_RESOLUTIONS,
       resolution=256, z_channels=4, embed_dim=4)

@@ -33,7 +33,7 @@ def get_config(arg: str = ""):
   c.stage = "ldm"
   c.data.source = "folder"           # OpenImages images + box annotations; set data_dir.
   c.data.image_size = 256
-  c.data.batch_size = 24             # The released per-GPU batch; the lr scales with the global batch.
+  c.data.batch_size = 24             # Released per-GPU batch; the lr scales with it.
   # The same VQ-f4 network as configs/vq_f4.py (and its tiny twin), so its workdir loads here.
   c.model.first_stage = vq_f4.get_config(arg).model.first_stage
   c.model.unet = common.unet_kwargs(

@@ -1,4 +1,4 @@
-"""Stage 2: fine-tunes Stable Diffusion 2.x 768-v (KL-f8 latents, OpenCLIP ViT-H/14 text) on captions.
+"""Stage 2: fine-tunes Stable Diffusion 2.x 768-v (KL-f8 latents, OpenCLIP ViT-H/14 text).
 
 Starts from a converted SD 2.x "768-v" model (the released `v2-inference-v.yaml` network:
 865.9M-parameter UNet, mc 320, mult 1-2-4-4, attention at factors 4-2-1 with 64-channel heads and

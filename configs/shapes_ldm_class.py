@@ -15,7 +15,8 @@ NUM_CLASSES = 18 + 1  # 6 colours x 3 shapes, + the null class (18) for classifi
 
 def get_config(arg: str = ""):
   if arg not in ("", "tiny"):
-    raise ValueError(f"configs/shapes_ldm_class.py: unknown variant {arg!r}; expected '' or 'tiny'.")
+    raise ValueError(f"configs/shapes_ldm_class.py: unknown variant {arg!r}; expected '' or "
+                     "'tiny'.")
   c = common.base_config()
   c.stage = "ldm"
   c.data.source = "shapes"

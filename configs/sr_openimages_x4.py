@@ -24,14 +24,15 @@ LOW_RES_CHANNELS = 3  # RGB low-resolution image, concatenated as is.
 
 def get_config(arg: str = ""):
   if arg not in ("", "tiny"):
-    raise ValueError(f"configs/sr_openimages_x4.py: unknown variant {arg!r}; expected '' or 'tiny'.")
+    raise ValueError(f"configs/sr_openimages_x4.py: unknown variant {arg!r}; expected '' or "
+                     "'tiny'.")
   c = common.base_config()
   c.stage = "ldm"
   c.data.source = "folder"           # OpenImages train images; set --config.data.data_dir.
   c.data.image_size = 256            # High-resolution target; the condition is 64 px.
   c.data.random_crop = True
   c.data.min_size = 256
-  c.data.batch_size = 64             # The released per-GPU batch; the lr scales with the global batch.
+  c.data.batch_size = 64             # Released per-GPU batch; the lr scales with it.
   # The same VQ-f4 network as configs/vq_f4.py (and its tiny twin), so its workdir loads here.
   c.model.first_stage = vq_f4.get_config(arg).model.first_stage
   c.model.unet = common.unet_kwargs(

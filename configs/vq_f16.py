@@ -1,4 +1,4 @@
-"""Stage 1: the paper's VQ-regularised f=16 autoencoder (256 px -> 16x16x8, 16384 codes) on OpenImages.
+"""Stage 1: the paper's VQ-regularised f=16 autoencoder (256 px -> 16x16x8, 16384 codes).
 
 The VQ-f16 first stage of Rombach et al. 2022 (first-stage table, Tab. 8); same network and loss
 as `models/first_stage_models/vq-f16/config.yaml` (attention at the 16 px level).
@@ -19,7 +19,7 @@ def get_config(arg: str = ""):
   c.data.image_size = 256
   c.data.random_crop = True          # The released data config crops 256 px from 384 px images.
   c.data.min_size = 256
-  c.data.batch_size = 14             # The released per-GPU batch; the lr scales with the global batch.
+  c.data.batch_size = 14             # Released per-GPU batch; the lr scales with it.
   c.model.first_stage = common.first_stage(
       "vq", ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
       attn_resolutions=(16,),        # Pixel resolution: the lowest (16 px) level attends.

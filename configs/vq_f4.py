@@ -1,4 +1,4 @@
-"""Stage 1: the paper's VQ-regularised f=4 autoencoder (256 px -> 64x64x3, 8192 codes) on OpenImages.
+"""Stage 1: the paper's VQ-regularised f=4 autoencoder (256 px -> 64x64x3, 8192 codes).
 
 Reproduces the VQ-f4 row of the first-stage table (Rombach et al. 2022, Tab. 8: rFID 0.58,
 PSNR 27.43 on ImageNet-val 256^2); same network as `models/first_stage_models/vq-f4/config.yaml`.
@@ -21,7 +21,7 @@ def get_config(arg: str = ""):
   c.data.image_size = 256
   c.data.random_crop = True          # 256 px crops, as the released data config.
   c.data.min_size = 256
-  c.data.batch_size = 8              # The released per-GPU batch; the lr scales with the global batch.
+  c.data.batch_size = 8              # Released per-GPU batch; the lr scales with it.
   c.model.first_stage = common.first_stage(
       "vq", ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(), resolution=256,
       z_channels=3, embed_dim=3, n_embed=8192)

@@ -1,4 +1,4 @@
-"""Stage 1: the paper's VQ-regularised f=8 autoencoder (256 px -> 32x32x4, 16384 codes) on OpenImages.
+"""Stage 1: the paper's VQ-regularised f=8 autoencoder (256 px -> 32x32x4, 16384 codes).
 
 Reproduces the VQ-f8 row of the first-stage table (Rombach et al. 2022, Tab. 8: rFID 1.14,
 PSNR 23.07 on ImageNet-val 256^2); same network and loss as
@@ -20,7 +20,7 @@ def get_config(arg: str = ""):
   c.data.image_size = 256
   c.data.random_crop = True          # The released data config crops 256 px from 384 px images.
   c.data.min_size = 256
-  c.data.batch_size = 10             # The released per-GPU batch; the lr scales with the global batch.
+  c.data.batch_size = 10             # Released per-GPU batch; the lr scales with it.
   c.model.first_stage = common.first_stage(
       "vq", ch=128, ch_mult=(1, 2, 2, 4), num_res_blocks=2,
       attn_resolutions=(32,),        # Pixel resolution: the lowest (32 px) level attends.

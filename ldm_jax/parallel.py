@@ -193,7 +193,8 @@ def maybe_initialize_distributed(coordinator: Optional[str] = None,
 
   Explicit arguments win (all three, e.g. from CLI flags); otherwise TPU pods,
   SLURM and Open MPI are detected from the environment and JAX auto-detects
-  the coordinator. A single process is a no-op. Must run before anything
+  the coordinator, or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID give them. A single process is a no-op. Must run before anything
   touches the devices.
 
   Returns:
@@ -214,7 +215,13 @@ def maybe_initialize_distributed(coordinator: Optional[str] = None,
                                num_processes=int(num_processes),
                                process_id=int(process_id))
   elif _multiprocess_env():
-    jax.distributed.initialize()
+    # jax.distributed reads JAX_COORDINATOR_ADDRESS itself but not these two, which
+    # _multiprocess_env accepts; pass them on so a plain multi-process launch (no cluster
+    # manager to auto-detect, e.g. several processes on one machine) works.
+    env = {k: int(os.environ[v]) for k, v in
+           (('num_processes', 'JAX_NUM_PROCESSES'), ('process_id', 'JAX_PROCESS_ID'))
+           if os.environ.get(v)}
+    jax.distributed.initialize(**env)
   else:
     return False
   logging.info('jax.distributed initialised: process %d of %d',

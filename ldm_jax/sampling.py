@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax import ldm as ldm_lib
+from ldm_jax.diffusion import guidance as guidance_lib
 from ldm_jax.diffusion import samplers as samplers_lib
 
 
@@ -28,7 +29,6 @@ class UNetDenoiser:
   unet: Any
   conditioning_key: str | None
   guided: bool
-  parameterization: str = "eps"
 
   def __call__(self, x_t, t, c):
     if not self.guided:
@@ -39,12 +39,7 @@ class UNetDenoiser:
     t2 = jnp.concatenate([t, t], 0)
     out_u, out_c = jnp.split(ldm_lib.denoise_fn(self.unet, c["params"], self.conditioning_key,
                                                 x2, t2, both), 2)
-    guided = out_u + c["scale"] * (out_c - out_u)
-    # Guidance rescale (Lin et al. 2023): match the per-sample std of the conditional output.
-    std_c = jnp.std(out_c, axis=(1, 2, 3), keepdims=True)
-    std_g = jnp.std(guided, axis=(1, 2, 3), keepdims=True)
-    rescaled = guided * (std_c / jnp.maximum(std_g, 1e-12))
-    return c["rescale"] * rescaled + (1.0 - c["rescale"]) * guided
+    return guidance_lib.combine_guidance(out_u, out_c, c["scale"], c["rescale"])
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> jax.Array:
@@ -114,8 +109,7 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
       raise SamplingInputError("a mask needs an init image.")
     m = latent_mask(np.asarray(mask), h, w)
 
-  denoise = UNetDenoiser(model.unet, model.config.diffusion.conditioning_key, guided,
-                         model.config.diffusion.parameterization)
+  denoise = UNetDenoiser(model.unet, model.config.diffusion.conditioning_key, guided)
   rng = jax.random.fold_in(jax.random.PRNGKey(int(seeds[0])), 1)
   z = samplers_lib.sample(denoise, model.schedule, x_T, payload, rng, sampler=sampler,
                           steps=int(steps), eta=float(eta),

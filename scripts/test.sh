@@ -17,5 +17,7 @@ python -m pip install -q --no-deps open-clip-torch==3.3.0
 # Independent references whose own dependency lists pull torchvision: the packages alone suffice
 # (lpips: the LPIPS heads and logic; taming-transformers: PatchGAN and VQ losses).
 python -m pip install -q --no-deps lpips==0.1.4 taming-transformers==0.0.1
+# The original CompVis `ldm` package (pure-torch modules only): the reference for CompVis key layouts.
+python -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5
 export JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 python -m pytest -q "$@"

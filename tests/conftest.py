@@ -22,8 +22,12 @@ def tiny_workdirs(tmp_path_factory):
   from ldm_jax.train import entry
   root = tmp_path_factory.mktemp("tiny_models")
   ae_dir, ldm_dir = str(root / "ae"), str(root / "ldm")
-  entry.train(shapes_autoencoder.get_config("tiny"), ae_dir)
+  # Batch 8: one example per fake device of the 8-device mesh.
+  cfg = shapes_autoencoder.get_config("tiny")
+  cfg.data.batch_size = 8
+  entry.train(cfg, ae_dir)
   cfg = shapes_ldm_text.get_config("tiny")
+  cfg.data.batch_size = 8
   cfg.first_stage_checkpoint = ae_dir
   entry.train(cfg, ldm_dir)
   return {"ae": ae_dir, "ldm": ldm_dir}

@@ -1,12 +1,15 @@
 """Weight import for `ldm_jax.models.unet.UNetModel` from CompVis checkpoints and diffusers folders.
 
-  * `unet_from_compvis(state_dict, model)`: keys as under `model.diffusion_model.` (prefix stripped).
+  * `unet_from_compvis(state_dict, model)`: keys as under `model.diffusion_model.` (prefix
+    stripped).
   * `unet_from_diffusers(state_dict, model)`: `UNet2DConditionModel` or `UNet2DModel` key names.
-  * `unet_kwargs_from_diffusers_config(config)`: a diffusers `unet/config.json` dict -> UNetModel kwargs.
+  * `unet_kwargs_from_diffusers_config(config)`: a diffusers `unet/config.json` dict -> UNetModel
+    kwargs.
 
-Both importers walk the `jax.eval_shape` parameter template of the model and name, for every leaf, the
-torch key it comes from (`convert.common.strict_load`), using `UNetModel.layout()` to know which layer
-sits at which CompVis / diffusers position. Arrays must already be numpy (e.g. `t.float().numpy()`).
+Both importers walk the `jax.eval_shape` parameter template of the model and name, for every leaf,
+the torch key it comes from (`convert.common.strict_load`), using `UNetModel.layout()` to know which
+layer sits at which CompVis / diffusers position. Arrays must already be numpy
+(e.g. `t.float().numpy()`).
 """
 
 from typing import Any, Mapping
@@ -76,7 +79,7 @@ def _positions(model: unet_lib.UNetModel) -> dict[str, tuple[unet_lib.Layer, str
 
 
 def _local(layer: unet_lib.Layer, sub: Path, diffusers: bool, linear_proj: bool) -> tuple[str, Any]:
-  """(torch key suffix, transform) for a leaf `sub` = (module, ..., leaf) inside one layout layer."""
+  """(torch key suffix, transform) for a leaf `sub` = (module, ..., leaf) inside a layout layer."""
   leaf, mods = sub[-1], list(sub[:-1])
   if len(mods) >= 2 and mods[-1] == "norm":
     mods = mods[:-1]  # the inner nn.GroupNorm / nn.LayerNorm of our fp32 norm wrappers
@@ -168,7 +171,8 @@ def _fuse_legacy_qkv(state_dict, model) -> dict:
   """diffusers' separate to_q/to_k/to_v of legacy attention -> one per-head-interleaved `qkv`.
 
   Our AttentionBlock keeps CompVis' fused layout [h0: q, k, v | h1: ...]; the fused tensor is put in
-  under the virtual key `<prefix>.qkv.*`. Old diffusers names (query/key/value/proj_attn) are renamed.
+  under the virtual key `<prefix>.qkv.*`. Old diffusers names (query/key/value/proj_attn) are
+  renamed first.
   """
   sd = dict(state_dict)
   for layer, _, prefix in _positions(model).values():
@@ -238,7 +242,7 @@ def _per_level(config, key, levels, default):
 
 
 def _heads_kwargs(channels, heads_per_level, cls) -> dict:
-  """Per-level head counts -> num_heads (same count everywhere) or num_head_channels (same width)."""
+  """Per-level head counts -> num_heads (same count everywhere) or num_head_channels (one width)."""
   if len(set(heads_per_level)) == 1:
     return {"num_heads": heads_per_level[0]}
   widths = {c // h for c, h in zip(channels, heads_per_level)}

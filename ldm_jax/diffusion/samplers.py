@@ -87,6 +87,20 @@ def sample(denoise: Callable, schedule: Schedule, x_T: jnp.ndarray, cond: Any, r
     raise ValueError(f'eta={eta!r}: expected eta >= 0')
   if grid not in base.GRIDS:
     raise ValueError(f'grid={grid!r}: expected one of {base.GRIDS}')
+  if grid != 'uniform' and sampler not in ('ddim', 'plms'):
+    raise ValueError(f'grid={grid!r} with sampler={sampler!r}: only ddim and plms take a grid; '
+                     f"expected 'uniform'")
+  if clip_x0 and sampler != 'ddpm':
+    raise ValueError(f'clip_x0=True with sampler={sampler!r}: expected sampler ddpm')
+  if (parameterization == 'eps' and sampler in ('ddim', 'plms', 'ddpm')
+      and not isinstance(schedule.alphas_cumprod, jax.core.Tracer)):
+    # At alphas_cumprod == 0 (zero terminal SNR) x0 = (x - eps) / 0: an eps model says nothing
+    # about x0 there. (dpmpp_2m and euler_ancestral step from 2^-24 instead, like diffusers.)
+    ts = sampler_timesteps(sampler, T, steps, grid)
+    if float(jnp.min(schedule.alphas_cumprod[ts])) == 0.0:
+      raise ValueError(f"parameterization='eps' with sampler={sampler!r}, grid={grid!r}: the grid "
+                       f'reaches a timestep with alphas_cumprod == 0 (zero terminal SNR); '
+                       f"expected a 'v' or 'x0' model there")
   if x_T.ndim != 4:
     raise ValueError(f'x_T shape {x_T.shape}: expected [B, H, W, C]')
   if (mask is not None or (strength is not None and strength < 1.0)) and x0 is None:

@@ -39,7 +39,9 @@ def ddim_timesteps(num_timesteps: int, steps: int, grid: str = 'uniform') -> np.
   elif grid == 'quad':
     ts = (np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2).astype(np.int64)
   elif grid == 'trailing':
-    ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64) - 1
+    # diffusers' float arange can yield S + 1 entries (e.g. S = 61, ending at -1): count k instead.
+    k = np.arange(steps, dtype=np.float64)
+    ts = np.round(num_timesteps - k * num_timesteps / steps).astype(np.int64) - 1
     return np.sort(ts)
   else:
     raise ValueError(f'grid={grid!r}: expected one of {GRIDS}')

@@ -1,16 +1,17 @@
-"""Attention blocks of the latent-diffusion UNet (CompVis `ldm/modules/attention.py` and openaimodel).
+"""Attention blocks of the latent-diffusion UNet (CompVis `ldm/modules/attention.py`, openaimodel).
 
   * `CrossAttention`: multi-head attention, to_q/to_k/to_v without bias, to_out with bias.
   * `FeedForward`: the GEGLU feed-forward (Dense to 2 x 4d split as (value, gate), exact-erf GELU).
   * `BasicTransformerBlock`: x += attn1(LN x); x += attn2(LN x, context); x += ff(LN x).
-  * `SpatialTransformer`: GroupNorm (eps 1e-6), proj_in, `depth` transformer blocks over the row-major
-    (h, w) tokens, proj_out, residual.
-  * `AttentionBlock`: the legacy (non-transformer) self-attention block with one fused qkv projection
-    laid out per head as [h0: q, k, v | h1: q, k, v | ...].
+  * `SpatialTransformer`: GroupNorm (eps 1e-6), proj_in, `depth` transformer blocks over the
+    row-major (h, w) tokens, proj_out, residual.
+  * `AttentionBlock`: the legacy (non-transformer) self-attention block with one fused qkv
+    projection laid out per head as [h0: q, k, v | h1: q, k, v | ...].
 
-Everything is NHWC / [B, L, C]. proj_in / proj_out and the legacy qkv / proj_out are 1x1 convolutions
-in some checkpoints and Linear layers in others; a 1x1 conv is the same map as a Dense over channels, so
-they are Dense here and the importers reshape the kernels. Softmax runs in float32 (`layers.attention`).
+Everything is NHWC / [B, L, C]. proj_in / proj_out and the legacy qkv / proj_out are 1x1
+convolutions in some checkpoints and Linear layers in others; a 1x1 conv is the same map as a Dense
+over channels, so they are Dense here and the importers reshape the kernels. Softmax runs in float32
+(`layers.attention`).
 """
 
 from typing import Any
@@ -133,5 +134,6 @@ class AttentionBlock(nn.Module):
     qkv = qkv.reshape(b, height * width, self.heads, 3, ch)  # [B, HW, heads, (q|k|v), ch]
     q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]  # each [B, HW, heads, ch]
     out = layers.attention(q, k, v, scale=ch ** -0.5).reshape(b, height * width, channels)
-    out = nn.Dense(channels, name="proj_out", **kw)(out)  # [B, HW, C], heads concatenated head-major
+    # Heads are concatenated head-major on channels, as the original's reshape does.
+    out = nn.Dense(channels, name="proj_out", **kw)(out)  # [B, HW, C]
     return x + out.reshape(b, height, width, channels)

@@ -1,13 +1,13 @@
 """The time-conditional UNet of latent diffusion (CompVis `openaimodel.UNetModel`, SD 2.x version).
 
-NHWC. `UNetModel` maps (x_t [B, H, W, C], t [B], context, y) to a prediction [B, H, W, out_channels];
-diffusion math lives elsewhere. The block structure (which layer sits where, its channels and heads) is
-computed once by `UNetModel.layout()`, which the forward pass and the weight importers
-(`ldm_jax.convert.unet`) both walk, so the two cannot disagree.
+NHWC. `UNetModel` maps (x_t [B, H, W, C], t [B], context, y) to a prediction
+[B, H, W, out_channels]; diffusion math lives elsewhere. The block structure (which layer sits
+where, its channels and heads) is computed once by `UNetModel.layout()`, which the forward pass and
+the weight importers (`ldm_jax.convert.unet`) both walk, so the two cannot disagree.
 
-Flax module names follow the CompVis checkpoint positions: `input_blocks_{n}_{m}`, `middle_block_{m}`,
-`output_blocks_{n}_{m}` for torch `input_blocks.n.m` etc.; `time_embed_0/2`, `label_emb*`, `out_norm`,
-`out_conv`.
+Flax module names follow the CompVis checkpoint positions: `input_blocks_{n}_{m}`,
+`middle_block_{m}`, `output_blocks_{n}_{m}` for torch `input_blocks.n.m` etc.; `time_embed_0/2`,
+`label_emb*`, `out_norm`, `out_conv`.
 """
 
 import dataclasses
@@ -134,16 +134,17 @@ class UNetModel(nn.Module):
       return (value,) * levels
     value = tuple(value)
     if len(value) != levels:
-      raise ValueError(f"UNetModel.{field}={value} has {len(value)} entries; expected an int or one "
-                       f"entry per level of channel_mult={tuple(self.channel_mult)} ({levels}).")
+      raise ValueError(f"UNetModel.{field}={value} has {len(value)} entries; expected an int "
+                       f"or one entry per level of channel_mult={tuple(self.channel_mult)} "
+                       f"({levels}).")
     return value
 
   def _heads(self, ch: int, upsample_block: bool) -> int:
     """Heads of an attention layer with ch channels, following openaimodel's rules."""
     if self.num_head_channels != -1:
       if self.num_head_channels <= 0 or ch % self.num_head_channels:
-        raise ValueError(f"UNetModel.num_head_channels={self.num_head_channels} does not divide the "
-                         f"{ch} channels of an attention layer; expected a divisor of {ch}.")
+        raise ValueError(f"UNetModel.num_head_channels={self.num_head_channels} does not divide "
+                         f"the {ch} channels of an attention layer; expected a divisor of {ch}.")
       return ch // self.num_head_channels
     heads = self.num_heads
     # Only the legacy AttentionBlock of the output blocks reads num_heads_upsample.
@@ -151,8 +152,9 @@ class UNetModel(nn.Module):
       heads = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
     if heads <= 0 or ch % heads:
       field = "num_heads_upsample" if heads != self.num_heads else "num_heads"
-      raise ValueError(f"UNetModel.{field}={heads} does not divide the {ch} channels of an attention "
-                       f"layer; expected a positive divisor of {ch} (or set num_head_channels).")
+      raise ValueError(f"UNetModel.{field}={heads} does not divide the {ch} channels of an "
+                       f"attention layer; expected a positive divisor of {ch} (or set "
+                       f"num_head_channels).")
     return heads
 
   def _validate(self):
@@ -167,11 +169,12 @@ class UNetModel(nn.Module):
       raise ValueError("UNetModel.context_dim=None with use_spatial_transformer=True; expected the "
                        "width of the cross-attention context.")
     if self.context_dim is not None and not self.use_spatial_transformer:
-      raise ValueError(f"UNetModel.context_dim={self.context_dim} needs use_spatial_transformer=True.")
+      raise ValueError(f"UNetModel.context_dim={self.context_dim} needs "
+                       f"use_spatial_transformer=True.")
     nc = self.num_classes
     if not (nc is None or nc in ("continuous", "sequential") or (isinstance(nc, int) and nc > 0)):
-      raise ValueError(f"UNetModel.num_classes={nc!r}; expected None, a positive int, 'continuous' or "
-                       f"'sequential'.")
+      raise ValueError(f"UNetModel.num_classes={nc!r}; expected None, a positive int, "
+                       f"'continuous' or 'sequential'.")
     if nc == "sequential" and not self.adm_in_channels:
       raise ValueError(f"UNetModel.adm_in_channels={self.adm_in_channels} with num_classes="
                        f"'sequential'; expected the width of the y vector.")
@@ -200,7 +203,6 @@ class UNetModel(nn.Module):
                     self._heads(ch, stage == "output"), bool(no_sa[level]))]
 
     inputs = [[Layer("conv_in", "input", 0, 0, 0, 0, self.model_channels)]]
-    chans = [self.model_channels]
     ch, ds = self.model_channels, 1
     for level, mult in enumerate(self.channel_mult):
       for r in range(nrb[level]):
@@ -210,11 +212,9 @@ class UNetModel(nn.Module):
         if ds in self.attention_resolutions:
           block += attn_layer("input", n, level, r, ch)
         inputs.append(block)
-        chans.append(ch)
       if level != len(self.channel_mult) - 1:
         kind = "down_res" if self.resblock_updown else "down"
         inputs.append([Layer(kind, "input", len(inputs), 0, level, 0, ch)])
-        chans.append(ch)
         ds *= 2
     last = len(self.channel_mult) - 1
     middle = [Layer("res", "middle", 0, 0, last, 0, ch),
@@ -225,7 +225,6 @@ class UNetModel(nn.Module):
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       for i in range(nrb[level] + 1):
         n = len(outputs)
-        chans.pop()
         ch = self.model_channels * mult
         block = [Layer("res", "output", n, 0, level, i, ch)]
         if ds in self.attention_resolutions:
@@ -307,7 +306,8 @@ class UNetModel(nn.Module):
                        f"{factor} for {len(self.channel_mult)} levels.")
     if self.use_spatial_transformer:
       if context is None or context.ndim != 3 or context.shape[-1] != self.context_dim:
-        raise ValueError(f"UNetModel: context has shape {None if context is None else context.shape}; "
+        shape = None if context is None else context.shape
+        raise ValueError(f"UNetModel: context has shape {shape}; "
                          f"expected [B, L, context_dim={self.context_dim}].")
       context = context.astype(self.dtype)
     depth = self._per_level("transformer_depth", self.transformer_depth)

@@ -3,6 +3,7 @@
 import logging
 import os
 
+from ldm_jax import parallel
 from ldm_jax import validate
 from ldm_jax.convert import common
 from ldm_jax.model_io import CheckpointNotFoundError
@@ -15,6 +16,9 @@ class UserError(Exception):
 
 
 def train(config, workdir: str) -> dict:
+  # Before validate: its mesh check counts devices, which starts the XLA backend, and
+  # jax.distributed.initialize must come first on multi-process runs.
+  parallel.maybe_initialize_distributed()
   try:
     validate.check_config(config)
   except ValueError as e:

@@ -25,13 +25,23 @@ from ldm_jax.train import step as step_lib
 log = logging.getLogger("ldm_jax.train")
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 class MetricWriter:
-  """TensorBoard event files (process 0 only) + a tqdm progress bar with steps/s and ETA."""
+  """TensorBoard event files and `metrics.jsonl` (process 0 only) + a tqdm progress bar.
+
+  `metrics.jsonl` holds one JSON object per logged step ({"step": ..., "loss": ...}); it is
+  appended to, so a resumed run may repeat steps after its checkpoint: readers keep the last line
+  of each step (see `read_metrics`).
+  """
 
   def __init__(self, workdir: str, total_steps: int, start_step: int):
     self.main = parallel.is_main_process()
     self.writer = None
+    self.jsonl = None
     if self.main:
+      self.jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
       try:
         from tensorboardX import SummaryWriter  # Optional: absent means console only.
         self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -47,6 +57,8 @@ class MetricWriter:
     if self.writer is not None:
       for k, v in values.items():
         self.writer.add_scalar(k, v, step)
+    self.jsonl.write(json.dumps(dict(values, step=int(step))) + "\n")
+    self.jsonl.flush()  # A preempted or killed run keeps every step it logged.
     shown = {k: f"{values[k]:.4g}" for k in ("loss", "lr", "grad_norm") if k in values}
     self.bar.set_postfix(shown, refresh=False)
 
@@ -59,6 +71,8 @@ class MetricWriter:
 
   def close(self) -> None:
     self.bar.close()
+    if self.jsonl is not None:
+      self.jsonl.close()
     if self.writer is not None:
       self.writer.close()
 
@@ -76,6 +90,19 @@ def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump({k: (float(v) if np.ndim(v) == 0 else v) for k, v in summary.items()}, f,
                 indent=2, sort_keys=True)
+
+
+def read_metrics(workdir: str) -> dict[int, dict[str, float]]:
+  """{step: metrics} from `<workdir>/metrics.jsonl`; a repeated step keeps its last line."""
+  out = {}
+  path = os.path.join(workdir, METRICS_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          row = json.loads(line)
+          out[int(row.pop("step"))] = row
+  return out
 
 
 def make_mesh(config) -> jax.sharding.Mesh:

@@ -101,6 +101,9 @@ def test_ddim_step_counts(schedule):
   np.testing.assert_array_equal(sampler_timesteps('ddim', 1000, 50)[::-1][:3], [1, 21, 41])
   np.testing.assert_array_equal(sampler_timesteps('ddim', 1000, 1000), np.arange(1000)[::-1])
   assert sampler_timesteps('ddim', 1000, 1000 - 1)[0] == 999
+  for steps in (1, 7, 61, 103, 1000):  # 'trailing': exactly S distinct steps from 999 down to >= 0
+    ts = sampler_timesteps('ddim', 1000, steps, 'trailing')
+    assert len(set(ts)) == steps and ts[0] == 999 and ts[-1] >= 0
   out1 = sample(stand_in, schedule, x_T, None, jax.random.key(0), sampler='ddim', steps=1)
   # One step from t=1 down to alphas_cumprod[0]: a closed form.
   a, a0 = schedule.alphas_cumprod[1], schedule.alphas_cumprod[0]
@@ -161,3 +164,18 @@ def test_quad_grid_and_progress(schedule, monkeypatch):
   jax.block_until_ready(out)
   jax.effects_barrier()
   assert sorted(ticks) == [(i, 6) for i in range(6)]  # PLMS: S + 1 iterations
+
+
+def test_bad_settings_are_named(schedule):
+  _, x_T = arrays()
+  zsnr = Schedule.create('linear', 1000, 0.00085, 0.012, zero_terminal_snr=True)
+  with pytest.raises(ValueError, match="parameterization='eps' with sampler='ddim'"):
+    sample(stand_in, zsnr, x_T, None, jax.random.key(0), steps=10, grid='trailing')
+  with pytest.raises(ValueError, match="grid='quad' with sampler='ddpm'"):
+    sample(stand_in, schedule, x_T, None, jax.random.key(0), sampler='ddpm', grid='quad')
+  with pytest.raises(ValueError, match="eta=0.5 with sampler='plms'"):
+    sample(stand_in, schedule, x_T, None, jax.random.key(0), sampler='plms', eta=0.5)
+  with pytest.raises(ValueError, match='steps=1001'):
+    sample(stand_in, schedule, x_T, None, jax.random.key(0), steps=1001)
+  with pytest.raises(ValueError, match="sampler='heun'"):
+    sample(stand_in, schedule, x_T, None, jax.random.key(0), sampler='heun')

@@ -29,7 +29,8 @@ def _numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
 
 def _count(model, context_dim):
   x, t = jnp.zeros((1, 32, 32, 4)), jnp.zeros((1,))
-  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, jnp.zeros((1, 77, context_dim)))
+  context = jnp.zeros((1, 77, context_dim))
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, context)
   return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(variables))
 
 
@@ -59,9 +60,9 @@ _SD2_DIFFUSERS_CONFIG = {  # Stable Diffusion 2.1 (768-v): 64-channel heads writ
 
 def test_diffusers_configs_of_stable_diffusion_translate_to_the_compvis_fields():
   base = dict(in_channels=4, model_channels=320, out_channels=4, num_res_blocks=2,
-              attention_resolutions=(1, 2, 4), channel_mult=(1, 2, 4, 4), use_spatial_transformer=True,
-              transformer_depth=1, use_scale_shift_norm=False, dropout=0.0,
-              disable_self_attentions=None)
+              attention_resolutions=(1, 2, 4), channel_mult=(1, 2, 4, 4),
+              use_spatial_transformer=True, transformer_depth=1, use_scale_shift_norm=False,
+              dropout=0.0, disable_self_attentions=None)
   assert convert_unet.unet_kwargs_from_diffusers_config(_SD1_DIFFUSERS_CONFIG) == {
       **base, "num_heads": 8, "context_dim": 768, "use_linear_in_transformer": False}
   assert convert_unet.unet_kwargs_from_diffusers_config(_SD2_DIFFUSERS_CONFIG) == {

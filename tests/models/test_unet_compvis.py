@@ -39,11 +39,13 @@ CONFIGS = {
     "sd1": dict(in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
                 attention_resolutions=(1, 2), channel_mult=(1, 2), num_heads=2,
                 use_spatial_transformer=True, context_dim=24),
-    # SD 2.x-like: linear proj, 16-channel heads, per-level res blocks, no self-attention at level 0.
+    # SD 2.x-like: linear proj, 16-channel heads, per-level res blocks, no self-attn at level 0
+    # nor in the middle, attention only on the first res block of level 1 (num_attention_blocks).
     "sd2": dict(in_channels=4, model_channels=32, out_channels=4, num_res_blocks=(1, 2),
                 attention_resolutions=(1, 2), channel_mult=(1, 2), num_head_channels=16,
                 use_spatial_transformer=True, context_dim=24, use_linear_in_transformer=True,
-                disable_self_attentions=(True, False)),
+                disable_self_attentions=(True, False), num_attention_blocks=(1, 1),
+                disable_middle_self_attn=True),
     # Class-conditional with scale-shift norm and ResBlock up/down sampling, legacy attention.
     "class": dict(in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
                   attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2, num_classes=7,

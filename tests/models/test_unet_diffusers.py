@@ -84,7 +84,8 @@ def test_diffusers_sd2_style():
   kwargs = _check_parity(m, _RS.randn(2, 4, 8, 8).astype(np.float32), _T,
                          _RS.randn(2, 5, 24).astype(np.float32), _RS.randn(2, 6).astype(np.float32))
   assert kwargs["num_head_channels"] == 16 and kwargs["transformer_depth"] == (1, 2)
-  assert kwargs["num_classes"] == "sequential" and kwargs["disable_self_attentions"] == (False, True)
+  assert kwargs["num_classes"] == "sequential"
+  assert kwargs["disable_self_attentions"] == (False, True)
 
 
 def test_diffusers_unet2d_legacy_attention():
