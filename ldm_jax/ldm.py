@@ -126,10 +126,21 @@ class LatentDiffusion:
     return encode_fn(self.first_stage, self.params["first_stage"], jnp.asarray(images), rng,
                      self.scale_factor)
 
-  def decode(self, latents: jax.Array) -> jax.Array:
-    """Scaled latents -> images [B, H, W, 3] in (about) [-1, 1]."""
-    return decode_fn(self.first_stage, self.params["first_stage"], jnp.asarray(latents),
-                     self.scale_factor)
+  def decode(self, latents: jax.Array, *, tile: int | None = None, overlap: int = 8) -> jax.Array:
+    """Scaled latents -> images [B, H, W, 3] in (about) [-1, 1].
+
+    tile: decode in overlapping tiles of tile x tile latents (blended), so memory is bounded by the
+      tile rather than the image: for larger-than-trained samples.
+    """
+    latents = jnp.asarray(latents)
+    if tile is None or max(latents.shape[1:3]) <= tile:
+      return decode_fn(self.first_stage, self.params["first_stage"], latents, self.scale_factor)
+    from ldm_jax.diffusion import tiling  # Local: only big images need it.
+    decode_one = functools.partial(decode_fn, self.first_stage)
+    return tiling.tiled_decode(
+        lambda z, aux: decode_one(aux, z, self.scale_factor), latents, tile=tile,
+        overlap=min(overlap, tile - 1), scale=self.downsample_factor,
+        aux=self.params["first_stage"])
 
   # ----------------------------------------------------------------------------------------------
   # Conditioning.
@@ -193,7 +204,8 @@ class LatentDiffusion:
              steps: int = 50, eta: float = 0.0, guidance: float = 1.0,
              guidance_rescale: float = 0.0, seed: int = 0, x_T: jax.Array | None = None,
              init_image: jax.Array | None = None, strength: float | None = None,
-             mask: jax.Array | None = None, progress: bool = False) -> np.ndarray:
+             mask: jax.Array | None = None, progress: bool = False,
+             decode_tile: int | None = None) -> np.ndarray:
     """Generates images; returns float32 [B, H, W, 3] in [-1, 1] (use `to_uint8`).
 
     init_image + strength: img2img. init_image + mask (1 = keep, pixel resolution): inpainting by
@@ -204,7 +216,8 @@ class LatentDiffusion:
                            num_samples=num_samples, height=height, width=width, sampler=sampler,
                            steps=steps, eta=eta, guidance=guidance,
                            guidance_rescale=guidance_rescale, seed=seed, x_T=x_T,
-                           init_image=init_image, strength=strength, mask=mask, progress=progress)
+                           init_image=init_image, strength=strength, mask=mask, progress=progress,
+                           decode_tile=decode_tile)
 
   # ----------------------------------------------------------------------------------------------
   # Construction, saving and loading.

@@ -59,7 +59,8 @@ def latent_mask(mask: np.ndarray, h: int, w: int) -> jax.Array:
 def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=None,
            num_samples=None, height=None, width=None, sampler="ddim", steps=50, eta=0.0,
            guidance=1.0, guidance_rescale=0.0, seed=0, seeds=None, x_T=None, init_image=None,
-           strength=None, mask=None, progress=False, decode=True) -> np.ndarray:
+           strength=None, mask=None, progress=False, decode=True,
+           decode_tile=None) -> np.ndarray:
   """See `LatentDiffusion.sample`; returns float32 images [B, H, W, 3] in [-1, 1] (or latents)."""
   f = model.downsample_factor
   batch = len(prompts) if prompts is not None else (
@@ -117,4 +118,6 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
                           mask=m, strength=strength, progress=progress)
   if not decode:
     return np.asarray(z)
-  return np.asarray(model.decode(z))
+  if decode_tile is None and max(h, w) > int(model.config.diffusion.image_size):
+    decode_tile = int(model.config.diffusion.image_size)  # Bigger than trained: bounded memory.
+  return np.asarray(model.decode(z, tile=decode_tile))

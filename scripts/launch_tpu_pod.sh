@@ -18,7 +18,8 @@ Required:
   -n TPU_NAME     the TPU VM (pod slice) name             (or env TPU_NAME)
   -z ZONE         its zone, e.g. us-central2-b            (or env ZONE)
   -c CONFIG       experiment config, path[:variant]       e.g. configs/txt2img_laion.py
-  -w WORKDIR      gs://bucket/path seen by all workers (checkpoints, logs, summaries)
+  -w WORKDIR      gs://bucket/path (mounted with gcsfuse at ~/gcs/bucket on every worker), or an
+                  absolute path on a filesystem all workers share (checkpoints, logs, summaries)
 Options:
   -p PROJECT      gcloud project (default: gcloud's current one)
   -r REPO_URL     git URL to clone        (default: env LDM_JAX_REPO, else this checkout's origin)
@@ -80,9 +81,15 @@ fail() { echo "launch_tpu_pod.sh: error: $*" >&2; echo "Run with -h for usage." 
 [ -n "$ZONE" ] || fail "no zone: pass -z ZONE (or set ZONE)"
 [ -n "$CONFIG" ] || fail "no config: pass -c CONFIG, e.g. -c configs/cin256_v2.py"
 [ -n "$WORKDIR" ] || fail "no workdir: pass -w gs://bucket/path"
+# train.py writes its logs and summaries with plain file I/O, so a bucket is mounted with gcsfuse
+# at the same path on every worker and train.py gets that path.
+MOUNT=""
 case "$WORKDIR" in
-  gs://*) ;;
-  *) fail "-w $WORKDIR: expected a gs:// path (every worker must see the same checkpoints)" ;;
+  gs://*/*) BUCKET=${WORKDIR#gs://}; BUCKET=${BUCKET%%/*}
+            MOUNT="\$HOME/gcs/$BUCKET"; RUN_WORKDIR="$MOUNT/${WORKDIR#gs://$BUCKET/}" ;;
+  /*) RUN_WORKDIR=$WORKDIR ;;
+  *) fail "-w $WORKDIR: expected gs://bucket/path, or an absolute path on a filesystem that \
+every worker mounts (e.g. Filestore)" ;;
 esac
 
 HERE=$(cd "$(dirname "$0")/.." && pwd)
@@ -96,10 +103,21 @@ fi
 
 # The remote command, with every user value quoted for the worker's shell.
 q() { printf '%q' "$1"; }
-TRAIN="python train.py --config $(q "$CONFIG") --workdir $(q "$WORKDIR")"
+TRAIN="python train.py --config $(q "$CONFIG") --workdir \"$RUN_WORKDIR\""
 for f in "${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}"; do TRAIN+=" $(q "$f")"; done
 if [ "$BACKGROUND" = 1 ]; then
   TRAIN="nohup $TRAIN > ~/ldm_jax_train.log 2>&1 &"
+fi
+MOUNT_CMD=""
+if [ -n "$MOUNT" ]; then
+  MOUNT_CMD="if ! command -v gcsfuse >/dev/null; then
+  # Google's documented apt install of gcsfuse.
+  echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null
+  curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null
+  sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse
+fi
+mkdir -p \"$MOUNT\"
+mountpoint -q \"$MOUNT\" || gcsfuse --implicit-dirs $(q "$BUCKET") \"$MOUNT\""
 fi
 REMOTE="set -e
 [ -d $DIR/.git ] || git clone --quiet $(q "$REPO_URL") $DIR
@@ -113,6 +131,7 @@ cd $DIR
 pip install --quiet --upgrade pip
 pip install --quiet -r requirements.txt $(q "$JAX_SPEC")
 export JAX_PLATFORMS=tpu
+$MOUNT_CMD
 $TRAIN"
 
 CMD=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$REMOTE")

@@ -76,6 +76,13 @@ class Pipeline:
     return self._it.get_state()
 
   def set_state(self, state) -> None:
+    if isinstance(state, dict) and "processes" in state:
+      # Saved by a multi-host run (loop.gather_host_states): one state per process.
+      states, count = state["processes"], jax.process_count()
+      if len(states) != count:
+        raise ValueError(f"data iterator state: the checkpoint holds {len(states)} hosts' states, "
+                         f"this run has {count} hosts; resume with {len(states)} hosts.")
+      state = states[jax.process_index()]
     self._peeked = None
     self._it.set_state(state)
 

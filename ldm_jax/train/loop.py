@@ -148,7 +148,10 @@ def run_loop(*, workdir: str, config, state: Any, start_step: int,
     return {k: float(np.asarray(v)) for k, v in metrics.items() if np.ndim(v) == 0}
 
   def save(step, state, force=False):
-    extra = {"data": loader.get_state() if hasattr(loader, "get_state") else None}
+    if not force and step % checkpointer.save_every:
+      return  # Not a save step (checked here too: gathering the data states is collective).
+    extra = {"data": gather_host_states(loader.get_state())
+             if hasattr(loader, "get_state") else None}
     if extra_json is not None:
       extra.update(extra_json())
     checkpointer.save(step, state, extra_json=extra, force=force)
@@ -179,6 +182,23 @@ def run_loop(*, workdir: str, config, state: Any, start_step: int,
       checkpointer.wait()
       writer.close()
   return state, dict(last, step=step)
+
+
+def gather_host_states(state: Any) -> Any:
+  """Every host's data-iterator state, for the checkpoint (which only process 0's JSON reaches).
+
+  One process: the state itself. Several: {"processes": [state of process 0, 1, ...]}, from which
+  `inputs.Pipeline.set_state` picks its own. Collective: all processes must call it.
+  """
+  if jax.process_count() == 1:
+    return state
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = np.frombuffer(json.dumps(state).encode(), np.uint8)  # [n]
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)  # [P]
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  every = np.asarray(multihost_utils.process_allgather(padded))  # [P, max n]
+  return {"processes": [json.loads(every[i, :n].tobytes()) for i, n in enumerate(sizes)]}
 
 
 def iterate(loader: Any) -> Callable[[], Any]:

@@ -31,7 +31,17 @@ class EmulatedHosts:
                                         process_index=i, process_count=hosts)
                  for i in range(hosts)]
 
+    self._peeked = None
+
+  def peek(self):
+    if self._peeked is None:
+      self._peeked = self.next()
+    return self._peeked
+
   def next(self):
+    if self._peeked is not None:
+      batch, self._peeked = self._peeked, None
+      return batch
     parts = [next(it) for it in self._its]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
