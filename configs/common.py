@@ -14,6 +14,7 @@ Each experiment file defines `get_config(arg)` returning a ConfigDict; `arg` pic
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -128,6 +129,12 @@ def unet_kwargs(*, in_channels, model_channels, out_channels=None, channel_mult=
                 context_dim=None, use_spatial_transformer=False, transformer_depth=1,
                 use_linear_in_transformer=False, num_classes=None, use_scale_shift_norm=False,
                 resblock_updown=False, dropout=0.0, legacy=True, adm_in_channels=None) -> dict:
+  # Optional integers are typed placeholders (not plain None) so --config.model.unet.context_dim=64
+  # can set them from the command line.
+  context_dim = config_dict.placeholder(int) if context_dim is None else context_dim
+  adm_in_channels = config_dict.placeholder(int) if adm_in_channels is None else adm_in_channels
+  if num_classes is None:
+    num_classes = config_dict.placeholder(int)
   return dict(in_channels=in_channels, model_channels=model_channels,
               out_channels=out_channels or in_channels, channel_mult=tuple(channel_mult),
               num_res_blocks=num_res_blocks, attention_resolutions=tuple(attention_resolutions),

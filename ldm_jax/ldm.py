@@ -59,7 +59,9 @@ class LatentDiffusion:
       compute_dtype: 'float32' or 'bfloat16' (parameters stay as given).
       tokenizer / tokenizer_path: for text models; by default the config's cond_stage.tokenizer.path.
     """
-    config = ml_collections.ConfigDict(dict(config))
+    # A private, unlocked copy: trainers adjust fields (remat, scale_factor) on their own model.
+    config = ml_collections.ConfigDict(
+        config.to_dict() if hasattr(config, "to_dict") else dict(config))
     diffusion = model_config_defaults()
     diffusion.update(dict(config.get("diffusion", {})))
     config.diffusion = diffusion
@@ -152,9 +154,22 @@ class LatentDiffusion:
     return tokenizers_lib.tokenize(self.tokenizer, list(prompts), max_length=max_length)
 
   def condition(self, prompts: Sequence[str] | None = None, labels: Sequence[int] | None = None,
-                images: jax.Array | None = None) -> Conditioning:
-    """Encodes prompts (text models), labels (class models) or images (concat models)."""
+                images: jax.Array | None = None, mask: jax.Array | None = None) -> Conditioning:
+    """Encodes prompts (text models), labels (class models) or images (concat models).
+
+    Inpainting models (cond kind 'first_stage') take the masked image as `images` and the pixel
+    mask [B, H, W, 1] (1 = keep) as `mask`: the condition is [encode(masked image), hole mask] at
+    latent resolution, the order of the paper's inpainting script.
+    """
     kind = self.cond_kind
+    if kind == "first_stage":
+      if images is None or mask is None:
+        raise ValueError("this is an inpainting model: give the image and the mask.")
+      c = self.encode(images)  # [B, h, w, C], scaled posterior mode
+      b, h, w, _ = c.shape
+      m = jnp.asarray(mask, jnp.float32)
+      hole = 1.0 - jax.image.resize(m, (b, h, w, m.shape[-1]), "bilinear")  # [B, h, w, 1]
+      return Conditioning(concat=jnp.concatenate([c, (hole > 0.5).astype(c.dtype)], -1))
     key = self.config.diffusion.conditioning_key
     if prompts is not None and not self.is_text:
       raise ValueError(f"prompts were given but this model is conditioned by {kind!r}, not text.")

@@ -60,8 +60,12 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
            num_samples=None, height=None, width=None, sampler="ddim", steps=50, eta=0.0,
            guidance=1.0, guidance_rescale=0.0, seed=0, seeds=None, x_T=None, init_image=None,
            strength=None, mask=None, progress=False, decode=True,
-           decode_tile=None) -> np.ndarray:
-  """See `LatentDiffusion.sample`; returns float32 images [B, H, W, 3] in [-1, 1] (or latents)."""
+           decode_tile=None, paste_known=True) -> np.ndarray:
+  """See `LatentDiffusion.sample`; returns float32 images [B, H, W, 3] in [-1, 1] (or latents).
+
+  seeds: one per sample (default seed, seed+1, ...): x_T of sample i comes from seeds[i] alone.
+  paste_known: inpainting returns the input's pixels exactly where mask == 1.
+  """
   f = model.downsample_factor
   batch = len(prompts) if prompts is not None else (
       len(labels) if labels is not None else (
@@ -87,8 +91,14 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
     if concat.shape[1:3] != (h, w) and model.cond_stage is None:
       raise SamplingInputError(f"conditioning image of {concat.shape[2]}x{concat.shape[1]} px: this "
                                f"model concatenates it to {w}x{h} latents; give that size.")
+  inpaint_model = model.cond_kind == "first_stage"
+  if inpaint_model:
+    if init_image is None or mask is None:
+      raise SamplingInputError("this inpainting model needs an init image and a mask.")
+    concat = jnp.asarray(init_image) * jnp.asarray(mask)  # The known pixels; the hole is zeroed.
   try:
-    cond = model.condition(prompts=prompts, labels=labels, images=concat)
+    cond = model.condition(prompts=prompts, labels=labels, images=concat,
+                           mask=None if not inpaint_model else jnp.asarray(mask))
   except ValueError as e:
     raise SamplingInputError(str(e)) from None
   guided = float(guidance) != 1.0 and (model.is_text or model.cond_kind == "class")
@@ -105,10 +115,12 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
       raise SamplingInputError(f"init image {init.shape[2]}x{init.shape[1]}: expected "
                                f"{width}x{height}.")
     x0 = model.encode(init)  # posterior mode, scaled
-  if mask is not None:
+  if mask is not None and not inpaint_model:  # Inpainting by latent masking (any model).
     if x0 is None:
       raise SamplingInputError("a mask needs an init image.")
     m = latent_mask(np.asarray(mask), h, w)
+  if inpaint_model:
+    x0 = None  # The model inpaints from its condition; it starts from pure noise.
 
   denoise = UNetDenoiser(model.unet, model.config.diffusion.conditioning_key, guided)
   rng = jax.random.fold_in(jax.random.PRNGKey(int(seeds[0])), 1)
@@ -120,4 +132,10 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
     return np.asarray(z)
   if decode_tile is None and max(h, w) > int(model.config.diffusion.image_size):
     decode_tile = int(model.config.diffusion.image_size)  # Bigger than trained: bounded memory.
-  return np.asarray(model.decode(z, tile=decode_tile))
+  images = np.asarray(model.decode(z, tile=decode_tile))
+  if mask is not None and paste_known:
+    # The latents of the known region are exact, but the decoder (attention in its middle block)
+    # mixes them with the generated region: paste the known pixels back, as inpainting pipelines do.
+    m = np.asarray(mask, np.float32)
+    images = m * np.asarray(init_image, np.float32) + (1.0 - m) * images
+  return images

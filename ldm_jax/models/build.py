@@ -25,7 +25,9 @@ from ldm_jax.models import unet as unet_lib
 FIRST_STAGES = {"kl": "AutoencoderKL", "vq": "VQModel"}
 TEXT_ENCODERS = {"ldm_bert": "LDMTextTransformer", "clip": "CLIPTextEncoder",
                  "openclip": "CLIPTextEncoder", "bert": "BertEncoder"}
-COND_KINDS = ("none", "class", "identity", "spatial_rescaler") + tuple(TEXT_ENCODERS)
+# 'first_stage': the paper's inpainting models concatenate the first stage's encoding of the masked
+# image (and the mask); no parameters of their own.
+COND_KINDS = ("none", "class", "identity", "first_stage", "spatial_rescaler") + tuple(TEXT_ENCODERS)
 
 
 def _plain(d: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -64,7 +66,7 @@ def build_cond_stage(cfg: Mapping[str, Any] | None, compute_dtype: str = "float3
   kind = (cfg or {}).get("kind", "none")
   if kind not in COND_KINDS:
     raise ValueError(f"model.cond_stage.kind={kind!r}; expected one of {list(COND_KINDS)}.")
-  if kind in ("none", "identity"):
+  if kind in ("none", "identity", "first_stage"):
     return None
   kwargs = _plain(cfg.get("kwargs"))
   if kind == "class":

@@ -88,8 +88,21 @@ def test_resume_after_three_steps_and_onto_another_mesh(tmp_path):
   got, want = _losses(other_mesh), _losses(straight)
   np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)],
                              rtol=1e-5)
-  # Only the summation order of the sharded reductions differs from the data=4 run.
-  assert _max_diff(state_a["params"], state_c["params"]) <= 1e-5
+  # Only the summation order of the sharded reductions differs from the data=4 run, which moves
+  # every parameter by <= 1e-6, except those whose gradient is zero in exact arithmetic (the bias
+  # of a conv feeding a one-channel-per-group GroupNorm, attention key biases): there Adam
+  # normalises rounding noise into steps of up to ~lr, in either direction, in either run.
+  # Those show as an RMS gradient (sqrt of Adam's nu) of ~1e-6 against >= 1e-2 elsewhere.
+  lr = 6.25e-5 * 4  # loss.base_learning_rate x batch (shapes_autoencoder.py, batch 4).
+  nu = jax.tree.leaves(state_a["opt_state"][0][0]["nu"])
+  pairs = list(zip(jax.tree.leaves(state_a["params"]), jax.tree.leaves(state_c["params"]), nu))
+  assert len(pairs) == len(jax.tree.leaves(state_a["params"]))
+  live = [np.sqrt(n) >= 1e-4 for _, _, n in pairs]
+  assert sum(l.sum() for l in live) > 0.99 * sum(l.size for l in live)
+  assert max(float(np.abs(a - c)[l].max(initial=0)) for (a, c, _), l in zip(pairs, live)) <= 1e-6
+  # Steps 4-6 ran on different meshes: 2 runs x 3 steps x Adam steps of <= ~2 lr (b1=0.5, b2=0.9).
+  assert max(float(np.abs(a - c).max()) for a, c, _ in pairs) <= 2 * 3 * 2 * lr
+  assert _max_diff(state_a["disc_vars"], state_c["disc_vars"]) <= 1e-6
   meta = (other_mesh / "checkpoints" / "6" / "state" / "_sharding").read_text()
   assert "fsdp" in meta
 
