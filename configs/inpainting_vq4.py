@@ -45,8 +45,9 @@ def get_config(arg: str = ""):
       model_channels=256, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
       attention_resolutions=(8, 4, 2), num_heads=8, resblock_updown=True)
   # No cond-stage network: CompVis uses the first stage itself (__is_first_stage__) to encode the
-  # masked image, which our pipeline does before the step; the UNet only sees the concat input.
-  c.model.cond_stage = dict(kind="none", kwargs=dict())
+  # masked image, which our pipeline does before the step; the UNet only sees the concat input
+  # [masked-image latent, hole mask].
+  c.model.cond_stage = dict(kind="first_stage", kwargs=dict())
   c.model.diffusion = common.diffusion(linear_start=0.0015, linear_end=0.0205,
                                        conditioning_key="concat", image_size=64,
                                        channels=LATENT_CHANNELS)

@@ -22,8 +22,9 @@ from configs import vq_f4
 # corner positions (x0, y0) / (x1, y1) quantised to cells; 3 tokens per box, at most 2 boxes.
 SHAPES_CLASSES = 18
 SHAPES_GRID = 16
-SHAPES_VOCAB = 1 + SHAPES_CLASSES + SHAPES_GRID * SHAPES_GRID
-SHAPES_TOKENS = 8  # 2 boxes x 3 tokens, padded to 8.
+# transforms.layout_tokens: grid^2 corner tokens, one token per class, one padding token.
+SHAPES_VOCAB = SHAPES_GRID * SHAPES_GRID + SHAPES_CLASSES + 1
+SHAPES_TOKENS = 6  # 2 boxes x (class, top-left, bottom-right).
 
 
 def get_config(arg: str = ""):
@@ -67,6 +68,7 @@ def get_config(arg: str = ""):
         in_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
         attention_resolutions=(1, 2), num_head_channels=32, use_spatial_transformer=True,
         transformer_depth=2, context_dim=64)
+    c.data.layout_grid, c.data.layout_classes, c.data.layout_max_objects = 16, 18, 2
     c.model.cond_stage.kwargs = dict(vocab_size=SHAPES_VOCAB, max_length=SHAPES_TOKENS, width=64,
                                      depth=2, heads=8, head_dim=8, mlp_ratio=4, epsilon=1e-5)
     c.model.diffusion.image_size = 16

@@ -154,7 +154,8 @@ class LatentDiffusion:
     return tokenizers_lib.tokenize(self.tokenizer, list(prompts), max_length=max_length)
 
   def condition(self, prompts: Sequence[str] | None = None, labels: Sequence[int] | None = None,
-                images: jax.Array | None = None, mask: jax.Array | None = None) -> Conditioning:
+                images: jax.Array | None = None, mask: jax.Array | None = None,
+                tokens: jax.Array | None = None) -> Conditioning:
     """Encodes prompts (text models), labels (class models) or images (concat models).
 
     Inpainting models (cond kind 'first_stage') take the masked image as `images` and the pixel
@@ -162,6 +163,11 @@ class LatentDiffusion:
     latent resolution, the order of the paper's inpainting script.
     """
     kind = self.cond_kind
+    if tokens is not None:  # Pre-tokenised input, e.g. layout box tokens.
+      if self.cond_stage is None or not self.is_text:
+        raise ValueError(f"tokens were given but this model is conditioned by {kind!r}.")
+      return Conditioning(context=cond_stage_fn(self.cond_stage, self.params["cond_stage"],
+                                                jnp.asarray(tokens, jnp.int32)))
     if kind == "first_stage":
       if images is None or mask is None:
         raise ValueError("this is an inpainting model: give the image and the mask.")

@@ -56,7 +56,7 @@ def latent_mask(mask: np.ndarray, h: int, w: int) -> jax.Array:
   return jnp.asarray((m > 0.5).astype(np.float32))  # [B, h, w, 1]
 
 
-def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=None,
+def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=None, tokens=None,
            num_samples=None, height=None, width=None, sampler="ddim", steps=50, eta=0.0,
            guidance=1.0, guidance_rescale=0.0, seed=0, seeds=None, x_T=None, init_image=None,
            strength=None, mask=None, progress=False, decode=True,
@@ -67,7 +67,7 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
   paste_known: inpainting returns the input's pixels exactly where mask == 1.
   """
   f = model.downsample_factor
-  batch = len(prompts) if prompts is not None else (
+  batch = len(prompts) if prompts is not None else len(tokens) if tokens is not None else (
       len(labels) if labels is not None else (
           len(seeds) if seeds is not None else (num_samples or 1)))
   seeds = list(seeds) if seeds is not None else [seed + i for i in range(batch)]
@@ -97,11 +97,12 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
       raise SamplingInputError("this inpainting model needs an init image and a mask.")
     concat = jnp.asarray(init_image) * jnp.asarray(mask)  # The known pixels; the hole is zeroed.
   try:
-    cond = model.condition(prompts=prompts, labels=labels, images=concat,
+    cond = model.condition(prompts=prompts, labels=labels, images=concat, tokens=tokens,
                            mask=None if not inpaint_model else jnp.asarray(mask))
   except ValueError as e:
     raise SamplingInputError(str(e)) from None
-  guided = float(guidance) != 1.0 and (model.is_text or model.cond_kind == "class")
+  guided = float(guidance) != 1.0 and tokens is None and (model.is_text or
+                                                          model.cond_kind == "class")
   payload = {"params": model.params["unet"], "cond": cond}
   if guided:
     payload.update(uncond=model.unconditional(cond, batch),

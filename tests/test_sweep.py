@@ -1,5 +1,6 @@
-"""Sweeps: the product/zip_/chain helpers, run names and override checks, and a 4-run sweep of the
-tiny shapes autoencoder run end to end through sweep.py (one train.py subprocess per run)."""
+"""Sweeps: the product/zip_/chain helpers, run names and override checks, the example sweep's
+commands (--mode print), and a 4-run sweep of the tiny shapes autoencoder run end to end through
+sweep.py (one train.py subprocess per run)."""
 
 import json
 import math
@@ -63,11 +64,16 @@ def test_overrides_are_checked_before_running(tmp_path):
 
 
 def _sweep_py(tmp_path, *args, sweep_file="configs/sweeps/shapes_tiny.py"):
+  """sweep.py with workdir tmp_path/sw."""
+  # One device; runs whose step is the same program share it through the compilation cache.
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return subprocess.run(
       [sys.executable, "sweep.py", "--config=configs/shapes_autoencoder.py:tiny",
-       f"--sweep={sweep_file}", f"--workdir={tmp_path}", *COMMON, *args],
+       f"--sweep={sweep_file}", f"--workdir={tmp_path / 'sw'}", *COMMON, *args],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -86,7 +92,7 @@ def test_unknown_key_fails_before_anything_runs(tmp_path):
   bad.write_text("from ldm_jax.sweep import product\n"
                  "def get_sweep():\n"
                  "  return product(seed=[0, 1]) + product(**{'loss.kl_weigth': [1e-6]})\n")
-  out = _sweep_py(tmp_path / "sw", sweep_file=str(bad))
+  out = _sweep_py(tmp_path, sweep_file=str(bad))
   assert out.returncode == 2, out.stderr
   assert "'loss.kl_weigth': unknown config key" in out.stderr
   assert not (tmp_path / "sw").exists()
@@ -101,33 +107,42 @@ def test_print_mode_prints_four_commands(tmp_path):
              for c in commands)
   rows = _table_rows(out.stdout)
   assert len(rows) == 4 and all(r["status"] == "not run" and r["loss"] == "-" for r in rows)
-  assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(
+  sw = tmp_path / "sw"
+  assert sorted(p.name for p in sw.iterdir() if p.is_dir()) == sorted(
       ["bs=2,seed=0,lr=6.25e-05", "bs=2,seed=0,lr=0.000125", "bs=4,seed=1,lr=6.25e-05",
        "bs=4,seed=1,lr=0.000125"])
-  cfg = json.loads((tmp_path / "bs=4,seed=1,lr=0.000125" / "config.json").read_text())
+  cfg = json.loads((sw / "bs=4,seed=1,lr=0.000125" / "config.json").read_text())
   assert (cfg["data"]["batch_size"], cfg["seed"], cfg["loss"]["base_learning_rate"]) == (
       4, 1, 1.25e-4)
   assert cfg["train"]["num_steps"] == 2 and cfg["data"]["image_size"] == 16
 
 
 def test_four_run_sweep_end_to_end_and_rerun_skips(tmp_path):
-  out = _sweep_py(tmp_path)
+  # Seeds x object counts: 4 runs of one step program (the later 3 reuse its compilation).
+  sweep_file = tmp_path / "seeds.py"
+  sweep_file.write_text("from ldm_jax.sweep import product\n"
+                        "def get_sweep():\n"
+                        "  return product(seed=[0, 1], **{'data.num_objects': [1, 2]})\n")
+  out = _sweep_py(tmp_path, sweep_file=str(sweep_file))
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   rows = _table_rows(out.stdout)
-  assert len(rows) == 4
+  assert [r["run"] for r in rows] == ["seed=0,num_objects=1", "seed=0,num_objects=2",
+                                      "seed=1,num_objects=1", "seed=1,num_objects=2"]
+  sw = tmp_path / "sw"
   for row in rows:
     assert row["status"] == "ok" and row["step"] == "2", row
     assert math.isfinite(float(row["loss"])) and math.isfinite(float(row["psnr"]))
-    summary = json.loads((tmp_path / row["run"] / "summary.json").read_text())
+    summary = json.loads((sw / row["run"] / "summary.json").read_text())
     assert float(row["loss"]) == pytest.approx(summary["loss"], rel=1e-5)
     overrides = json.loads(row["overrides"])
-    cfg = json.loads((tmp_path / row["run"] / "config.json").read_text())
-    assert overrides == {"data.batch_size": cfg["data"]["batch_size"], "seed": cfg["seed"],
-                         "loss.base_learning_rate": cfg["loss"]["base_learning_rate"]}
-  assert (tmp_path / "sweep_summary.txt").read_text().strip() == out.stdout[
+    cfg = json.loads((sw / row["run"] / "config.json").read_text())
+    assert overrides == {"seed": cfg["seed"], "data.num_objects": cfg["data"]["num_objects"]}
+    assert cfg["train"]["num_steps"] == 2 and cfg["data"]["image_size"] == 16
+  assert len({r["loss"] for r in rows}) == 4  # Different seeds / data: different runs.
+  assert (sw / "sweep_summary.txt").read_text().strip() == out.stdout[
       out.stdout.index("run "):].strip()
 
-  again = _sweep_py(tmp_path)  # Finished runs are skipped, still summarised.
+  again = _sweep_py(tmp_path, sweep_file=str(sweep_file))  # Finished runs: skipped, summarised.
   assert again.returncode == 0, again.stderr[-3000:]
   rows_again = _table_rows(again.stdout)
   assert [r["status"] for r in rows_again] == ["done (skipped)"] * 4

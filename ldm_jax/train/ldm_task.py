@@ -14,6 +14,7 @@ import numpy as np
 
 from ldm_jax import ldm as ldm_lib
 from ldm_jax import parallel
+from ldm_jax.data import transforms
 from ldm_jax.diffusion import objectives
 
 FROZEN_TEXT = ("clip", "openclip", "bert")
@@ -47,25 +48,79 @@ def null_inputs(model: ldm_lib.LatentDiffusion) -> dict[str, np.ndarray]:
   return {}
 
 
+def is_layout(model: ldm_lib.LatentDiffusion) -> bool:
+  """Layout-to-image: a text-style transformer over box tokens, no tokenizer."""
+  return model.is_text and not model.cond_stage_config.get("tokenizer", {}).get("kind")
+
+
+def task_inputs(model: ldm_lib.LatentDiffusion, batch: Mapping[str, Any], config,
+                rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """Per-family conditioning inputs made on the host from an image batch (this host's shard).
+
+  super-resolution (cond 'identity', concat): the image bicubic-downsampled to latent size;
+  inpainting (cond 'first_stage'): random holes -> masked image + keep-mask (pixel resolution);
+  layout (box-token transformer): `transforms.layout_tokens` of the boxes;
+  semantic synthesis ('spatial_rescaler'): one-hot class maps [B, H, W, classes + 1] (0 = background).
+  """
+  kind, key = model.cond_kind, model.config.diffusion.conditioning_key
+  images = np.asarray(batch["image"], np.float32)  # [B, H, W, 3] in [-1, 1]
+  out: dict[str, np.ndarray] = {}
+  if kind == "identity" and key in ("concat", "hybrid"):
+    f = model.downsample_factor
+    lowres = [transforms.bicubic_down(transforms.to_uint8(im), f) for im in images]
+    out["concat"] = np.stack([transforms.to_float(x) for x in lowres])  # [B, H/f, W/f, 3]
+  elif kind == "first_stage":
+    masker = transforms.InpaintTransform(kind=config.data.inpaint_masks)
+    masks = np.stack([masker({"image": im}, rng)["mask"] for im in images])  # [B, H, W, 1]
+    out["inpaint_mask"], out["masked_image"] = masks, images * masks
+  elif is_layout(model):
+    d = config.data
+    out["tokens"] = np.stack([
+        transforms.layout_tokens(b, l, grid=d.layout_grid, num_classes=d.layout_classes,
+                                 max_objects=d.layout_max_objects)
+        for b, l in zip(batch["boxes"], batch["box_labels"])])  # [B, 3 * max_objects]
+  elif kind == "spatial_rescaler":
+    out["seg"] = class_maps(images, batch, int(model.cond_stage_config["kwargs"]["in_channels"]))
+  return out
+
+
+def class_maps(images: np.ndarray, batch: Mapping[str, Any], channels: int) -> np.ndarray:
+  """One-hot semantic maps of shapes images: a pixel belongs to the object whose box holds it
+  when it is not white (background, channel 0); object classes are box_labels + 1."""
+  b, h, w, _ = images.shape
+  labels = np.zeros((b, h, w), np.int64)
+  ink = (images < 0.9).any(-1)  # [B, H, W] not white
+  ys, xs = (np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w
+  for i in range(b):
+    for box, lab in zip(np.asarray(batch["boxes"][i]), np.asarray(batch["box_labels"][i])):
+      inside = ((ys[:, None] >= box[1]) & (ys[:, None] <= box[3]) &
+                (xs[None] >= box[0]) & (xs[None] <= box[2]))
+      labels[i][inside & ink[i]] = int(lab) + 1
+  return np.eye(channels, dtype=np.float32)[np.minimum(labels, channels - 1)]
+
+
 def encode_batch(model: ldm_lib.LatentDiffusion, batch: Mapping[str, Any], rng: jax.Array,
                  config, mesh=None) -> dict[str, Any]:
   """Host batch -> the train step's inputs: scaled latents z, and tokens/labels/context/concat.
 
-  Captions are tokenised on the host; every array is then assembled into a global batch-sharded
-  array (each host contributes its shard) before the frozen encoders run on it.
+  Captions are tokenised and task inputs made on the host; every array is then assembled into a
+  global batch-sharded array (each host contributes its shard) before the frozen encoders run.
   """
+  np_rng = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel().tolist())
   local = {"image": np.asarray(batch["image"], np.float32)}
-  kind = model.cond_kind
-  if model.is_text:
+  local.update(task_inputs(model, batch, config, np_rng))
+  if model.is_text and not is_layout(model):
     local["tokens"] = model.tokenize([str(c) for c in batch["caption"]])
-  elif kind == "class":
+  elif model.cond_kind == "class":
     local["label"] = np.asarray(batch["label"], np.int32)
-  if "concat" in batch:  # Concat inputs are prepared at latent resolution by the data pipeline.
-    local["concat"] = np.asarray(batch["concat"], np.float32)
   arrays = (parallel.make_global_batch(local, mesh) if mesh is not None
             else jax.tree.map(jnp.asarray, local))
-  out = {k: v for k, v in arrays.items() if k != "image"}
+  out = {k: v for k, v in arrays.items()
+         if k not in ("image", "inpaint_mask", "masked_image")}
   out["z"] = model.encode(arrays["image"], rng)
+  if "masked_image" in arrays:
+    out["concat"] = model.condition(images=arrays["masked_image"],
+                                    mask=arrays["inpaint_mask"]).concat
   if "tokens" in out and not trains_cond_stage(model, config):
     out["context"] = ldm_lib.cond_stage_fn(model.cond_stage, model.params["cond_stage"],
                                            out.pop("tokens"))
@@ -78,7 +133,7 @@ def make_loss_fn(model: ldm_lib.LatentDiffusion, config):
   key = model.config.diffusion.conditioning_key
   schedule = model.schedule
   drop_prob = float(config.train.cond_drop_prob)
-  null = {k: jnp.asarray(v) for k, v in null_inputs(model).items()}
+  null = ({k: jnp.asarray(v) for k, v in null_inputs(model).items()} if drop_prob > 0 else {})
   train_cs = trains_cond_stage(model, config)
   frozen_cs = None if train_cs else model.params.get("cond_stage")
 
@@ -86,6 +141,9 @@ def make_loss_fn(model: ldm_lib.LatentDiffusion, config):
     b = batch["z"].shape[0]
     drop = jax.random.bernoulli(rng, drop_prob, (b,)) if drop_prob > 0 else None
     cond = ldm_lib.Conditioning(concat=batch.get("concat"))
+    if "seg" in batch:  # Semantic maps through the (trainable) spatial rescaler.
+      variables = params["cond_stage"] if train_cs else frozen_cs
+      cond.concat = cond_stage.apply(variables, batch["seg"])  # [B, h, w, c]
     if "tokens" in batch:
       tokens = batch["tokens"]
       if drop is not None:

@@ -25,11 +25,14 @@ TINY = ["--config=configs/shapes_autoencoder.py:tiny", "--config.data.image_size
 TIMEOUT = 400
 
 
-def _env(devices: int, **extra) -> dict:
+def _env(devices: int, cache, **extra) -> dict:
   env = {k: v for k, v in os.environ.items()
          if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+  # The restarted processes reuse the first launch's compiled step from the cache.
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)
   return env
 
 
@@ -39,13 +42,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(workdir, steps: int) -> None:
+def _two_processes(workdir, steps: int, cache) -> None:
   port = _free_port()
   procs = [subprocess.Popen(
       [sys.executable, "train.py", *TINY, f"--workdir={workdir}",
        f"--config.train.num_steps={steps}"], cwd=REPO, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True,
-      env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+      env=_env(2, cache, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(i))) for i in range(2)]
   try:
     outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
@@ -67,14 +70,15 @@ def _losses(workdir) -> dict[int, float]:
 
 def test_two_processes_match_one_process_and_resume(tmp_path):
   multi, single = tmp_path / "multi", tmp_path / "single"
-  _two_processes(multi, steps=2)
+  cache = tmp_path / "jax_cache"
+  _two_processes(multi, steps=2, cache=cache)
   assert sorted(_losses(multi)) == [1, 2]
   assert (multi / "checkpoints" / "2").is_dir()
-  _two_processes(multi, steps=3)  # Restores step 2 on both processes and takes step 3.
+  _two_processes(multi, steps=3, cache=cache)  # Restores step 2 on both processes and takes step 3.
 
   ref = subprocess.run(
       [sys.executable, str(HERE / "multihost_worker.py"), "2", *TINY, f"--workdir={single}",
-       "--config.train.num_steps=3"], cwd=REPO, env=_env(4), capture_output=True, text=True,
+       "--config.train.num_steps=3"], cwd=REPO, env=_env(4, cache), capture_output=True, text=True,
       timeout=TIMEOUT)
   assert ref.returncode == 0, ref.stderr[-4000:]
 

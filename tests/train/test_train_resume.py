@@ -12,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from ldm_jax.train import checkpoint as ckpt_lib
 
@@ -24,9 +25,19 @@ TINY = ["--config=configs/shapes_autoencoder.py:tiny", "--config.data.image_size
         "--config.model.first_stage.kwargs.ch_mult=(1,)", "--config.loss.disc_ndf=8",
         "--config.loss.disc_num_layers=1", "--config.data.batch_size=4",
         "--config.checkpoint.every=3"]
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-           XLA_FLAGS="--xla_force_host_platform_device_count=4")
+ENV: dict = {}
 TIMEOUT = 300
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _env(tmp_path_factory):
+  """4 fake CPU devices, and a compilation cache shared by the runs (same step, compiled once)."""
+  global ENV
+  ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+             XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 def _cmd(workdir, steps, *extra):
