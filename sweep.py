@@ -34,7 +34,9 @@ flags.mark_flags_as_required(["config", "sweep", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides belong in the sweep file")
-  config_arg = FLAGS["config"].config_filename  # 'path[:variant]', as given.
+  # 'path[:variant]' as given, with an absolute path: the runs start in the repository root.
+  path, colon, variant = FLAGS["config"].config_filename.partition(":")
+  config_arg = os.path.abspath(path) + colon + variant
   # --config.key=value flags given here apply to every run (the sweep's own keys win).
   common = config_flags.get_override_values(FLAGS["config"])
   try:

@@ -67,9 +67,8 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
   paste_known: inpainting returns the input's pixels exactly where mask == 1.
   """
   f = model.downsample_factor
-  batch = len(prompts) if prompts is not None else len(tokens) if tokens is not None else (
-      len(labels) if labels is not None else (
-          len(seeds) if seeds is not None else (num_samples or 1)))
+  batch = next((len(x) for x in (prompts, tokens, labels, seeds, images, init_image)
+                if x is not None), num_samples or 1)
   seeds = list(seeds) if seeds is not None else [seed + i for i in range(batch)]
   if len(seeds) != batch:
     raise SamplingInputError(f"{len(seeds)} seeds for a batch of {batch}.")

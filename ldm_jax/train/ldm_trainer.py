@@ -124,10 +124,12 @@ def train(config, workdir: str) -> dict:
       grad_accum_steps=config.train.grad_accum_steps, mesh=mesh,
       state_shardings=state_shardings)
 
-  rng = jax.random.PRNGKey(config.seed + 2)
+  # The encoder's key is a function of the step, so a resumed run encodes as an unbroken one.
+  encode_rng, batch_step = jax.random.PRNGKey(config.seed + 2), start_step
   def next_batch():
-    nonlocal rng
-    rng, sub = jax.random.split(rng)
+    nonlocal batch_step
+    sub = jax.random.fold_in(encode_rng, batch_step)
+    batch_step += 1
     host = pipeline.next()
     return ldm_task.encode_batch(model, host, sub, config, mesh)
 

@@ -1,5 +1,5 @@
-"""The real stage-1 trainer (train.py in subprocesses) resumes exactly: after a stop at step 3, after
-SIGTERM, and onto a different mesh (data=4 -> data=2 x fsdp=2)."""
+"""The real trainers (train.py in subprocesses) resume exactly: stage 1 after a stop at step 3,
+after SIGTERM, and onto a different mesh (data=4 -> data=2 x fsdp=2); stage 2 after a stop."""
 
 import json
 import os
@@ -147,3 +147,32 @@ def test_sigterm_saves_exits_zero_and_restart_continues(tmp_path):
   assert f"at step {saved}" in log
   assert _final(workdir)[0] == saved + 2
   assert max(_losses(workdir)) == saved + 2
+
+
+def test_stage2_resume_matches_straight_run(tmp_path):
+  ae = tmp_path / "ae"
+  _train(ae, 1)  # A first stage (its step program is the one compiled above, cached).
+  ldm = ["--config=configs/shapes_ldm_text.py:tiny", "--config.data.image_size=16",
+         "--config.model.first_stage.kwargs.resolution=16",
+         "--config.model.first_stage.kwargs.ch_mult=(1,)", "--config.data.batch_size=4",
+         "--config.model.unet.model_channels=32", "--config.model.unet.channel_mult=(1,2)",
+         "--config.model.unet.attention_resolutions=(2,)",
+         "--config.model.diffusion.image_size=16", "--config.model.cond_stage.kwargs.depth=1",
+         "--config.checkpoint.every=2", f"--config.first_stage_checkpoint={ae}"]
+
+  def train_ldm(workdir, steps):
+    out = subprocess.run([sys.executable, "train.py", *ldm, f"--workdir={workdir}",
+                          f"--config.train.num_steps={steps}"], cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out.stderr
+
+  straight, split = tmp_path / "straight", tmp_path / "split"
+  train_ldm(straight, 4)
+  train_ldm(split, 2)
+  assert "at step 2" in train_ldm(split, 4)
+  (step_a, state_a), (step_b, state_b) = _final(straight), _final(split)
+  assert step_a == step_b == 4
+  # Params, EMA, AdamW moments, step and RNG: the whole TrainState.
+  assert _max_diff(state_a, state_b) <= 1e-6
+  assert _losses(split) == _losses(straight)
