@@ -42,6 +42,28 @@ class UNetDenoiser:
     return guidance_lib.combine_guidance(out_u, out_c, c["scale"], c["rescale"])
 
 
+def shard_batch(mesh, payload, x_T, x0, mask):
+  """Places batch-leading inputs on the mesh's batch axes and the UNet parameters replicated."""
+  from ldm_jax import parallel  # Local: single-device sampling needs no mesh code.
+  batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+  n = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+  if x_T.shape[0] % n:
+    raise SamplingInputError(f"batch of {x_T.shape[0]} cannot be split over the {n} batch shards "
+                             f"of the mesh; use a multiple of {n}.")
+  put = lambda tree, sharding: jax.tree.map(lambda a: jax.device_put(a, sharding), tree)
+  payload = dict(payload, params=put(payload["params"], replicated))
+  for key in ("cond", "uncond"):
+    if key in payload:
+      payload[key] = put(payload[key], batch_sharding)
+  for key in ("scale", "rescale"):
+    if key in payload:
+      payload[key] = put(payload[key], replicated)
+  x_T = put(x_T, batch_sharding)
+  x0 = None if x0 is None else put(x0, batch_sharding)
+  mask = None if mask is None else put(mask, batch_sharding)
+  return payload, x_T, x0, mask
+
+
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> jax.Array:
   """x_T per sample from its own seed, so a sample does not depend on its batch mates."""
   keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
@@ -60,11 +82,14 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
            num_samples=None, height=None, width=None, sampler="ddim", steps=50, eta=0.0,
            guidance=1.0, guidance_rescale=0.0, seed=0, seeds=None, x_T=None, init_image=None,
            strength=None, mask=None, progress=False, decode=True,
-           decode_tile=None, paste_known=True) -> np.ndarray:
+           decode_tile=None, paste_known=True, mesh=None, as_numpy=True) -> np.ndarray:
   """See `LatentDiffusion.sample`; returns float32 images [B, H, W, 3] in [-1, 1] (or latents).
 
   seeds: one per sample (default seed, seed+1, ...): x_T of sample i comes from seeds[i] alone.
   paste_known: inpainting returns the input's pixels exactly where mask == 1.
+  mesh: shard the batch over the mesh's (data, fsdp) axes (parameters replicated), so each device
+    samples only its slice; the batch must divide by those axes.
+  as_numpy: False returns the device array (sharded like the batch when a mesh is given).
   """
   f = model.downsample_factor
   batch = next((len(x) for x in (prompts, tokens, labels, seeds, images, init_image)
@@ -124,15 +149,20 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
 
   denoise = UNetDenoiser(model.unet, model.config.diffusion.conditioning_key, guided)
   rng = jax.random.fold_in(jax.random.PRNGKey(int(seeds[0])), 1)
+  if mesh is not None:
+    payload, x_T, x0, m = shard_batch(mesh, payload, x_T, x0, m)
   z = samplers_lib.sample(denoise, model.schedule, x_T, payload, rng, sampler=sampler,
                           steps=int(steps), eta=float(eta),
                           parameterization=model.config.diffusion.parameterization, x0=x0,
                           mask=m, strength=strength, progress=progress)
   if not decode:
-    return np.asarray(z)
+    return np.asarray(z) if as_numpy else z
   if decode_tile is None and max(h, w) > int(model.config.diffusion.image_size):
     decode_tile = int(model.config.diffusion.image_size)  # Bigger than trained: bounded memory.
-  images = np.asarray(model.decode(z, tile=decode_tile))
+  images = model.decode(z, tile=decode_tile)
+  if not as_numpy:
+    return images
+  images = np.asarray(images)
   if mask is not None and paste_known:
     # The latents of the known region are exact, but the decoder (attention in its middle block)
     # mixes them with the generated region: paste the known pixels back, as inpainting pipelines do.
