@@ -261,11 +261,15 @@ class LatentDiffusion:
     return cls(config, params, **kwargs)
 
   @classmethod
-  def from_compvis(cls, ckpt_path: str, yaml_path: str, *, use_ema: bool = False,
-                   tokenizer_path: str | None = None, **kwargs) -> "LatentDiffusion":
+  def from_compvis(cls, ckpt_path: str, yaml_path: str, *, use_ema: bool | None = None,
+                   tokenizer_path: str | None = None, text_config_dir: str | None = None,
+                   **kwargs) -> "LatentDiffusion":
+    """use_ema None: the EMA weights when the checkpoint has them. text_config_dir: a local
+    config.json of the text encoder when the YAML names one not known offline."""
     from ldm_jax.convert import pipeline
     config, params = pipeline.load_compvis(ckpt_path, yaml_path, use_ema=use_ema,
-                                           tokenizer_path=tokenizer_path)
+                                           tokenizer_path=tokenizer_path,
+                                           text_config_dir=text_config_dir)
     return cls(config, params, **kwargs)
 
   @classmethod

@@ -47,7 +47,7 @@ def load_model(args):
       if not args.compvis_yaml:
         raise UserError("--compvis_ckpt needs --compvis_yaml (the model's original config).")
       return ldm_lib.LatentDiffusion.from_compvis(args.compvis_ckpt, args.compvis_yaml,
-                                                  use_ema=not args.no_ema,
+                                                  use_ema=False if args.no_ema else None,
                                                   tokenizer_path=args.tokenizer,
                                                   compute_dtype=args.dtype)
     return ldm_lib.LatentDiffusion.from_diffusers(args.diffusers, compute_dtype=args.dtype)
@@ -56,8 +56,9 @@ def load_model(args):
   except (model_io.CheckpointNotFoundError, FileNotFoundError) as e:
     raise UserError(f"cannot load the model: {e}") from None
   except common.WeightLoadError as e:
-    raise UserError(f"the weights do not match the model's config: "
-                    f"{str(e).splitlines()[0]} {' | '.join(str(e).splitlines()[1:4])}") from None
+    lines = [" ".join(line.split()) for line in str(e).splitlines() if line.strip()]
+    raise UserError("the weights do not match the model's config: " + "; ".join(lines[:4])
+                    ) from None
   except (ValueError, OSError, KeyError) as e:
     raise UserError(f"cannot load the model: {type(e).__name__}: {e}") from None
 

@@ -6,6 +6,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
+# Tests run tiny models, where XLA's compile time dwarfs run time: skip its expensive LLVM passes.
+# (Test-only; the package and its CLIs use XLA's defaults.)
+for _flag in ("--xla_llvm_disable_expensive_passes=true",
+              "--xla_backend_optimization_level=0"):
+  if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " " + _flag
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

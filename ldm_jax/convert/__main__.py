@@ -19,7 +19,11 @@ def main(argv=None) -> int:
   p.add_argument("--compvis_yaml")
   p.add_argument("--diffusers")
   p.add_argument("--tokenizer", help="local tokenizer directory for text models (.ckpt sources)")
-  p.add_argument("--use_ema", action="store_true", help="CompVis: take the model_ema.* weights")
+  ema = p.add_mutually_exclusive_group()
+  ema.add_argument("--use_ema", dest="use_ema", action="store_true", default=None,
+                   help="CompVis: take the model_ema.* weights (default: when present)")
+  ema.add_argument("--no_ema", dest="use_ema", action="store_false",
+                   help="CompVis: take the raw weights even when EMA copies exist")
   p.add_argument("--out", required=True)
   args = p.parse_args(argv)
   from ldm_jax import model_io

@@ -44,12 +44,20 @@ def _cond_params(kind: str, sd: Mapping[str, Any], module, yaml_kwargs: Mapping[
   raise WeightLoadError(f"no importer for cond_stage kind {kind!r}.")
 
 
-def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool = False,
+def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool | None = None,
                  tokenizer_path: str | None = None, text_config_dir: str | None = None
                  ) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
-  """An original LatentDiffusion `.ckpt`/`.safetensors` with its YAML -> (config, params)."""
+  """An original LatentDiffusion `.ckpt`/`.safetensors` with its YAML -> (config, params).
+
+  use_ema: True takes the `model_ema.*` UNet weights (an error if there are none), False the raw
+  ones; None (default) takes the EMA weights when the checkpoint has them (pruned "ema-only" files
+  already hold EMA weights as the raw ones).
+  """
   cfg = compvis_config.load_compvis_config(yaml_path, text_config_dir=text_config_dir)
   sd = torch_io.load_state_dict(ckpt_path)
+  if use_ema is None:
+    use_ema = any(k.startswith("model_ema.") and not k.endswith(("decay", "num_updates"))
+                  for k in sd)
   parts = torch_io.split_compvis_state_dict(sd, use_ema=use_ema)
   diffusion = {k: v for k, v in cfg["diffusion"].items() if k not in _TRAINING_ONLY}
   if diffusion.get("scale_by_std") or diffusion.get("scale_factor") is None:
@@ -78,7 +86,12 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool = False,
 
 
 def _scheduler_to_diffusion(sched: Mapping[str, Any], vae_cfg: Mapping[str, Any],
-                            unet_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+                            unet_cfg: Mapping[str, Any], context_dim) -> dict[str, Any]:
+  """scheduler_config.json + vae/unet config.json -> the diffusion section of our config.
+
+  `unet_cfg` is the diffusers UNet config.json; `context_dim` comes from our converted UNet kwargs
+  (diffusers calls it cross_attention_dim), and decides the cross-attention routing.
+  """
   kind = sched.get("beta_schedule", "scaled_linear")
   schedules = {"scaled_linear": "linear", "linear": "sqrt_linear",
                "squaredcos_cap_v2": "cosine"}
@@ -90,7 +103,7 @@ def _scheduler_to_diffusion(sched: Mapping[str, Any], vae_cfg: Mapping[str, Any]
   if prediction not in params:
     raise ValueError(f"scheduler_config.json: prediction_type={prediction!r}; expected one of "
                      f"{sorted(params)}.")
-  key = "crossattn" if unet_kwargs.get("context_dim") else None
+  key = "crossattn" if context_dim else None
   return dict(timesteps=int(sched.get("num_train_timesteps", 1000)),
               beta_schedule=schedules[kind],
               linear_start=float(sched.get("beta_start", 0.00085)),
@@ -98,8 +111,8 @@ def _scheduler_to_diffusion(sched: Mapping[str, Any], vae_cfg: Mapping[str, Any]
               zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)),
               parameterization=params[prediction], conditioning_key=key,
               scale_factor=float(vae_cfg.get("scaling_factor", 0.18215)), scale_by_std=False,
-              image_size=int(unet_kwargs.get("sample_size", 64) or 64),
-              channels=int(unet_kwargs.get("in_channels", 4)))
+              image_size=int(unet_cfg.get("sample_size", 64) or 64),
+              channels=int(unet_cfg.get("in_channels", 4)))
 
 
 def load_diffusers(folder: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
@@ -135,7 +148,8 @@ def load_diffusers(folder: str) -> tuple[ml_collections.ConfigDict, dict[str, An
       first_stage={"kind": fs_kind, "kwargs": fs_kwargs},
       unet={k: v for k, v in unet_kwargs.items()},
       cond_stage=cond,
-      diffusion=_scheduler_to_diffusion(sched, vae_cfg, dict(unet_cfg))))
+      diffusion=_scheduler_to_diffusion(sched, vae_cfg, dict(unet_cfg),
+                                        unet_kwargs.get("context_dim"))))
   fs = build.build_first_stage(config.first_stage)
   unet = build.build_unet(config.unet)
   params = {"first_stage": {"params": ae_convert.autoencoder_from_diffusers(vae_sd, fs)},
