@@ -104,6 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.min_shard_size = 2 ** 14    # Parameters smaller than this are replicated.
+  c.mesh.num_devices = 0             # Use only the first N devices (0 = all; single-host only).
 
   c.model = ml_collections.ConfigDict()
   return c

@@ -65,6 +65,13 @@ def check_unet(prefix: str, unet, latent_size: int | None) -> None:
 def check_mesh(mesh) -> None:
   sizes = {k: mesh.get(k, 1) for k in ("data", "fsdp", "tensor")}
   n = jax.device_count()
+  limit = int(mesh.get("num_devices", 0))
+  if limit:
+    if limit < 0 or limit > n:
+      _fail("mesh.num_devices", limit, f"expected 0 (all) or 1..{n} (the available devices)")
+    if jax.process_count() > 1:
+      _fail("mesh.num_devices", limit, "a multi-host run must use every device (0)")
+    n = limit
   free = [k for k, v in sizes.items() if v == -1]
   if len(free) > 1:
     _fail("mesh", sizes, "at most one axis may be -1")
@@ -72,7 +79,7 @@ def check_mesh(mesh) -> None:
   if any(v == 0 or v < -1 for v in sizes.values()):
     _fail("mesh", sizes, "axis sizes must be positive or -1")
   if (free and n % fixed) or (not free and fixed != n):
-    _fail("mesh", sizes, f"the axes must multiply to the {n} available devices")
+    _fail("mesh", sizes, f"the axes must multiply to the {n} devices in use")
 
 
 def check_config(config) -> None:

@@ -81,12 +81,8 @@ def test_networks_match_the_original_yaml(name):
 
   ref_cs = ref["cond_stage"]
   cs = c.model.get("cond_stage", None) or {"kind": "none", "kwargs": {}}
-  if ref_cs["kind"] == "first_stage":
-    # CompVis encodes the masked image with the first stage itself; our data pipeline does that,
-    # so the config has no cond-stage network and the UNet receives the concat input.
-    assert cs["kind"] == "none"
-  else:
-    assert cs["kind"] == ref_cs["kind"]
+  assert cs["kind"] == ref_cs["kind"]
+  if ref_cs["kind"] != "first_stage":  # 'first_stage' (inpainting) has no network of its own.
     ours_cs, theirs_cs = build.build_cond_stage(cs), build.build_cond_stage(ref_cs)
     if theirs_cs is None:
       assert ours_cs is None

@@ -117,7 +117,7 @@ def test_save_load_round_trip_and_strict_shapes(model, tmp_path):
   for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(again.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   cfg = ml_collections.ConfigDict(model.config.to_dict())
-  cfg.unet.model_channels = 64
+  cfg.unet.model_channels = 96
   with pytest.raises(common.WeightLoadError, match="shape mismatches"):
     model_io.check_against_config(cfg, model.params, "test")
   with pytest.raises(model_io.CheckpointNotFoundError):

@@ -109,7 +109,8 @@ def make_mesh(config) -> jax.sharding.Mesh:
   axes = {"data": config.mesh.data, "fsdp": config.mesh.fsdp}
   if config.mesh.get("tensor", 1) != 1:
     axes["tensor"] = config.mesh.tensor
-  return parallel.make_mesh(axes)
+  n = int(config.mesh.get("num_devices", 0))
+  return parallel.make_mesh(axes, devices=jax.devices()[:n] if n else None)
 
 
 def make_checkpointer(workdir: str, config) -> checkpoint_lib.Checkpointer:
