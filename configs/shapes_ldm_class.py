@@ -21,18 +21,18 @@ def get_config(arg: str = ""):
   c.stage = "ldm"
   c.data.source = "shapes"
   c.data.label_key = "label"         # shapes: label = colour * 3 + shape of the (first) object.
-  c.data.image_size = 64
+  c.data.image_size = 32             # As configs/shapes_autoencoder.py: 8x8x4 latents.
   c.data.batch_size = 32
   # The autoencoder of configs/shapes_autoencoder.py, so its workdir is the first stage here.
   c.model.first_stage = shapes_autoencoder.get_config(arg).model.first_stage
   c.model.unet = common.unet_kwargs(
-      in_channels=4, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
-      attention_resolutions=(2, 4), num_head_channels=32, use_spatial_transformer=True,
+      in_channels=4, model_channels=64, channel_mult=(1, 2), num_res_blocks=1,
+      attention_resolutions=(1, 2), num_head_channels=32, use_spatial_transformer=True,
       context_dim=128, transformer_depth=1)
   c.model.cond_stage = dict(kind="class", kwargs=dict(n_classes=NUM_CLASSES, embed_dim=128,
                                                       ucg_rate=0.0))  # Dropout: cond_drop_prob.
   c.model.diffusion = common.diffusion(conditioning_key="crossattn", scale_by_std=True,
-                                       image_size=16, channels=4)
+                                       image_size=8, channels=4)
   c.train.num_steps = 3000
   c.train.learning_rate = 5e-4
   c.train.warmup_steps = 100
@@ -46,7 +46,7 @@ def get_config(arg: str = ""):
     common.tiny_training(c)
     c.model.unet = common.unet_kwargs(
         in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-        attention_resolutions=(2,), num_head_channels=32, use_spatial_transformer=True,
+        attention_resolutions=(1, 2), num_head_channels=32, use_spatial_transformer=True,
         context_dim=32, transformer_depth=1)
     c.model.cond_stage.kwargs.embed_dim = 32
   return c

@@ -7,6 +7,7 @@ Variants: '' (the quickstart run), 'tiny' (2 steps, for smoke tests).
 """
 
 from configs import common
+from configs import shapes_autoencoder
 
 TOKEN_LENGTH = 20
 
@@ -15,13 +16,13 @@ def get_config(arg: str = ""):
   c = common.base_config()
   c.stage = "ldm"
   c.data.source = "shapes"
-  c.data.image_size = 64
+  c.data.image_size = 32
   c.data.batch_size = 32
-  c.model.first_stage = common.first_stage("kl", ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
-                                           resolution=64, z_channels=4, embed_dim=4)
+  # The autoencoder of configs/shapes_autoencoder.py, so its workdir is the first stage here.
+  c.model.first_stage = shapes_autoencoder.get_config().model.first_stage
   c.model.unet = common.unet_kwargs(
-      in_channels=4, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
-      attention_resolutions=(2, 4), num_head_channels=32, use_spatial_transformer=True,
+      in_channels=4, model_channels=64, channel_mult=(1, 2), num_res_blocks=1,
+      attention_resolutions=(2,), num_head_channels=32, use_spatial_transformer=True,
       context_dim=128, transformer_depth=1)
   c.model.cond_stage = dict(
       kind="ldm_bert",
@@ -29,8 +30,8 @@ def get_config(arg: str = ""):
                   head_dim=32),
       tokenizer=dict(kind="shapes", path=""))  # '' -> the built-in shapes word tokenizer.
   c.model.diffusion = common.diffusion(conditioning_key="crossattn", scale_by_std=True,
-                                       image_size=16, channels=4)
-  c.train.num_steps = 3000
+                                       image_size=8, channels=4)
+  c.train.num_steps = 2000
   c.train.learning_rate = 5e-4
   c.train.warmup_steps = 100
   c.train.ema_decay = 0.999

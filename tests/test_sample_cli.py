@@ -40,7 +40,7 @@ def test_text_samples_written(tiny_workdirs, tmp_path, capsys):
   assert [s["seed"] for s in meta["samples"]] == [7, 8, 9, 10]
   assert meta["settings"]["steps"] == 3 and meta["settings"]["guidance"] == 2.0
   img = np.asarray(Image.open(out / "000000.png"))
-  assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+  assert img.shape == (32, 32, 3) and img.dtype == np.uint8
 
 
 def test_seed_fixes_a_sample_whatever_its_batch(tiny_workdirs, tmp_path, capsys):
@@ -58,9 +58,9 @@ def test_seed_fixes_a_sample_whatever_its_batch(tiny_workdirs, tmp_path, capsys)
 
 @pytest.fixture
 def images(tmp_path):
-  rgb = np.full((64, 64, 3), 200, np.uint8)
+  rgb = np.full((32, 32, 3), 200, np.uint8)
   Image.fromarray(rgb).save(tmp_path / "init.png")
-  Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "small_mask.png")
+  Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "small_mask.png")
   (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
   return tmp_path
 

@@ -78,6 +78,9 @@ def make_step(ae, disc, config, opt_g, opt_d, use_lpips: bool):
       perceptual_weight=loss_cfg.perceptual_weight if use_lpips else 0.0,
       disc_loss=loss_cfg.disc_loss)
   last_path = ("autoencoder",) + tuple(ae.decoder_last_layer_path)
+  # disc_factor 0 switches the GAN off for the whole run (not just before disc_start): the step
+  # then neither runs nor updates the discriminator.
+  gan = loss_cfg.disc_factor > 0
 
   def apply_disc(disc_vars, images):
     """Train-mode logits (BatchNorm uses batch statistics, as in CompVis) and new batch_stats."""
@@ -109,9 +112,12 @@ def make_step(ae, disc, config, opt_g, opt_d, use_lpips: bool):
         return ae.apply({"params": p["autoencoder"]}, z, deterministic=False, rngs=rngs,
                         method=ae.decode, **decode_kw)  # [B, H, W, 3]
 
+      if gan:
+        discriminator = lambda images: apply_disc(state.disc_vars, images)[0]
+      else:  # No adversarial term at all: XLA drops the discriminator from the step.
+        discriminator = lambda images: jnp.zeros((images.shape[0], 1, 1, 1), jnp.float32)
       loss, metrics = losses.generator(
-          x, reconstruct, ae_losses.get_leaf(params, last_path),
-          discriminator=lambda images: apply_disc(state.disc_vars, images)[0],
+          x, reconstruct, ae_losses.get_leaf(params, last_path), discriminator=discriminator,
           global_step=state.step, perceptual=perceptual, **extra)
       return loss, (metrics, reconstruct(ae_losses.get_leaf(params, last_path)))
 
@@ -130,12 +136,16 @@ def make_step(ae, disc, config, opt_g, opt_d, use_lpips: bool):
       loss, metrics = losses.discriminator(logits_real, logits_fake, global_step=state.step)
       return loss, (new_vars, metrics)
 
-    (d_total, (new_vars, d_metrics)), d_grads = jax.value_and_grad(
-        discriminator_loss, has_aux=True)(state.disc_vars["params"])
-    d_updates, disc_opt_state = opt_d.update(d_grads, state.disc_opt_state,
-                                             state.disc_vars["params"])
-    disc_params = jax.tree.map(lambda p, u: p + u, state.disc_vars["params"], d_updates)
-    disc_vars = dict(state.disc_vars, **new_vars, params=disc_params)
+    if gan:
+      (d_total, (new_vars, d_metrics)), d_grads = jax.value_and_grad(
+          discriminator_loss, has_aux=True)(state.disc_vars["params"])
+      d_updates, disc_opt_state = opt_d.update(d_grads, state.disc_opt_state,
+                                               state.disc_vars["params"])
+      disc_params = jax.tree.map(lambda p, u: p + u, state.disc_vars["params"], d_updates)
+      disc_vars = dict(state.disc_vars, **new_vars, params=disc_params)
+    else:
+      d_total, d_metrics = jnp.zeros((), jnp.float32), {}
+      disc_vars, disc_opt_state = state.disc_vars, state.disc_opt_state
 
     metrics = dict(g_metrics, **d_metrics, loss=g_total, psnr=psnr(x, fake),
                    grad_norm=optax.global_norm(grads))
