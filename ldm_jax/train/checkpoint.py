@@ -67,6 +67,8 @@ class Checkpointer:
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f'max_to_keep={max_to_keep}: expected >= 1 or None')
     self.workdir = os.fspath(workdir)
+    if "://" not in self.workdir:  # Orbax wants absolute local paths; keep URLs (gs://) as given.
+      self.workdir = os.path.abspath(self.workdir)
     options = ocp.CheckpointManagerOptions(
         # The interval is applied in `save`: Orbax would also save the first
         # step it sees, whatever its number.
