@@ -60,7 +60,8 @@ def test_img2img_strength(model):
                       steps=50, seed=1)
   pure = model.sample(prompts=["a red circle at the center"], steps=50, seed=1)
   err_weak = np.abs(weak - recon).mean()
-  assert err_weak < 0.1 * np.abs(full - recon).mean()
+  # One denoising step from t ~ 20: close to the input; from pure noise: unrelated to it.
+  assert err_weak < 0.2 * np.abs(full - recon).mean() and err_weak < 0.1
   # strength 1.0 ignores the input: it is exactly sampling from noise with the same seed.
   np.testing.assert_allclose(full, pure, atol=1e-5)
 
