@@ -73,6 +73,7 @@ def main():
   p.add_argument("--text_workdir", default=os.path.join(ROOT, "workdirs/shapes_ldm"))
   p.add_argument("--class_workdir", default=os.path.join(ROOT, "workdirs/shapes_ldm_class"))
   p.add_argument("--class_ldm", action="store_true", help="also train/report the class LDM")
+  p.add_argument("--class_steps", type=int, default=0, help="override its num_steps (0: config)")
   args = p.parse_args()
   results = {}
   ae_cfg = os.path.join(ROOT, "configs/shapes_autoencoder.py")
@@ -82,8 +83,11 @@ def main():
   if args.class_ldm:
     runs.append(("class", "configs/shapes_ldm_class.py", args.class_workdir))
   for name, cfg, workdir in runs:
-    results[f"{name}_ldm_train_seconds"] = train_if_missing(
-        os.path.join(ROOT, cfg), workdir, f"--config.first_stage_checkpoint={args.ae_workdir}")
+    flags = [f"--config.first_stage_checkpoint={args.ae_workdir}"]
+    if name == "class" and args.class_steps:
+      flags.append(f"--config.train.num_steps={args.class_steps}")
+    results[f"{name}_ldm_train_seconds"] = train_if_missing(os.path.join(ROOT, cfg), workdir,
+                                                            *flags)
     start, end, last = loss_start_end(workdir)
     results[f"{name}_ldm_loss_start"], results[f"{name}_ldm_loss_end"] = start, end
     results[f"{name}_ldm_steps"] = last

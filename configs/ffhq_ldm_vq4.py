@@ -11,39 +11,19 @@ FID 4.98; hyperparameters Tab. 12: batch 42, 635k steps, lr 8.4e-5); the network
 Variants: '' (the paper run), 'tiny' (2 CPU steps on shapes, with the `vq_f4:tiny` first stage).
 """
 
-from configs import common
-from configs import vq_f4
+from configs import celebahq_ldm_vq4
 
 
 def get_config(arg: str = ""):
   if arg not in ("", "tiny"):
     raise ValueError(f"configs/ffhq_ldm_vq4.py: unknown variant {arg!r}; expected '' or 'tiny'.")
-  c = common.base_config()
-  c.stage = "ldm"
+  c = celebahq_ldm_vq4.get_config(arg)
+  if arg == "tiny":
+    return c                         # The same tiny model on shapes.
   c.data.source = "folder"           # FFHQ has no TFDS builder: point data_dir at the PNG folder.
+  c.data.name = ""
   c.data.image_size = 256            # Resized from 1024 px (aligned faces, no crop needed).
   c.data.batch_size = 42
-  # The same VQ-f4 network as configs/vq_f4.py (and its tiny twin), so its workdir loads here.
-  c.model.first_stage = vq_f4.get_config(arg).model.first_stage
-  c.model.unet = common.unet_kwargs(
-      in_channels=3, model_channels=224, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
-      attention_resolutions=(8, 4, 2),  # Down-sampling factors: latent 8, 16 and 32 px levels.
-      num_head_channels=32)
-  c.model.diffusion = common.diffusion(linear_start=0.0015, linear_end=0.0195, image_size=64,
-                                       channels=3)
   c.train.num_steps = 635_000
   c.train.learning_rate = 2e-6       # Per example: x batch 42 = the paper's 8.4e-5.
-  c.train.scale_lr_by_batch = True
-  c.train.ema_decay = 0.9999
-  c.checkpoint.every = 10_000
-  c.log.every = 100
-  c.log.sample_every = 10_000
-  if arg == "tiny":
-    common.tiny_training(c)
-    c.data.source = "shapes"
-    c.data.image_size = 64           # -> 16x16x3 latents through the tiny VQ-f4.
-    c.model.unet = common.unet_kwargs(
-        in_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-        attention_resolutions=(2,), num_head_channels=32)
-    c.model.diffusion.image_size = 16
   return c
