@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from ldm_jax.models import autoencoder as autoencoder_lib
+from ldm_jax.models import bert as bert_lib
 from ldm_jax.models import conditioning as conditioning_lib
 from ldm_jax.models import text as text_lib
 from ldm_jax.models import unet as unet_lib
@@ -73,4 +74,5 @@ def build_cond_stage(cfg: Mapping[str, Any] | None, compute_dtype: str = "float3
     return conditioning_lib.ClassEmbedder(**kwargs, **dtypes(compute_dtype))
   if kind == "spatial_rescaler":
     return conditioning_lib.SpatialRescaler(**kwargs, **dtypes(compute_dtype))
-  return getattr(text_lib, TEXT_ENCODERS[kind])(**kwargs, **dtypes(compute_dtype))
+  module = bert_lib if kind == "bert" else text_lib
+  return getattr(module, TEXT_ENCODERS[kind])(**kwargs, **dtypes(compute_dtype))

@@ -1,4 +1,4 @@
-"""Non-text conditioning encoders and the factory that builds any `cond_stage_model`.
+"""Non-text conditioning encoders (class labels, spatial maps).
 
 * `ClassEmbedder`: class labels [B] -> [B, 1, D] cross-attention context (CompVis ClassEmbedder).
   The classifier-free-guidance null class is the last index (`null_label`, e.g. 1000 of 1001 for
@@ -8,8 +8,8 @@
   source coordinates from the scale factor, not from the size ratio, no antialiasing), then an
   optional 1x1 conv. `jax.image.resize` differs (it antialiases when shrinking and uses the size
   ratio), so the resize is written as two small interpolation matrices built on the host.
-* `make_cond_stage` / `cond_stage_from_compvis`: build a conditioning module from plain kwargs or
-  from a CompVis YAML `cond_stage_config` (target + params).
+Modules are built from a model config by `ldm_jax.models.build.build_cond_stage`; CompVis YAML
+`cond_stage_config`s are translated by `ldm_jax.convert.compvis_config`.
 """
 
 import math
@@ -20,8 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.models.bert import BertEncoder
-from ldm_jax.models.text import CLIPTextEncoder, LDMTextTransformer
 
 Dtype = Any
 
@@ -129,108 +127,3 @@ class SpatialRescaler(nn.Module):
       y = nn.Conv(self.out_channels, (1, 1), use_bias=self.bias, dtype=self.dtype,
                   param_dtype=self.param_dtype, name="channel_mapper")(y)  # [B, H', W', C']
     return y
-
-
-# --------------------------------------------------------------------------------------------
-# Factory
-# --------------------------------------------------------------------------------------------
-
-# Text towers of the released models, by the name their YAML gives (CLIP heads = width / 64).
-CLIP_ARCHS = {
-    "openai/clip-vit-large-patch14": dict(width=768, layers=12, heads=12, activation="quick_gelu"),
-    "ViT-L-14": dict(width=768, layers=12, heads=12, activation="gelu"),
-    "ViT-H-14": dict(width=1024, layers=24, heads=16, activation="gelu"),
-    "ViT-bigG-14": dict(width=1280, layers=32, heads=20, activation="gelu"),
-}
-
-_KINDS = {
-    "class": ClassEmbedder,
-    "clip": CLIPTextEncoder,
-    "ldm_bert": LDMTextTransformer,
-    "bert": BertEncoder,
-    "rescaler": SpatialRescaler,
-}
-
-# Which tokenizer family (ldm_jax.models.tokenizers) feeds each kind; None: no tokenizer.
-TOKENIZER_KIND = {"class": None, "clip": "clip", "ldm_bert": "bert", "bert": "bert",
-                  "rescaler": None}
-
-
-def make_cond_stage(kind: str, **kwargs) -> nn.Module:
-  """Builds a conditioning module from plain kwargs: kind in 'class', 'clip', 'ldm_bert', 'bert',
-  'rescaler' (the kwargs are the module's fields)."""
-  if kind not in _KINDS:
-    raise ValueError(f"cond stage kind={kind!r}; expected one of {sorted(_KINDS)}.")
-  cls = _KINDS[kind]
-  unknown = sorted(set(kwargs) - set(cls.__dataclass_fields__) - {"parent", "name"})
-  if unknown:
-    raise ValueError(f"cond stage kind={kind!r}: unknown arguments {unknown} for {cls.__name__}.")
-  return cls(**kwargs)
-
-
-def _clip_arch(name: str) -> dict:
-  if name not in CLIP_ARCHS:
-    raise ValueError(f"text encoder {name!r} is not a known architecture; expected one of "
-                     f"{sorted(CLIP_ARCHS)} (or build CLIPTextEncoder from a local config.json "
-                     "with ldm_jax.convert.text.clip_kwargs_from_hf_config).")
-  return dict(CLIP_ARCHS[name])
-
-
-def cond_stage_from_compvis(target: str, params: dict | None = None,
-                            **overrides) -> tuple[nn.Module, str | None]:
-  """(module, tokenizer kind) for a CompVis `cond_stage_config` (`target`, `params`).
-
-  Supports ldm.modules.encoders.modules.{ClassEmbedder, BERTEmbedder, TransformerEmbedder,
-  FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, SpatialRescaler}. `overrides` (e.g. dtype) go to the
-  module. The tokenizer kind is None where the module takes ids, labels or images directly.
-  """
-  params = dict(params or {})
-  name = target.rsplit(".", 1)[-1]
-  tokenized = True  # False: an LDM text transformer fed token ids without a tokenizer
-
-  def take(key, default):
-    return params.pop(key, default)
-
-  if name == "ClassEmbedder":
-    take("key", None)  # the batch key, not part of the network
-    kind, kw = "class", dict(embed_dim=take("embed_dim", None), n_classes=take("n_classes", 1000),
-                             ucg_rate=take("ucg_rate", 0.0))
-  elif name in ("BERTEmbedder", "TransformerEmbedder"):
-    # Both wrap the same x-transformers Encoder (8 heads of 64, fixed by the ldm code). Without the
-    # tokenizer (TransformerEmbedder, or use_tokenizer=False) token ids are fed directly.
-    tokenized = take("use_tokenizer", True) if name == "BERTEmbedder" else False
-    take("device", None)
-    take("embedding_dropout", 0.0)  # inference-irrelevant; the released model uses 0
-    kind, kw = "ldm_bert", dict(width=take("n_embed", None), depth=take("n_layer", None),
-                                vocab_size=take("vocab_size", 30522),
-                                max_length=take("max_seq_len", 77))
-  elif name in ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder"):
-    openclip = name == "FrozenOpenCLIPEmbedder"
-    if openclip:
-      arch = take("arch", "ViT-H-14")
-    else:
-      arch = take("version", "openai/clip-vit-large-patch14")
-    for unused in ("version", "device", "freeze", "layer_idx"):
-      take(unused, None)
-    layer = take("layer", "last")
-    if layer not in ("last", "penultimate"):
-      raise ValueError(f"{name}.layer={layer!r}; expected 'last' or 'penultimate'.")
-    kind = "clip"
-    kw = dict(_clip_arch(arch), max_length=take("max_length", 77), output_layer=layer)
-  elif name == "SpatialRescaler":
-    kind, kw = "rescaler", {k: take(k, d) for k, d in (
-        ("n_stages", 1), ("method", "bilinear"), ("multiplier", 0.5), ("in_channels", 3),
-        ("out_channels", None), ("bias", False))}
-  else:
-    raise ValueError(f"cond_stage_config.target={target!r} is not supported; expected a CompVis "
-                     "ClassEmbedder, BERTEmbedder, TransformerEmbedder, FrozenCLIPEmbedder, "
-                     "FrozenOpenCLIPEmbedder or SpatialRescaler.")
-  if params:
-    raise ValueError(f"cond_stage_config {name}: unknown params {sorted(params)}.")
-  missing = sorted(k for k, v in kw.items() if v is None and k != "out_channels")
-  if missing:
-    raise ValueError(f"cond_stage_config {name}: required params {missing} are missing.")
-  tokenizer = "openclip" if name == "FrozenOpenCLIPEmbedder" else TOKENIZER_KIND[kind]
-  if kind == "ldm_bert" and not tokenized:
-    tokenizer = None
-  return make_cond_stage(kind, **kw, **overrides), tokenizer

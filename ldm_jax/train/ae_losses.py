@@ -21,7 +21,7 @@ at its initial 0. Here it is an argument: the caller decides whether it is train
 CompVis's `pixelloss_weight` is stored but never used, so it has no counterpart here.
 """
 
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp

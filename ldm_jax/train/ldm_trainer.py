@@ -16,7 +16,6 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax import ldm as ldm_lib

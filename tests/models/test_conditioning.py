@@ -18,9 +18,7 @@ import transformers
 from assets_util import assert_close, minilm_dir, open_clip_simple_tokenizer
 from ldm_jax.convert.common import WeightLoadError
 from ldm_jax.convert.text import class_embedder_from_compvis, spatial_rescaler_from_compvis
-from ldm_jax.models.conditioning import (ClassEmbedder, SpatialRescaler, cond_stage_from_compvis,
-                                         make_cond_stage)
-from ldm_jax.models.text import CLIPTextEncoder, LDMTextTransformer
+from ldm_jax.models.conditioning import ClassEmbedder, SpatialRescaler
 from ldm_jax.models.tokenizers import (TokenizerError, attention_mask, load_tokenizer, tokenize,
                                        write_clip_tokenizer_dir)
 
@@ -190,45 +188,3 @@ def test_spatial_rescaler_errors():
   with pytest.raises(WeightLoadError, match="channel_mapper.bias"):
     spatial_rescaler_from_compvis({"channel_mapper.weight": np.zeros((4, 3, 1, 1), np.float32)},
                                   SpatialRescaler(out_channels=4, bias=True))
-
-
-def test_factory_builds_compvis_cond_stages():
-  sd2, tok = cond_stage_from_compvis("ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-                                     {"freeze": True, "layer": "penultimate"})
-  assert isinstance(sd2, CLIPTextEncoder) and tok == "openclip"
-  assert (sd2.width, sd2.layers, sd2.heads, sd2.activation, sd2.output_layer, sd2.num_blocks) == \
-      (1024, 24, 16, "gelu", "penultimate", 23)
-  sd1, tok = cond_stage_from_compvis("ldm.modules.encoders.modules.FrozenCLIPEmbedder")
-  assert (sd1.width, sd1.layers, sd1.activation, sd1.output_layer, tok) == \
-      (768, 12, "quick_gelu", "last", "clip")
-  ldm, tok = cond_stage_from_compvis("ldm.modules.encoders.modules.BERTEmbedder",
-                                     {"n_embed": 1280, "n_layer": 32}, dtype=jnp.bfloat16)
-  assert isinstance(ldm, LDMTextTransformer) and tok == "bert"
-  assert (ldm.width, ldm.depth, ldm.heads, ldm.head_dim, ldm.dtype) == \
-      (1280, 32, 8, 64, jnp.bfloat16)
-  ids_fed, tok = cond_stage_from_compvis("ldm.modules.encoders.modules.TransformerEmbedder",
-                                         {"n_embed": 512, "n_layer": 16, "vocab_size": 8192,
-                                          "max_seq_len": 92})  # layout2img box tokens
-  assert (ids_fed.width, ids_fed.vocab_size, ids_fed.max_length, tok) == (512, 8192, 92, None)
-  cls, tok = cond_stage_from_compvis("ldm.modules.encoders.modules.ClassEmbedder",
-                                     {"embed_dim": 512, "n_classes": 1001, "key": "class_label"})
-  assert (cls.n_classes, cls.embed_dim, cls.null_label, tok) == (1001, 512, 1000, None)
-  resc, _ = cond_stage_from_compvis("ldm.modules.encoders.modules.SpatialRescaler",
-                                    {"n_stages": 2, "in_channels": 182, "out_channels": 3})
-  assert (resc.n_stages, resc.in_channels, resc.out_channels, resc.method) == \
-      (2, 182, 3, "bilinear")
-  with pytest.raises(ValueError, match="unknown params \\['n_heads'\\]"):
-    cond_stage_from_compvis("ldm.modules.encoders.modules.BERTEmbedder",
-                            {"n_embed": 8, "n_layer": 1, "n_heads": 2})
-  with pytest.raises(ValueError, match="required params \\['embed_dim'\\]"):
-    cond_stage_from_compvis("ldm.modules.encoders.modules.ClassEmbedder", {})
-  with pytest.raises(ValueError, match="not supported"):
-    cond_stage_from_compvis("ldm.modules.encoders.modules.FrozenT5Embedder")
-  with pytest.raises(ValueError, match="'ViT-Z-99' is not a known"):
-    cond_stage_from_compvis("ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-                            {"arch": "ViT-Z-99"})
-  assert isinstance(make_cond_stage("class", n_classes=3, embed_dim=4), ClassEmbedder)
-  with pytest.raises(ValueError, match="unknown arguments \\['depth'\\]"):
-    make_cond_stage("clip", depth=3)
-  with pytest.raises(ValueError, match="kind='t5'"):
-    make_cond_stage("t5")
