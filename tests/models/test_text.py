@@ -23,7 +23,7 @@ from ldm_jax.convert.text import (bert_from_hf, bert_kwargs_from_hf_config, clip
                                   ldm_text_from_compvis, ldm_text_from_diffusers,
                                   ldm_text_kwargs_from_diffusers_config)
 from ldm_jax.models.bert import BertEncoder
-from ldm_jax.models.conditioning import cond_stage_from_compvis
+from ldm_jax.convert.compvis_config import TEXT_MODELS
 from ldm_jax.models.text import CLIPTextEncoder, LDMTextTransformer
 from ldm_jax.models.tokenizers import load_tokenizer, tokenize
 
@@ -300,9 +300,8 @@ def test_parameter_counts_of_the_real_architectures():
         hidden_act="gelu"))
     ldm = LDMBertModel(LDMBertConfig())  # the LAION 1.45B model's 1280-wide, 32-layer encoder
     bert = transformers.BertModel(transformers.BertConfig())
-  sd1, _ = cond_stage_from_compvis("ldm.modules.encoders.modules.FrozenCLIPEmbedder")
-  sd2, _ = cond_stage_from_compvis("ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-                                   {"layer": "penultimate"})
+  sd1 = CLIPTextEncoder(**TEXT_MODELS["openai/clip-vit-large-patch14"])
+  sd2 = CLIPTextEncoder(**TEXT_MODELS["ViT-H-14"], output_layer="penultimate")
   assert ours(sd1) == torch_count(vit_l) == 123_060_480  # SD 1.x text encoder
   assert ours(sd2) == torch_count(vit_h, skip=("encoder.layers.23.",))
   assert ours(LDMTextTransformer()) == torch_count(ldm, skip=("to_logits.",))
