@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.disc_ndf = 64
   c.loss.lpips_path = ""             # npz from `python -m ldm_jax.convert.lpips`.
   c.loss.allow_no_lpips = False      # Train without LPIPS when no weights file is given.
+  c.loss.learn_logvar = False        # Train the nll's log-variance (CompVis keeps it at 0).
   c.loss.base_learning_rate = 4.5e-6
 
   c.checkpoint = ml_collections.ConfigDict()

@@ -37,7 +37,7 @@ log = logging.getLogger("ldm_jax.train")
 @flax.struct.dataclass
 class AEState:
   step: jax.Array
-  params: Any            # {'autoencoder': ...}
+  params: Any            # {'autoencoder': ..., 'logvar'?: scalar with loss.learn_logvar}
   opt_state: Any
   disc_vars: Any         # {'params': ..., 'batch_stats'?: ...}
   disc_opt_state: Any
@@ -116,6 +116,8 @@ def make_step(ae, disc, config, opt_g, opt_d, use_lpips: bool):
         discriminator = lambda images: apply_disc(state.disc_vars, images)[0]
       else:  # No adversarial term at all: XLA drops the discriminator from the step.
         discriminator = lambda images: jnp.zeros((images.shape[0], 1, 1, 1), jnp.float32)
+      if "logvar" in params:  # loss.learn_logvar: the nll's log-variance is trained too.
+        extra["logvar"] = params["logvar"]
       loss, metrics = losses.generator(
           x, reconstruct, ae_losses.get_leaf(params, last_path), discriminator=discriminator,
           global_step=state.step, perceptual=perceptual, **extra)
@@ -167,14 +169,16 @@ def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.mean(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)))
 
 
-def init_state(ae, disc, opt_g, opt_d, first_images, rng) -> AEState:
+def init_state(ae, disc, opt_g, opt_d, first_images, rng, learn_logvar=False) -> AEState:
   """Fresh state. The discriminator initialises on real images: ActNorm's data-dependent init
-  (and nothing else) depends on them. CompVis never optimises the loss's logvar, so it is fixed at 0
-  and not part of the state."""
+  (and nothing else) depends on them. CompVis never optimises the loss's logvar (it is not in the
+  autoencoder optimiser's parameter list), so it stays 0 unless learn_logvar adds it to the state."""
   r_ae, r_disc, r_state = jax.random.split(rng, 3)
   x = jnp.asarray(first_images, jnp.float32)
   ae_vars = ae.init({"params": r_ae, "sample": r_ae}, x[:1])
   params = {"autoencoder": ae_vars["params"]}
+  if learn_logvar:
+    params["logvar"] = jnp.zeros((), jnp.float32)
   disc_vars = dict(disc.init(r_disc, x, train=False))
   return AEState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_g.init(params),
                  disc_vars=disc_vars, disc_opt_state=opt_d.init(disc_vars["params"]),
@@ -196,7 +200,8 @@ def train(config, workdir: str) -> dict:
   first_images = np.asarray(pipeline.peek()["image"], np.float32)
 
   def init_fn(rng):
-    return init_state(ae, disc, opt_g, opt_d, first_images, rng)
+    return init_state(ae, disc, opt_g, opt_d, first_images, rng,
+                      learn_logvar=config.loss.learn_logvar)
 
   state = parallel.init_sharded(init_fn, jax.random.PRNGKey(config.seed), mesh=mesh,
                                 min_size=config.mesh.min_shard_size)

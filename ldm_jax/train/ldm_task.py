@@ -107,8 +107,11 @@ def encode_batch(model: ldm_lib.LatentDiffusion, batch: Mapping[str, Any], rng: 
   global batch-sharded array (each host contributes its shard) before the frozen encoders run.
   """
   np_rng = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel().tolist())
-  local = {"image": np.asarray(batch["image"], np.float32)}
-  local.update(task_inputs(model, batch, config, np_rng))
+  if "latents" in batch:  # A latent cache (ldm_jax.data.latent_cache) holds z already scaled.
+    local = {"z": np.asarray(batch["latents"], np.float32)}
+  else:
+    local = {"image": np.asarray(batch["image"], np.float32)}
+    local.update(task_inputs(model, batch, config, np_rng))
   if model.is_text and not is_layout(model):
     local["tokens"] = model.tokenize([str(c) for c in batch["caption"]])
   elif model.cond_kind == "class":
@@ -117,7 +120,8 @@ def encode_batch(model: ldm_lib.LatentDiffusion, batch: Mapping[str, Any], rng: 
             else jax.tree.map(jnp.asarray, local))
   out = {k: v for k, v in arrays.items()
          if k not in ("image", "inpaint_mask", "masked_image")}
-  out["z"] = model.encode(arrays["image"], rng)
+  if "image" in arrays:
+    out["z"] = model.encode(arrays["image"], rng)
   if "masked_image" in arrays:
     out["concat"] = model.condition(images=arrays["masked_image"],
                                     mask=arrays["inpaint_mask"]).concat

@@ -48,7 +48,7 @@ def build_model(config, workdir: str, first_images: np.ndarray) -> ldm_lib.Laten
       raise ValueError("config.first_stage_checkpoint is empty: stage 2 needs a trained first stage "
                        "(an autoencoder workdir or saved model).")
     model.params["first_stage"] = load_first_stage(config.first_stage_checkpoint, model)
-  if model.config.diffusion.scale_by_std:
+  if model.config.diffusion.scale_by_std and not config.init_from:  # Estimated once, when fresh.
     scale = ldm_task.estimate_scale_factor(model, first_images, jax.random.PRNGKey(1))
     log.info("scale_by_std: scale_factor = %.6f", scale)
     cfg = model.config
@@ -78,7 +78,12 @@ def train(config, workdir: str) -> dict:
   mesh = loop.make_mesh(config)
   pipeline = inputs.make_pipeline(config, mesh=mesh)
   first = pipeline.peek()
-  model = build_model(config, workdir, first["image"])
+  if "image" not in first and (config.model.diffusion.scale_by_std and not config.init_from and
+                               not os.path.isdir(os.path.join(workdir, model_io.MODEL_SUBDIR))):
+    raise ValueError("config.data.source='latent_cache' with scale_by_std: the scale is estimated "
+                     "from images; build the cache with the trained model and set "
+                     "config.model.diffusion.scale_factor instead.")
+  model = build_model(config, workdir, first.get("image"))
 
   # --- Optimiser and state, born sharded. ---
   global_batch = config.data.batch_size

@@ -152,7 +152,8 @@ def run_loop(*, workdir: str, config, state: Any, start_step: int,
     if not force and step % checkpointer.save_every:
       return  # Not a save step (checked here too: gathering the data states is collective).
     extra = {"data": gather_host_states(loader.get_state())
-             if hasattr(loader, "get_state") else None}
+             if hasattr(loader, "get_state") else None,
+             "config": json.loads(config.to_json_best_effort())}
     if extra_json is not None:
       extra.update(extra_json())
     checkpointer.save(step, state, extra_json=extra, force=force)
