@@ -140,7 +140,8 @@ def train(config, workdir: str) -> dict:
   def on_sample(state, step):
     from ldm_jax.train import samples as samples_lib
     trained = state.ema_params if state.ema_params is not None else state.params
-    samples_lib.log_sample_grid(ldm_task.apply_trained(model, trained), config, workdir, step)
+    return samples_lib.log_sample_grid(ldm_task.apply_trained(model, trained), config, workdir,
+                                       step)
 
   state, last = loop.run_loop(workdir=workdir, config=config, state=state, start_step=start_step,
                               train_step=train_step, next_batch=next_batch, loader=pipeline,

@@ -172,7 +172,9 @@ def run_loop(*, workdir: str, config, state: Any, start_step: int,
         writer.advance()
         save(step, state)
         if on_sample and config.log.sample_every and step % config.log.sample_every == 0:
-          on_sample(state, step)
+          grid = on_sample(state, step)  # uint8 [H, W, 3] or None
+          if grid is not None:
+            writer.image(step, "samples", grid)
         if guard.should_stop(step):
           log.warning("Preemption signal received: saving step %d and exiting.", step)
           save(step, state, force=True)

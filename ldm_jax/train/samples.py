@@ -22,7 +22,9 @@ def sample_inputs(model: ldm_lib.LatentDiffusion, config) -> dict:
   return {"num_samples": n}
 
 
-def log_sample_grid(model: ldm_lib.LatentDiffusion, config, workdir: str, step: int) -> str | None:
+def log_sample_grid(model: ldm_lib.LatentDiffusion, config, workdir: str,
+                    step: int) -> np.ndarray | None:
+  """Samples the grid, writes `samples/step_NNNNNNN.png`; returns it (process 0) for TensorBoard."""
   images = sampling.sample(model, steps=int(config.log.sample_steps),
                            guidance=float(config.log.sample_guidance), seed=step,
                            **sample_inputs(model, config))
@@ -31,6 +33,6 @@ def log_sample_grid(model: ldm_lib.LatentDiffusion, config, workdir: str, step: 
   from PIL import Image
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"step_{step:07d}.png")
-  Image.fromarray(sample_cli.make_grid(ldm_lib.to_uint8(np.asarray(images)))).save(path)
-  return path
+  grid = sample_cli.make_grid(ldm_lib.to_uint8(np.asarray(images)))  # [H, W, 3]
+  Image.fromarray(grid).save(os.path.join(out_dir, f"step_{step:07d}.png"))
+  return grid

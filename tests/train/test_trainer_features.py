@@ -36,6 +36,8 @@ def test_init_from_sample_grid_and_config_in_checkpoint(tiny_workdirs, tmp_path)
   for a, b in zip(jax.tree.leaves(source.params), jax.tree.leaves(start)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert os.path.isfile(os.path.join(workdir, "samples", "step_0000001.png"))
+  assert any(f.startswith("events.out.tfevents")
+             for f in os.listdir(os.path.join(workdir, "tensorboard")))
   ckptr = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   _, extra = ckptr.restore()
   ckptr.close()
