@@ -329,7 +329,7 @@ def test_vq_loss_matches_taming(monkeypatch):
   # A perfect reconstruction: L1 and LPIPS are both 0 (same compiled function).
   _, m_same, _, _ = run(reconstruct(w0), w0)
   # Zero up to float rounding (compiled convs may round batch rows differently).
-  assert float(m_same["rec_loss"]) < 1e-9 and float(m_same["p_loss"]) < 1e-6
+  assert float(m_same["rec_loss"]) < 1e-6 and float(m_same["p_loss"]) < 1e-6
   # taming's own GAN losses on shared logits.
   real, fake = r.normal(0, 2, (2, 1, 3, 3)), r.normal(0, 2, (2, 1, 3, 3))
   for ours, theirs in ((ae_losses.hinge_d_loss, vqperceptual.hinge_d_loss),
