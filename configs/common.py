@@ -173,3 +173,42 @@ def tiny_training(c: ml_collections.ConfigDict, *, steps: int = 2, batch: int = 
   c.log.sample_every = 0
   c.log.num_samples = 2
   c.log.sample_steps = 2
+
+
+def autoencoder_training(c: ml_collections.ConfigDict,
+                         first_stage_config: ml_collections.ConfigDict, *, batch_size: int) -> None:
+  """The paper's first-stage recipe, shared by configs/kl_f*.py and vq_f*.py (stage 1).
+
+  256 px crops of OpenImages (set --config.data.data_dir), the CompVis learning rate scaled by the
+  batch, no EMA. Each config then sets its released loss weights (disc_start, disc_weight, ...).
+  """
+  c.stage = "autoencoder"
+  c.data.source = "folder"           # OpenImages train images; set --config.data.data_dir.
+  c.data.image_size = 256
+  c.data.random_crop = True          # The released data config crops 256 px from 384 px images.
+  c.data.min_size = 256
+  c.data.batch_size = batch_size     # Released per-GPU batch; the lr scales with it.
+  c.model.first_stage = first_stage_config
+  c.train.num_steps = 500_000        # Not in the released configs; long enough for disc_start.
+  c.train.use_ema = False            # The CompVis autoencoders keep no EMA copy.
+  c.loss.kind = first_stage_config.kind
+  c.loss.base_learning_rate = 4.5e-6  # x global batch x accumulation, as CompVis main.py does.
+  c.checkpoint.every = 5000
+  c.log.every = 100
+
+
+def tiny_autoencoder_training(c: ml_collections.ConfigDict,
+                              first_stage_config: ml_collections.ConfigDict) -> None:
+  """The 'tiny' variant of `autoencoder_training`: 2 CPU steps on 64 px shapes, GAN on from step 1.
+
+  `first_stage_config` is the config's miniature network (same levels, 64 px, ch 32).
+  """
+  tiny_training(c)
+  c.data.source = "shapes"
+  c.data.image_size = 64
+  c.data.random_crop = False
+  c.data.min_size = 0
+  c.model.first_stage = first_stage_config
+  c.loss.disc_start = 1              # Exercise the GAN branch within the two steps.
+  c.loss.disc_ndf = 16
+  c.loss.allow_no_lpips = True       # No LPIPS weights file in smoke tests.

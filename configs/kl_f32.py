@@ -14,38 +14,18 @@ from configs import common
 
 def get_config(arg: str = ""):
   c = common.base_config()
-  c.stage = "autoencoder"
-  c.data.source = "folder"           # OpenImages train images; set --config.data.data_dir.
-  c.data.image_size = 256
-  c.data.random_crop = True          # The released data config crops 256 px from 384 px images.
-  c.data.min_size = 256
-  c.data.batch_size = 6              # Released per-GPU batch; the lr scales with it.
-  c.model.first_stage = common.first_stage(
+  common.autoencoder_training(c, common.first_stage(
       "kl", ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
       attn_resolutions=(16, 8),      # Pixel resolutions of the two lowest levels.
-      resolution=256, z_channels=64, embed_dim=64)
-  c.train.num_steps = 500_000        # Not in the released config; long enough for disc_start.
-  c.train.use_ema = False            # The CompVis autoencoders keep no EMA copy.
-  c.loss.kind = "kl"
-  c.loss.base_learning_rate = 4.5e-6  # x global batch x accumulation, as CompVis main.py does.
+      resolution=256, z_channels=64, embed_dim=64), batch_size=6)
   c.loss.disc_start = 50001
   c.loss.kl_weight = 1e-6
   c.loss.disc_weight = 0.5
-  c.checkpoint.every = 5000
-  c.log.every = 100
   if arg == "tiny":
-    common.tiny_training(c)
-    c.data.source = "shapes"
-    c.data.image_size = 64
-    c.data.random_crop = False
-    c.data.min_size = 0
     # 64 px / 4: the same two lowest levels (4 and 2 px) attend.
-    c.model.first_stage = common.first_stage(
+    common.tiny_autoencoder_training(c, common.first_stage(
         "kl", ch=32, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=1, attn_resolutions=(4, 2),
-        resolution=64, z_channels=64, embed_dim=64)
-    c.loss.disc_start = 1
-    c.loss.disc_ndf = 16
-    c.loss.allow_no_lpips = True
+        resolution=64, z_channels=64, embed_dim=64))
   elif arg:
     raise ValueError(f"configs/kl_f32.py: unknown variant {arg!r}; expected '' or 'tiny'.")
   return c

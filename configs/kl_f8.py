@@ -18,38 +18,17 @@ ATTN_RESOLUTIONS = ()
 
 def get_config(arg: str = ""):
   c = common.base_config()
-  c.stage = "autoencoder"
-  c.data.source = "folder"           # OpenImages train images; set --config.data.data_dir.
-  c.data.image_size = 256
-  c.data.random_crop = True          # The released data config crops 256 px from 384 px images.
-  c.data.random_flip = False
-  c.data.min_size = 256
-  c.data.batch_size = 4              # Released per-GPU batch; the lr scales with it.
-  c.model.first_stage = common.first_stage(
+  common.autoencoder_training(c, common.first_stage(
       "kl", ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, attn_resolutions=ATTN_RESOLUTIONS,
-      resolution=256, z_channels=4, embed_dim=4)
-  c.train.num_steps = 500_000        # Not in the released config; long enough for disc_start.
-  c.train.use_ema = False            # The CompVis autoencoders keep no EMA copy.
-  c.loss.kind = "kl"
-  c.loss.base_learning_rate = 4.5e-6  # x global batch x accumulation, as CompVis main.py does.
+      resolution=256, z_channels=4, embed_dim=4), batch_size=4)
   c.loss.disc_start = 50001          # Adversarial term only after the reconstruction settles.
   c.loss.kl_weight = 1e-6            # Only a slight KL pull towards N(0, 1): latents stay detailed.
   c.loss.disc_weight = 0.5           # Multiplies the adaptive (gradient-norm matched) GAN weight.
-  c.checkpoint.every = 5000
-  c.log.every = 100
   if arg == "tiny":
-    common.tiny_training(c)
-    c.data.source = "shapes"
-    c.data.image_size = 64
-    c.data.random_crop = False
-    c.data.min_size = 0
     # Same four levels (f=8); 32 channels and one block per level keep it a CPU-sized network.
-    c.model.first_stage = common.first_stage(
+    common.tiny_autoencoder_training(c, common.first_stage(
         "kl", ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1, attn_resolutions=(), resolution=64,
-        z_channels=4, embed_dim=4)
-    c.loss.disc_start = 1            # Exercise the GAN branch within the two steps.
-    c.loss.disc_ndf = 16
-    c.loss.allow_no_lpips = True     # No LPIPS weights file in smoke tests.
+        z_channels=4, embed_dim=4))
   elif arg:
     raise ValueError(f"configs/kl_f8.py: unknown variant {arg!r}; expected '' or 'tiny'.")
   return c

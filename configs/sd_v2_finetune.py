@@ -20,7 +20,7 @@ released parameter counts) and is what a from-scratch run (init_from='') would b
 """
 
 from configs import common
-from configs import kl_f8
+from configs import sd_v1_finetune
 
 INIT_FROM = "models/sd21"  # Placeholder: the `--out` folder of ldm_jax.convert for SD 2.x (768-v).
 
@@ -28,18 +28,25 @@ INIT_FROM = "models/sd21"  # Placeholder: the `--out` folder of ldm_jax.convert 
 def get_config(arg: str = ""):
   if arg not in ("", "tiny"):
     raise ValueError(f"configs/sd_v2_finetune.py: unknown variant {arg!r}; expected '' or 'tiny'.")
-  c = common.base_config()
-  c.stage = "ldm"
+  # SD 1.x's recipe (captioned images, AdamW, bf16, remat, FSDP, the kl-f8 first stage, sampling)
+  # with SD 2.x's network: a UNet of 64-channel heads and Dense projections, the OpenCLIP text
+  # tower and v-prediction.
+  c = sd_v1_finetune.get_config(arg)
+  c.model.diffusion.parameterization = "v"  # The 768-v model predicts v.
+  if arg == "tiny":
+    c.model.unet = common.unet_kwargs(
+        in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+        attention_resolutions=(2, 1), num_head_channels=32, use_spatial_transformer=True,
+        transformer_depth=1, use_linear_in_transformer=True, context_dim=64, legacy=False)
+    c.model.cond_stage = dict(
+        kind="openclip",
+        kwargs=dict(vocab_size=64, max_length=20, width=64, layers=2, heads=2, mlp_dim=256,
+                    activation="gelu", epsilon=1e-5, output_layer="penultimate"),
+        tokenizer=dict(kind="shapes", path=""))  # The built-in shapes word tokenizer.
+    return c                         # A fresh miniature SD 2 on shapes, as sd_v1_finetune:tiny.
   c.init_from = INIT_FROM
-  c.data.source = "folder"           # Images with a .txt caption beside each.
-  c.data.caption_key = "caption"     # Non-empty: the folder loader reads the .txt captions.
   c.data.image_size = 768            # The 768-v model; latents 96x96x4.
-  c.data.random_crop = True
-  c.data.random_flip = True
   c.data.min_size = 768
-  c.data.batch_size = 32
-  # SD's autoencoder is the paper's kl-f8 network (configs/kl_f8.py).
-  c.model.first_stage = kl_f8.get_config(arg).model.first_stage
   c.model.unet = common.unet_kwargs(
       in_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
       attention_resolutions=(4, 2, 1),
@@ -55,51 +62,5 @@ def get_config(arg: str = ""):
       kwargs=dict(vocab_size=49408, max_length=77, width=1024, layers=24, heads=16, mlp_dim=4096,
                   activation="gelu", epsilon=1e-5, output_layer="penultimate"),
       tokenizer=dict(kind="openclip", path=""))  # The converted model folder carries it.
-  c.model.diffusion = common.diffusion(linear_start=0.00085, linear_end=0.012,
-                                       parameterization="v",  # The 768-v model predicts v.
-                                       conditioning_key="crossattn", scale_factor=0.18215,
-                                       image_size=96, channels=4)
-  c.train.num_steps = 15_000
-  c.train.learning_rate = 1e-5       # Absolute: fine-tuning keeps close to the released weights.
-  c.train.scale_lr_by_batch = False
-  c.train.warmup_steps = 500
-  c.train.weight_decay = 1e-2        # AdamW, as common SD fine-tuning recipes.
-  c.train.grad_clip_norm = 1.0
-  c.train.ema_decay = 0.9999
-  c.train.cond_drop_prob = 0.1       # Empty-prompt dropout keeps classifier-free guidance working.
-  c.train.compute_dtype = "bfloat16"  # bf16 activations, fp32 master weights and norms.
-  c.train.remat = True               # Recompute UNet block activations in the backward pass.
-  c.mesh.data = -1
-  c.mesh.fsdp = 8                    # One 8-accelerator host; use --config.mesh.fsdp=N for N.
-  c.checkpoint.every = 1000
-  c.log.every = 50
-  c.log.sample_every = 1000
-  c.log.sample_guidance = 7.5
-  c.log.sample_prompts = ("a photograph of an astronaut riding a horse",
-                          "a watercolor painting of a lighthouse at dawn")
-  if arg == "tiny":
-    common.tiny_training(c)
-    c.init_from = ""                 # A fresh miniature SD 2; the smoke test gives the first stage.
-    c.data.source = "shapes"
-    c.data.caption_key = ""          # shapes always carries captions.
-    c.data.image_size = 64           # -> 8x8x4 latents through the tiny KL-f8.
-    c.data.random_crop = False
-    c.data.random_flip = False       # Flips would contradict "left" / "right" in the captions.
-    c.data.min_size = 0
-    c.model.unet = common.unet_kwargs(
-        in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-        attention_resolutions=(2, 1), num_head_channels=32, use_spatial_transformer=True,
-        transformer_depth=1, use_linear_in_transformer=True, context_dim=64, legacy=False)
-    c.model.cond_stage = dict(
-        kind="openclip",
-        kwargs=dict(vocab_size=64, max_length=20, width=64, layers=2, heads=2, mlp_dim=256,
-                    activation="gelu", epsilon=1e-5, output_layer="penultimate"),
-        tokenizer=dict(kind="shapes", path=""))  # The built-in shapes word tokenizer.
-    c.model.diffusion.image_size = 8
-    c.mesh.fsdp = 1                  # Runs on one CPU device.
-    c.train.warmup_steps = 0         # Two steps: a warm-up would keep the lr at ~0.
-    # ldm_trainer cannot yet add `remat` to a locked fresh-init model config (reported); the real
-    # variant, which starts from init_from, keeps remat on.
-    c.train.remat = False
-    c.log.sample_prompts = ("a red circle at the top left",)
+  c.model.diffusion.image_size = 96  # 768 px / 8.
   return c

@@ -15,38 +15,19 @@ from configs import common
 
 def get_config(arg: str = ""):
   c = common.base_config()
-  c.stage = "autoencoder"
-  c.data.source = "folder"           # OpenImages train images; set --config.data.data_dir.
-  c.data.image_size = 256
-  c.data.random_crop = True          # The released data config crops 256 px from 384 px images.
-  c.data.min_size = 256
-  c.data.batch_size = 10             # Released per-GPU batch; the lr scales with it.
-  c.model.first_stage = common.first_stage(
+  common.autoencoder_training(c, common.first_stage(
       "vq", ch=128, ch_mult=(1, 2, 2, 4), num_res_blocks=2,
       attn_resolutions=(32,),        # Pixel resolution: the lowest (32 px) level attends.
-      resolution=256, z_channels=4, embed_dim=4, n_embed=16384)
-  c.train.num_steps = 500_000        # Not in the released config.
-  c.train.use_ema = False            # The CompVis autoencoders keep no EMA copy.
-  c.loss.kind = "vq"
-  c.loss.base_learning_rate = 4.5e-6  # x global batch x accumulation, as CompVis main.py does.
+      resolution=256, z_channels=4, embed_dim=4, n_embed=16384), batch_size=10)
   c.loss.disc_start = 1
   c.loss.disc_weight = 0.6           # The released VQ-f8 uses 0.6 (the other VQ models 0.75).
   c.loss.disc_num_layers = 2         # A shallower PatchGAN, as released.
   c.loss.codebook_weight = 1.0
-  c.checkpoint.every = 5000
-  c.log.every = 100
   if arg == "tiny":
-    common.tiny_training(c)
-    c.data.source = "shapes"
-    c.data.image_size = 64
-    c.data.random_crop = False
-    c.data.min_size = 0
     # 64 px / 4: attention on the same lowest level (8 px).
-    c.model.first_stage = common.first_stage(
+    common.tiny_autoencoder_training(c, common.first_stage(
         "vq", ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,),
-        resolution=64, z_channels=4, embed_dim=4, n_embed=256)
-    c.loss.disc_ndf = 16
-    c.loss.allow_no_lpips = True
+        resolution=64, z_channels=4, embed_dim=4, n_embed=256))
   elif arg:
     raise ValueError(f"configs/vq_f8.py: unknown variant {arg!r}; expected '' or 'tiny'.")
   return c
