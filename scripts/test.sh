@@ -2,6 +2,7 @@
 # Installs the test requirements into ./.venv (created if missing) and runs the test suite.
 #   bash scripts/test.sh            # whole suite
 #   bash scripts/test.sh tests/models -k unet   # any pytest arguments
+#   TEST_WORKERS=0 bash scripts/test.sh ...      # no worker processes (pytest-xdist's -n 0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -24,4 +25,6 @@ python -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5
 [ -d .venv/fid-refs/pytorch_fid ] ||
   python -m pip install -q --no-deps --target .venv/fid-refs torchvision==0.28.0 pytorch-fid==0.3.0
 export JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-python -m pytest -q "$@"
+# Two workers (one per core here) with whole files kept together, so module fixtures are built once;
+# TEST_WORKERS=0 runs everything in this process.
+python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
