@@ -100,6 +100,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.log.sample_guidance = 1.0
   c.log.sample_prompts = ()
 
+  c.eval = ml_collections.ConfigDict()  # Stage 2: sample-and-evaluate during training.
+  c.eval.every_steps = 0             # 0 disables; else FID / IS / P-R every N steps (EMA weights).
+  c.eval.num_samples = 1000          # Samples per evaluation (the paper: 50k).
+  c.eval.sampler = "ddim"
+  c.eval.steps = 50
+  c.eval.eta = 0.0
+  c.eval.guidance = 1.0
+  c.eval.seed = 0                    # Sample i uses seed + i: every evaluation sees the same noise.
+  c.eval.batch_size = 16
+  c.eval.prompts = ()                # Text models; empty: log.sample_prompts (cycled).
+  c.eval.inception = ""              # FID Inception .npz (python -m ldm_jax.convert.inception).
+  c.eval.inception_batch = 50
+  c.eval.reference = ""              # Image folder, tfds:NAME[:SPLIT] or stats .npz ('' = IS only).
+  c.eval.reference_size = 0          # Resize + centre-crop reference images (0 = as stored).
+  c.eval.max_reference_images = 0    # 0 = all.
+  c.eval.data_dir = ""               # TFDS data_dir of the reference.
+  c.eval.cache_dir = ""              # Cache of reference statistics.
+  c.eval.is_splits = 10
+  c.eval.pr_k = 3                    # Precision/recall k (0 = skip; needs reference images).
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                   # -1 absorbs the devices not used by the other axes.
   c.mesh.fsdp = 1

@@ -6,8 +6,10 @@
 
 Numerics follow pytorch-fid 0.3.0: features are the 2048-d pool of the FID Inception on
 uint8 / 255 images resized to 299x299; statistics are the float64 mean and the unbiased covariance
-(`np.cov`, ddof 1); the distance uses `scipy.linalg.sqrtm`, retried with `eps * I` added to both
-covariances when the product is singular. Statistics files are .npz with keys `mu` and `sigma`, so
+(`np.cov`, ddof 1). The distance's trace term tr((S1 S2)^(1/2)) is taken by symmetric
+eigen-decompositions by default (the same value as pytorch-fid's `scipy.linalg.sqrtm`, several
+times faster, and an N x N problem when only N < 2048 samples are given); `method='sqrtm'`
+reproduces pytorch-fid step by step, including its `eps * I` retry for singular products. Statistics files are .npz with keys `mu` and `sigma`, so
 pytorch-fid's precomputed files load here and ours load there.
 
 Feature extraction runs one jitted function per image size. Images are batched by size (output
@@ -48,13 +50,64 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
+  """tr((S1 S2)^(1/2)) for symmetric PSD S1, S2, through two symmetric eigen-decompositions.
+
+  S1 S2 is similar to sqrt(S1) S2 sqrt(S1), which is symmetric PSD, so the trace is the sum of the
+  square roots of its eigenvalues. Seconds for D = 2048, where scipy's sqrtm takes tens.
+  """
+  w, v = np.linalg.eigh(s1)
+  root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # [D, D] = sqrt(S1)
+  middle = root1 @ s2 @ root1  # [D, D]
+  lam = np.linalg.eigvalsh((middle + middle.T) / 2)  # symmetrised against rounding
+  return float(np.sum(np.sqrt(np.clip(lam, 0.0, None))))
+
+
+def _trace_sqrtm(s1: np.ndarray, s2: np.ndarray, eps: float) -> float:
+  """tr(sqrtm(S1 S2)) exactly as pytorch-fid computes it (scipy sqrtm, eps fallback)."""
+  covmean = linalg.sqrtm(s1 @ s2)  # [D, D], complex when rounding makes eigenvalues negative
+  if not np.all(np.isfinite(covmean)):
+    log.warning("frechet_distance: S1 S2 is singular; adding %g to the covariance diagonals", eps)
+    offset = eps * np.eye(s1.shape[0])
+    covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+  if np.iscomplexobj(covmean):
+    worst = float(np.max(np.abs(np.diagonal(covmean).imag)))
+    if worst > 1e-3:
+      raise ValueError(f"frechet_distance: sqrt(S1 S2) has imaginary diagonal parts up to "
+                       f"{worst:g} (expected ~0): the covariances are not valid statistics")
+    covmean = covmean.real
+  return float(np.trace(covmean))
+
+
+def _trace_sqrt_product_low_rank(features1: np.ndarray, s2: np.ndarray) -> float:
+  """tr((S1 S2)^(1/2)) when S1 = cov(features1) from N <= D rows: an N x N eigenproblem.
+
+  With A the centred features [N, D] and S1 = A^T A / (N - 1), the non-zero eigenvalues of S1 S2
+  are those of A S2 A^T / (N - 1) (symmetric PSD, [N, N]).
+  """
+  a = np.asarray(features1, np.float64)
+  a = a - a.mean(axis=0)  # [N, D]
+  small = a @ s2 @ a.T / (a.shape[0] - 1)  # [N, N]
+  lam = np.linalg.eigvalsh((small + small.T) / 2)
+  return float(np.sum(np.sqrt(np.clip(lam, 0.0, None))))
+
+
+FRECHET_METHODS = ("eigh", "sqrtm")
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = "eigh",
+                     features1=None) -> float:
   """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) of two Gaussians, in float64.
 
-  When S1 S2 is singular (sqrtm gives non-finite values, e.g. fewer images than dimensions),
-  `eps * I` is added to both covariances, as pytorch-fid does. A square root whose diagonal has an
-  imaginary part above 1e-3 means the statistics are broken and raises ValueError.
+  method='eigh' (default) takes the trace through symmetric eigen-decompositions (exact for
+  covariance matrices, and ~10x faster than sqrtm at D = 2048); method='sqrtm' reproduces
+  pytorch-fid step by step: scipy's sqrtm, and when S1 S2 is singular (non-finite square root)
+  `eps * I` added to both covariances; an imaginary diagonal above 1e-3 raises ValueError.
+  features1 (optional, method 'eigh'): the [N, D] features that (mu1, sigma1) were computed from;
+  with N < D the trace then takes an N x N eigenproblem instead of D x D ones.
   """
+  if method not in FRECHET_METHODS:
+    raise ValueError(f"frechet_distance: method={method!r}; expected one of {FRECHET_METHODS}")
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   s1 = np.atleast_2d(np.asarray(sigma1, np.float64))
   s2 = np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -66,18 +119,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if not np.all(np.isfinite(value)):
       raise ValueError(f"frechet_distance: {name} holds non-finite values")
   diff = mu1 - mu2  # [D]
-  covmean = linalg.sqrtm(s1 @ s2)  # [D, D], complex when rounding makes eigenvalues negative
-  if not np.all(np.isfinite(covmean)):
-    log.warning("frechet_distance: S1 S2 is singular; adding %g to the covariance diagonals", eps)
-    offset = eps * np.eye(d)
-    covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
-  if np.iscomplexobj(covmean):
-    worst = float(np.max(np.abs(np.diagonal(covmean).imag)))
-    if worst > 1e-3:
-      raise ValueError(f"frechet_distance: sqrt(S1 S2) has imaginary diagonal parts up to "
-                       f"{worst:g} (expected ~0): the covariances are not valid statistics")
-    covmean = covmean.real
-  return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+  if method == "sqrtm":
+    trace_root = _trace_sqrtm(s1, s2, eps)
+  elif features1 is not None and len(features1) < d:
+    if np.shape(features1)[1:] != (d,):
+      raise ValueError(f"frechet_distance: features1 has shape {np.shape(features1)}; expected "
+                       f"[N, {d}]")
+    trace_root = _trace_sqrt_product_low_rank(features1, s2)
+  else:
+    trace_root = _trace_sqrt_product(s1, s2)
+  return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_root)
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, **extra) -> None:

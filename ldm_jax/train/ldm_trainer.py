@@ -143,9 +143,19 @@ def train(config, workdir: str) -> dict:
     return samples_lib.log_sample_grid(ldm_task.apply_trained(model, trained), config, workdir,
                                        step)
 
+  run_eval = None
+  if "eval" in config and config.eval.every_steps:
+    from ldm_jax import evaluate  # Local: only runs with config.eval need the metrics.
+    run_eval = evaluate.make_train_hook(config, workdir)
+
+  def on_eval(state, step):
+    trained = state.ema_params if state.ema_params is not None else state.params
+    return run_eval(ldm_task.apply_trained(model, trained), step)
+
   state, last = loop.run_loop(workdir=workdir, config=config, state=state, start_step=start_step,
                               train_step=train_step, next_batch=next_batch, loader=pipeline,
-                              checkpointer=checkpointer, on_sample=on_sample)
+                              checkpointer=checkpointer, on_sample=on_sample,
+                              on_eval=on_eval if run_eval else None)
   loop.write_summary(workdir, last)
   checkpointer.close()
   return last

@@ -125,12 +125,16 @@ def run_loop(*, workdir: str, config, state: Any, start_step: int,
              next_batch: Callable[[], Any], loader: Any,
              checkpointer: checkpoint_lib.Checkpointer,
              on_sample: Callable[[Any, int], None] | None = None,
+             on_eval: Callable[[Any, int], dict] | None = None,
              extra_json: Callable[[], dict] | None = None) -> tuple[Any, dict]:
-  """The host loop: step, log one step late, checkpoint, sample, stop on preemption.
+  """The host loop: step, log one step late, checkpoint, sample, evaluate, stop on preemption.
 
+  on_eval(state, step) -> scalars, every config.eval.every_steps: logged with that step's metrics.
   Returns the final state and the last metrics (as Python floats).
   """
   total = int(config.train.num_steps)
+  eval_every = int(config.eval.every_steps) if "eval" in config else 0
+  eval_results: dict[int, dict] = {}  # step -> scalars, until that step's metrics are flushed
   writer = MetricWriter(workdir, total, start_step)
   pending: tuple[int, dict] | None = None
   last: dict = {}
@@ -141,7 +145,10 @@ def run_loop(*, workdir: str, config, state: Any, start_step: int,
     metrics = jax.device_get(metrics)
     if "nonfinite" in metrics and config.train.nonfinite == "stop":
       step_lib.check_finite(metrics, step)
-    if step % config.log.every == 0 or step == total:
+    evaluated = eval_results.pop(step, None)
+    if evaluated:
+      metrics = dict(metrics, **evaluated)
+    if step % config.log.every == 0 or step == total or evaluated:
       elapsed = max(time.time() - t0, 1e-9)
       metrics = dict(metrics, steps_per_sec=steps_done / elapsed,
                      examples_per_sec=steps_done * config.data.batch_size / elapsed)
@@ -175,6 +182,8 @@ def run_loop(*, workdir: str, config, state: Any, start_step: int,
           grid = on_sample(state, step)  # uint8 [H, W, 3] or None
           if grid is not None:
             writer.image(step, "samples", grid)
+        if on_eval and eval_every and step % eval_every == 0:
+          eval_results[step] = on_eval(state, step)
         if guard.should_stop(step):
           log.warning("Preemption signal received: saving step %d and exiting.", step)
           save(step, state, force=True)

@@ -36,23 +36,39 @@ def _eig_frechet(mu1, s1, mu2, s2):
 
 
 # ---------------------------------------------------------------- distance and statistics --------
+@pytest.mark.parametrize("method", fid_lib.FRECHET_METHODS)
 @pytest.mark.parametrize("d", [1, 7, 64])
-def test_frechet_distance_matches_eigenvalue_formula(d):
+def test_frechet_distance_matches_eigenvalue_formula(d, method):
   mu1, s1 = _random_stats(RNG, d)
   mu2, s2 = _random_stats(RNG, d, scale=1.7)
-  got = fid_lib.frechet_distance(mu1, s1, mu2, s2)
+  got = fid_lib.frechet_distance(mu1, s1, mu2, s2, method=method)
   want = _eig_frechet(mu1, s1, mu2, s2)
   assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
-  assert got == pytest.approx(fid_lib.frechet_distance(mu2, s2, mu1, s1), rel=1e-9)  # symmetric
-  assert abs(fid_lib.frechet_distance(mu1, s1, mu1, s1)) < 1e-8 * np.trace(s1)
+  assert got == pytest.approx(fid_lib.frechet_distance(mu2, s2, mu1, s1, method=method),
+                              rel=1e-9)  # symmetric
+  assert abs(fid_lib.frechet_distance(mu1, s1, mu1, s1, method=method)) < 1e-8 * np.trace(s1)
+
+
+def test_low_rank_trace_from_features_equals_full():
+  """N < D samples: the N x N eigenproblem gives the full formula's distance."""
+  feats = RNG.normal(size=(9, 40)) * 2 + 0.3  # [N, D]
+  mu1, s1 = fid_lib.feature_statistics(feats)
+  mu2, s2 = _random_stats(RNG, 40, scale=1.3)
+  want = _eig_frechet(mu1, s1, mu2, s2)
+  got = fid_lib.frechet_distance(mu1, s1, mu2, s2, features1=feats)
+  # The full formula takes square roots of S1's ~0 eigenvalues (rank 8 of 40): ~1e-8 relative noise.
+  assert got == pytest.approx(want, rel=1e-7)
+  with pytest.raises(ValueError, match=r"features1 has shape \(9, 39\); expected \[N, 40\]"):
+    fid_lib.frechet_distance(mu1, s1, mu2, s2, features1=feats[:, :39])
 
 
 def test_frechet_distance_diagonal_closed_form():
   a, b = RNG.uniform(0.1, 3.0, 32), RNG.uniform(0.1, 3.0, 32)
   mu1, mu2 = RNG.normal(size=32), RNG.normal(size=32)
   want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-  got = fid_lib.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
-  assert got == pytest.approx(want, rel=1e-12)
+  for method in fid_lib.FRECHET_METHODS:
+    got = fid_lib.frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method)
+    assert got == pytest.approx(want, rel=1e-12)
   # Scalars work as 1-d Gaussians: (m1 - m2)^2 + (s1 - s2)^2 for variances s^2.
   assert fid_lib.frechet_distance(0.5, 4.0, -1.0, 9.0) == pytest.approx(1.5 ** 2 + 1.0)
 
@@ -64,7 +80,8 @@ def test_frechet_distance_matches_pytorch_fid():
   mu1, s1 = _random_stats(RNG, 48)
   mu2, s2 = _random_stats(RNG, 48, n=30)  # rank deficient
   want = fid_score.calculate_frechet_distance(mu1, s1, mu2, s2)
-  assert fid_lib.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-7)
+  for method in fid_lib.FRECHET_METHODS:
+    assert fid_lib.frechet_distance(mu1, s1, mu2, s2, method=method) == pytest.approx(want, rel=1e-7)
 
 
 def test_singular_product_falls_back_to_eps_offset(monkeypatch):
@@ -78,7 +95,7 @@ def test_singular_product_falls_back_to_eps_offset(monkeypatch):
 
   monkeypatch.setattr(fid_lib.linalg, "sqrtm", failing_once)
   eps = 1e-3
-  got = fid_lib.frechet_distance(mu1, s1, mu2, s2, eps=eps)
+  got = fid_lib.frechet_distance(mu1, s1, mu2, s2, eps=eps, method="sqrtm")
   assert len(calls) == 2
   offset = eps * np.eye(12)
   # The offset enters only the square root: tr(S1) + tr(S2) keep the original covariances.
@@ -92,6 +109,8 @@ def test_frechet_distance_rejects_bad_input():
     fid_lib.frechet_distance(mu, s, mu, s[:3, :3])
   with pytest.raises(ValueError, match="mu2 holds non-finite"):
     fid_lib.frechet_distance(mu, s, mu * np.nan, s)
+  with pytest.raises(ValueError, match="method='svd'; expected one of"):
+    fid_lib.frechet_distance(mu, s, mu, s, method="svd")
 
 
 def test_feature_statistics_closed_form():
