@@ -167,7 +167,11 @@ def _unet(node, where: str) -> dict:
   return kw
 
 
-def _first_stage(node, where: str) -> dict:
+def first_stage_config(node, where: str) -> dict:
+  """A CompVis first-stage YAML node (AutoencoderKL / VQModel / VQModelInterface) -> our kwargs.
+
+  `where` is the node's path in the YAML, used in error messages.
+  """
   target, params = _target(node, where)
   if target not in _FIRST_STAGES:
     raise CompVisConfigError(f"{where}.target={target!r} is not supported; expected one of "
@@ -351,7 +355,7 @@ def translate_compvis_config(config: Mapping[str, Any], *, source: str = "<confi
     diffusion["concat_keys"] = _plain(params.get("concat_keys", ("mask", "masked_image")))
     diffusion["masked_image_key"] = params.get("masked_image_key", "masked_image")
   return dict(
-      first_stage=_first_stage(params["first_stage_config"], f"{p}.first_stage_config"),
+      first_stage=first_stage_config(params["first_stage_config"], f"{p}.first_stage_config"),
       unet=_unet(params["unet_config"], f"{p}.unet_config"),
       cond_stage=_cond_stage(cond_node, f"{p}.cond_stage_config",
                              diffusion.pop("cond_stage_trainable"), text_config_dir),

@@ -63,7 +63,7 @@ def _compvis_first_stage(ckpt: str, yaml_path: str | None):
     node = (yaml.safe_load(f) or {}).get("model")
   if node is None:
     raise UserError(f"--compvis_yaml={yaml_path}: no top-level 'model' entry.")
-  cfg = compvis_config._first_stage(node, "model")  # pylint: disable=protected-access
+  cfg = compvis_config.first_stage_config(node, "model")
   state_dict = torch_io.load_state_dict(ckpt)
   prefix = "first_stage_model."  # A whole LDM checkpoint holds its first stage under this prefix.
   if any(k.startswith(prefix) for k in state_dict):
