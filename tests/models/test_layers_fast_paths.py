@@ -1,0 +1,88 @@
+"""The CPU fast paths of `layers` against torch: query-blocked attention and im2col convs.
+
+Blocking only reorders the attention loop (each query row still takes its softmax over every key),
+so outputs and gradients must equal torch's scaled_dot_product_attention at fp32 round-off, for
+one block, several blocks and a query length with no divisor that fits the budget. `layers.conv`
+on maps smaller than its kernel (computed as im2col + matmul) must equal torch's conv2d.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from ldm_jax.models import layers
+
+
+def _torch_attention(q, k, v, scale):
+  """[B, L, h, d] numpy -> torch SDPA over [B, h, L, d], back to [B, Lq, h, d]."""
+  tq, tk, tv = (torch.from_numpy(np.asarray(a)).permute(0, 2, 1, 3) for a in (q, k, v))
+  out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, scale=scale)
+  return out.permute(0, 2, 1, 3).numpy()
+
+
+@pytest.mark.parametrize("lq, lk, budget, blocks", [
+    (64, 48, None, 1),          # no blocking at all
+    (64, 48, 2 * 3 * 16 * 48, 4),  # 4 blocks of 16 queries
+    (63, 40, 2 * 3 * 9 * 40, 7),   # 63 = 7 x 9
+    (13, 40, 2 * 3 * 5 * 40, 13),  # prime length: one query per block
+])
+def test_blocked_attention_matches_torch(lq, lk, budget, blocks):
+  assert layers.query_blocks(2, 3, lq, lk, budget) == blocks
+  rs = np.random.RandomState(lq)
+  q = rs.randn(2, lq, 3, 8).astype(np.float32)
+  k, v = (rs.randn(2, lk, 3, 8).astype(np.float32) for _ in range(2))
+  got = jax.jit(lambda q, k, v: layers.attention(q, k, v, scale=0.3, block_budget=budget))(
+      q, k, v)
+  want = _torch_attention(q, k, v, 0.3)
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=1e-5)
+
+
+def test_blocked_attention_gradients_match_torch():
+  rs = np.random.RandomState(0)
+  q = rs.randn(2, 32, 2, 8).astype(np.float32)
+  k, v = (rs.randn(2, 24, 2, 8).astype(np.float32) for _ in range(2))
+  w = rs.randn(2, 32, 2, 8).astype(np.float32)  # a random cotangent
+  budget = 2 * 2 * 8 * 24  # 4 blocks
+  assert layers.query_blocks(2, 2, 32, 24, budget) == 4
+  loss = lambda q, k, v: jnp.sum(layers.attention(q, k, v, block_budget=budget) * w)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  tq, tk, tv = (torch.from_numpy(a).permute(0, 2, 1, 3).requires_grad_() for a in (q, k, v))
+  out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+  (out.permute(0, 2, 1, 3) * torch.from_numpy(w)).sum().backward()
+  for got, ref in zip(grads, (tq, tk, tv)):
+    np.testing.assert_allclose(np.asarray(got), ref.grad.permute(0, 2, 1, 3).numpy(), atol=1e-5,
+                               rtol=1e-4)
+
+
+def test_auto_budget_blocks_on_cpu_only_when_large():
+  assert jax.default_backend() == "cpu"
+  # The issue-#8 UNet's 32x32 level: 1024 tokens, 8 heads, batch 2 -> blocked on CPU.
+  assert layers.query_blocks(2, 8, 1024, 1024, layers.CPU_ATTENTION_BLOCK) == 64
+  # Cross-attention at the 8x8 level (64 tokens over 77) fits in the budget: one block.
+  assert layers.query_blocks(2, 8, 64, 77, layers.CPU_ATTENTION_BLOCK) == 1
+  # A masked call is never blocked, and still matches the unblocked result.
+  rs = np.random.RandomState(1)
+  q = rs.randn(1, 16, 1, 4).astype(np.float32)
+  mask = np.tril(np.ones((16, 16), bool))
+  a = layers.attention(q, q, q, mask=mask, block_budget=16)
+  b = layers.attention(q, q, q, mask=mask, block_budget=None)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("size, kernel, pad", [(2, 3, 1), (1, 3, 1), (5, 3, 1), (3, 4, 1)])
+def test_conv_matches_torch_including_maps_smaller_than_the_kernel(size, kernel, pad):
+  """layers.conv (im2col when the kernel exceeds the map) against torch.nn.functional.conv2d."""
+  rs = np.random.RandomState(size)
+  x = rs.randn(2, size, size, 6).astype(np.float32)
+  module = layers.conv(5, kernel, padding=pad, dtype=jnp.float32, param_dtype=jnp.float32)
+  params = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)["params"]
+  w = rs.randn(*params["kernel"].shape).astype(np.float32)  # [kh, kw, Cin, F]
+  bias = rs.randn(5).astype(np.float32)
+  got = module.apply({"params": {"kernel": w, "bias": bias}}, x)
+  want = torch.nn.functional.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2),
+                                    torch.from_numpy(w).permute(3, 2, 0, 1),
+                                    torch.from_numpy(bias), padding=pad)
+  np.testing.assert_allclose(np.asarray(got), want.permute(0, 2, 3, 1).numpy(), atol=1e-5,
+                             rtol=1e-5)
