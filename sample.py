@@ -18,13 +18,7 @@ from ldm_jax import sample_cli
 
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  src = p.add_argument_group("model (exactly one)")
-  src.add_argument("--checkpoint", help="training workdir or saved/converted model directory")
-  src.add_argument("--compvis_ckpt", help="original CompVis / Stable Diffusion .ckpt/.safetensors")
-  src.add_argument("--compvis_yaml", help="the YAML config that goes with --compvis_ckpt")
-  src.add_argument("--diffusers", help="a diffusers pipeline folder (unet/, vae/, text_encoder/ ...)")
-  src.add_argument("--tokenizer", help="local tokenizer directory (text models from .ckpt files)")
-  src.add_argument("--no_ema", action="store_true", help="use raw instead of EMA weights")
+  sample_cli.add_model_arguments(p.add_argument_group("model (exactly one)"))
   what = p.add_argument_group("what to sample")
   what.add_argument("--prompt", action="append", help="text prompt (repeatable)")
   what.add_argument("--prompt_file", help="a file with one prompt per line")

@@ -438,12 +438,7 @@ def parse_args(argv) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="mode", required=True, metavar="{" + ",".join(MODES) + "}")
   s = sub.add_parser("samples", help="sample a checkpoint, then FID / IS / precision-recall")
-  s.add_argument("--checkpoint", help="training workdir or saved/converted model directory")
-  s.add_argument("--compvis_ckpt", help="original CompVis .ckpt/.safetensors")
-  s.add_argument("--compvis_yaml", help="the YAML config that goes with --compvis_ckpt")
-  s.add_argument("--diffusers", help="a diffusers pipeline folder")
-  s.add_argument("--tokenizer", help="local tokenizer directory (text models from .ckpt files)")
-  s.add_argument("--no_ema", action="store_true", help="use raw instead of EMA weights")
+  sample_cli.add_model_arguments(s)
   s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   s.add_argument("--num_samples", type=int, default=50)
   s.add_argument("--sampler", default="ddim", choices=list(sample_cli.SAMPLER_NAMES))
@@ -491,21 +486,10 @@ def _check_positive(args, *names) -> None:
       raise UserError(f"--{name}={value}: expected >= 0.")
 
 
-def _prompts(args) -> tuple[str, ...]:
-  prompts = list(args.prompt or [])
-  if args.prompt_file:
-    try:
-      with open(args.prompt_file) as f:
-        prompts += [line.strip() for line in f if line.strip()]
-    except OSError as e:
-      raise UserError(f"--prompt_file={args.prompt_file}: cannot read it ({e}).") from None
-  return tuple(prompts)
-
-
 def run_samples(args) -> dict:
   settings = SampleSettings(num_samples=args.num_samples, sampler=sample_cli.SAMPLER_NAMES[
       args.sampler], steps=args.steps, eta=args.eta, guidance=args.guidance, seed=args.seed,
-                            batch_size=args.batch_size, prompts=_prompts(args),
+                            batch_size=args.batch_size, prompts=tuple(sample_cli.read_prompts(args)),
                             labels=tuple(args.class_label or ()))
   if args.reference and reference_kind(args.reference) != "stats":  # Fail before any work.
     _check_pr_count(args.pr_k, args.num_samples, "samples")

@@ -63,8 +63,19 @@ def load_model(args):
     raise UserError(f"cannot load the model: {type(e).__name__}: {e}") from None
 
 
-def requests(args, model) -> list[dict[str, Any]]:
-  """One entry per sample: its prompt or label (or nothing) and its seed."""
+def add_model_arguments(group) -> None:
+  """The model-source flags that `load_model` reads (sample.py, evaluate.py): give exactly one."""
+  group.add_argument("--checkpoint", help="training workdir or saved/converted model directory")
+  group.add_argument("--compvis_ckpt", help="original CompVis / Stable Diffusion .ckpt/.safetensors")
+  group.add_argument("--compvis_yaml", help="the YAML config that goes with --compvis_ckpt")
+  group.add_argument("--diffusers",
+                     help="a diffusers pipeline folder (unet/, vae/, text_encoder/ ...)")
+  group.add_argument("--tokenizer", help="local tokenizer directory (text models from .ckpt files)")
+  group.add_argument("--no_ema", action="store_true", help="use raw instead of EMA weights")
+
+
+def read_prompts(args) -> list[str]:
+  """--prompt values, then the non-empty lines of --prompt_file."""
   prompts = list(args.prompt or [])
   if args.prompt_file:
     try:
@@ -72,6 +83,12 @@ def requests(args, model) -> list[dict[str, Any]]:
         prompts += [line.strip() for line in f if line.strip()]
     except OSError as e:
       raise UserError(f"--prompt_file={args.prompt_file}: cannot read it ({e}).") from None
+  return prompts
+
+
+def requests(args, model) -> list[dict[str, Any]]:
+  """One entry per sample: its prompt or label (or nothing) and its seed."""
+  prompts = read_prompts(args)
   labels = list(args.class_label or [])
   if prompts and not model.is_text:
     raise UserError(f"--prompt was given, but this model is conditioned by "
