@@ -18,7 +18,7 @@ Metrics: FID on the 2048-d pool features of the FID Inception (`ldm_jax.eval.fid
 (needs reference images, not a stats file); PSNR / SSIM on uint8 images; LPIPS(vgg); rFID = FID
 between the reconstructions and their inputs. Every run writes a JSON file with all metrics and
 settings. User mistakes end with one line on stderr and exit code 2, as sample.py.
-The training hook (`make_train_hook`) runs `evaluate_model` every `config.eval.every_steps`.
+The training hook (ldm_jax/train/eval_hook.py) runs `evaluate_model` every `config.eval.every_steps`.
 """
 
 import argparse
@@ -28,7 +28,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -324,83 +324,6 @@ def _saving(images: Iterable[np.ndarray], out_dir: str) -> Iterator[np.ndarray]:
   for i, image in enumerate(images):
     Image.fromarray(image).save(os.path.join(out_dir, f"{i:06d}.png"))
     yield image
-
-
-# ------------------------------------------------------------------------------------------------
-# The training hook (config.eval).
-# ------------------------------------------------------------------------------------------------
-def check_eval_config(config) -> None:
-  """ValueError naming the first impossible `config.eval` field (only when every_steps > 0)."""
-  from ldm_jax import ldm as ldm_lib
-  from ldm_jax.models import build
-  ev = config.get("eval")
-  if ev is None or not ev.every_steps:
-    return
-
-  def fail(field, expected):
-    raise ValueError(f"config.eval.{field}={ev[field]!r}: {expected}.")
-
-  if ev.every_steps < 0:
-    fail("every_steps", "expected >= 0 (0 disables the evaluation)")
-  for field in ("num_samples", "steps", "batch_size", "inception_batch", "is_splits"):
-    if ev[field] < 1:
-      fail(field, "expected >= 1")
-  if ev.sampler not in ldm_lib.SAMPLERS:
-    fail("sampler", f"expected one of {list(ldm_lib.SAMPLERS)}")
-  if ev.steps > config.model.diffusion.timesteps:
-    fail("steps", f"expected <= model.diffusion.timesteps = {config.model.diffusion.timesteps}")
-  if ev.guidance < 0 or ev.pr_k < 0:
-    fail("guidance" if ev.guidance < 0 else "pr_k", "expected >= 0")
-  if not os.path.isfile(ev.inception):
-    fail("inception", "expected the FID Inception weights file (from python -m "
-                      "ldm_jax.convert.inception)")
-  if ev.reference:
-    try:
-      reference_kind(ev.reference, "config.eval.reference")
-    except UserError as e:
-      raise ValueError(str(e)) from None
-  kind = (config.model.get("cond_stage") or {}).get("kind", "none")
-  if kind not in ("none", "class") and kind not in build.TEXT_ENCODERS:
-    fail("every_steps", f"sample-and-evaluate needs an unconditional, class or text model; "
-                        f"this one is conditioned by {kind!r}")
-
-
-def make_train_hook(config, workdir: str) -> Callable[[Any, int], dict[str, float]]:
-  """`run(model, step) -> {'eval/fid': ...}`: samples and evaluates the model being trained.
-
-  The Inception is loaded now, the reference statistics at the first call (then kept); every call
-  also writes `<workdir>/eval/step_NNNNNNN.json`.
-  """
-  from ldm_jax import parallel
-  ev = config.eval
-  prompts = tuple(ev.prompts) or tuple(config.log.sample_prompts) or ("",)
-  settings = SampleSettings(num_samples=ev.num_samples, sampler=ev.sampler, steps=ev.steps,
-                            eta=ev.eta, guidance=ev.guidance, seed=ev.seed,
-                            batch_size=ev.batch_size, prompts=prompts)
-  try:
-    extractor = load_extractor(ev.inception, ev.inception_batch,
-                               int(config.mesh.get("num_devices", 0)))
-  except UserError as e:
-    raise FileNotFoundError(str(e).replace("--inception", "config.eval.inception")) from None
-  cache: dict[str, Reference] = {}
-
-  def run(model, step: int) -> dict[str, float]:
-    if ev.reference and "ref" not in cache:
-      cache["ref"] = load_reference(
-          ev.reference, extractor, need_features=ev.pr_k > 0, max_images=ev.max_reference_images,
-          image_size=ev.reference_size, data_dir=ev.data_dir, cache_dir=ev.cache_dir,
-          show_progress=False)
-    s = dataclasses.replace(settings, prompts=settings.prompts if model.is_text else ())
-    metrics = evaluate_model(model, s, extractor, cache.get("ref"), is_splits=ev.is_splits,
-                             pr_k=ev.pr_k, show_progress=False)
-    if parallel.is_main_process():
-      write_result(os.path.join(workdir, "eval", f"step_{step:07d}.json"),
-                   {"mode": "train_hook", "step": step, "metrics": metrics,
-                    "settings": ev.to_dict()})
-    return {f"eval/{k}": float(v) for k, v in metrics.items()
-            if isinstance(v, float) and k != "num_reference"}
-
-  return run
 
 
 # ------------------------------------------------------------------------------------------------

@@ -109,8 +109,8 @@ def check_config(config) -> None:
     if model.unet.in_channels < model.first_stage.kwargs.embed_dim:
       _fail("model.unet.in_channels", model.unet.in_channels,
             f"must be at least the latent channels {model.first_stage.kwargs.embed_dim}")
-    from ldm_jax import evaluate  # Local: the metrics' imports only matter for stage 2.
-    evaluate.check_eval_config(config)
+    from ldm_jax.train import eval_hook  # Local: the metrics' imports only matter for stage 2.
+    eval_hook.check_eval_config(config)
   else:
     _check_choice("loss.kind", config.loss.kind, ("kl", "vq"))
     _check_choice("loss.disc_loss", config.loss.disc_loss, ("hinge", "vanilla"))

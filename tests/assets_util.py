@@ -10,6 +10,8 @@
 
 import importlib.util
 import os
+import sys
+import types
 
 import numpy as np
 
@@ -54,3 +56,16 @@ def assert_close(actual, expected, rel: float = 1e-4, what: str = "") -> None:
   scale = max(1.0, float(np.abs(expected).max()))
   err = float(np.abs(actual - expected).max())
   assert err <= rel * scale, f"{what}: max abs error {err:.3g} > {rel} * scale {scale:.3g}"
+
+
+def stub_omegaconf() -> None:
+  """The CompVis modules import omegaconf only for an isinstance check: stub it when absent."""
+  try:
+    import omegaconf  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    omegaconf = types.ModuleType("omegaconf")
+    listconfig = types.ModuleType("omegaconf.listconfig")
+    listconfig.ListConfig = type("ListConfig", (list,), {})
+    omegaconf.listconfig = listconfig
+    sys.modules.setdefault("omegaconf", omegaconf)
+    sys.modules.setdefault("omegaconf.listconfig", listconfig)

@@ -145,8 +145,8 @@ def train(config, workdir: str) -> dict:
 
   run_eval = None
   if "eval" in config and config.eval.every_steps:
-    from ldm_jax import evaluate  # Local: only runs with config.eval need the metrics.
-    run_eval = evaluate.make_train_hook(config, workdir)
+    from ldm_jax.train import eval_hook  # Local: only runs with config.eval need the metrics.
+    run_eval = eval_hook.make_train_hook(config, workdir)
 
   def on_eval(state, step):
     trained = state.ema_params if state.ema_params is not None else state.params

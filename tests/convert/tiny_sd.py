@@ -16,13 +16,12 @@ several sampling steps.
 """
 
 import os
-import sys
-import types
 
 import numpy as np
 import torch
 
 from assets_util import randomize_
+from assets_util import stub_omegaconf
 
 # Scale of the re-drawn weights: small enough that activations stay O(1) through the UNet.
 WEIGHT_STD = 0.1
@@ -89,19 +88,6 @@ def diffusers_folder(root: str, tokenizer_dir: str):
 # ------------------------------------------------------------------------------------------------
 # CompVis
 # ------------------------------------------------------------------------------------------------
-def _stub_omegaconf():
-  """openaimodel imports omegaconf only for an isinstance check; stub it when absent."""
-  try:
-    import omegaconf  # noqa: F401
-  except ImportError:
-    omegaconf = types.ModuleType("omegaconf")
-    listconfig = types.ModuleType("omegaconf.listconfig")
-    listconfig.ListConfig = type("ListConfig", (list,), {})
-    omegaconf.listconfig = listconfig
-    sys.modules.setdefault("omegaconf", omegaconf)
-    sys.modules.setdefault("omegaconf.listconfig", listconfig)
-
-
 UNET_KWARGS = dict(image_size=LATENT_SIZE, in_channels=4, out_channels=4, model_channels=32,
                    attention_resolutions=[2], num_res_blocks=1, channel_mult=[1, 2], num_heads=4,
                    use_spatial_transformer=True, transformer_depth=1, context_dim=32,
@@ -133,7 +119,7 @@ class FirstStage(torch.nn.Module):
 
 def compvis_modules():
   """(unet, first_stage, ema_unet) torch modules from the original `ldm` package, randomised."""
-  _stub_omegaconf()
+  stub_omegaconf()
   from ldm.modules.diffusionmodules.openaimodel import UNetModel
   unet = _randomized(UNetModel(**UNET_KWARGS), seed=5)
   ema = _randomized(UNetModel(**UNET_KWARGS), seed=6)  # EMA weights differ from the raw ones

@@ -15,6 +15,7 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from ldm_jax import evaluate
+from ldm_jax.train import eval_hook
 from ldm_jax.convert import inception as inception_convert
 from ldm_jax.convert import lpips as lpips_convert
 from ldm_jax.data import shapes
@@ -168,7 +169,7 @@ def test_train_hook(tiny_workdirs, assets):
   config.eval.update(every_steps=2, num_samples=2, steps=2, batch_size=2, inception_batch=4,
                      inception=assets["inception"], reference="", pr_k=0)
   validate.check_config(config)
-  run = evaluate.make_train_hook(config, str(assets["root"] / "hook"))
+  run = eval_hook.make_train_hook(config, str(assets["root"] / "hook"))
   model = ldm_lib.LatentDiffusion.from_checkpoint(tiny_workdirs["ldm"])
   scalars = run(model, 7)
   assert set(scalars) == {"eval/inception_score", "eval/inception_score_std"}

@@ -5,15 +5,13 @@ Every torch weight is re-randomised, the CompVis state dict goes through `unet_f
 the outputs must agree to 1e-4 of the output scale.
 """
 
-import sys
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
+from assets_util import stub_omegaconf
 from ldm_jax.convert import common
 from ldm_jax.convert import unet as convert_unet
 from ldm_jax.models.unet import UNetModel
@@ -21,15 +19,7 @@ from ldm_jax.models.unet import UNetModel
 
 def _reference_unet_class():
   """openaimodel.UNetModel; omegaconf is imported there only for an isinstance check."""
-  try:
-    import omegaconf  # noqa: F401
-  except ImportError:
-    omegaconf = types.ModuleType("omegaconf")
-    listconfig = types.ModuleType("omegaconf.listconfig")
-    listconfig.ListConfig = type("ListConfig", (list,), {})
-    omegaconf.listconfig = listconfig
-    sys.modules.setdefault("omegaconf", omegaconf)
-    sys.modules.setdefault("omegaconf.listconfig", listconfig)
+  stub_omegaconf()
   openaimodel = pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
   return openaimodel.UNetModel
 
