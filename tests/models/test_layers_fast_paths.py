@@ -1,8 +1,9 @@
-"""The CPU fast paths of `layers` against torch: query-blocked attention and im2col convs.
+"""The CPU fast paths of `layers` against torch: blocked attention and im2col convs.
 
 Blocking only reorders the attention loop (each query row still takes its softmax over every key),
 so outputs and gradients must equal torch's scaled_dot_product_attention at fp32 round-off, for
-one block, several blocks and a query length with no divisor that fits the budget. `layers.conv`
+one block, blocks of whole (batch, head) pairs, query chunks of one pair and a query length with no
+divisor that fits the budget. `layers.conv`
 on maps smaller than its kernel (computed as im2col + matmul) must equal torch's conv2d.
 """
 
@@ -23,13 +24,14 @@ def _torch_attention(q, k, v, scale):
 
 
 @pytest.mark.parametrize("lq, lk, budget, blocks", [
-    (64, 48, None, 1),          # no blocking at all
-    (64, 48, 2 * 3 * 16 * 48, 4),  # 4 blocks of 16 queries
-    (63, 40, 2 * 3 * 9 * 40, 7),   # 63 = 7 x 9
-    (13, 40, 2 * 3 * 5 * 40, 13),  # prime length: one query per block
+    (64, 48, None, (6, 64)),       # no blocking at all (2 x 3 = 6 (batch, head) pairs)
+    (64, 48, 2 * 64 * 48, (2, 64)),  # 3 blocks of 2 whole pairs
+    (64, 48, 64 * 48, (1, 64)),    # 6 blocks of 1 pair
+    (63, 40, 2000, (1, 21)),       # 18 blocks: one pair, 21 of its 63 queries (63 = 3 x 21)
+    (13, 40, 200, (1, 1)),         # prime length that does not fit: one query per block
 ])
 def test_blocked_attention_matches_torch(lq, lk, budget, blocks):
-  assert layers.query_blocks(2, 3, lq, lk, budget) == blocks
+  assert layers.attention_blocks(2 * 3, lq, lk, budget) == blocks
   rs = np.random.RandomState(lq)
   q = rs.randn(2, lq, 3, 8).astype(np.float32)
   k, v = (rs.randn(2, lk, 3, 8).astype(np.float32) for _ in range(2))
@@ -44,8 +46,8 @@ def test_blocked_attention_gradients_match_torch():
   q = rs.randn(2, 32, 2, 8).astype(np.float32)
   k, v = (rs.randn(2, 24, 2, 8).astype(np.float32) for _ in range(2))
   w = rs.randn(2, 32, 2, 8).astype(np.float32)  # a random cotangent
-  budget = 2 * 2 * 8 * 24  # 4 blocks
-  assert layers.query_blocks(2, 2, 32, 24, budget) == 4
+  budget = 8 * 24  # 4 query chunks of each of the 4 (batch, head) pairs
+  assert layers.attention_blocks(2 * 2, 32, 24, budget) == (1, 8)
   loss = lambda q, k, v: jnp.sum(layers.attention(q, k, v, block_budget=budget) * w)
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
   tq, tk, tv = (torch.from_numpy(a).permute(0, 2, 1, 3).requires_grad_() for a in (q, k, v))
@@ -58,10 +60,13 @@ def test_blocked_attention_gradients_match_torch():
 
 def test_auto_budget_blocks_on_cpu_only_when_large():
   assert jax.default_backend() == "cpu"
-  # The issue-#8 UNet's 32x32 level: 1024 tokens, 8 heads, batch 2 -> blocked on CPU.
-  assert layers.query_blocks(2, 8, 1024, 1024, layers.CPU_ATTENTION_BLOCK) == 64
-  # Cross-attention at the 8x8 level (64 tokens over 77) fits in the budget: one block.
-  assert layers.query_blocks(2, 8, 64, 77, layers.CPU_ATTENTION_BLOCK) == 1
+  # The issue-#8 UNet's 32x32 level: 1024 tokens, 8 heads, batch 2 -> one pair per block on CPU.
+  budget = layers.auto_block_budget(2 * 8 * 1024 * 1024)
+  assert budget == layers.CPU_ATTENTION_BLOCK
+  assert layers.attention_blocks(2 * 8, 1024, 1024, budget) == (1, 1024)
+  # Its cross-attention (1024 tokens over 77) at batch 8 is computed in one piece.
+  assert layers.auto_block_budget(8 * 8 * 1024 * 77) is None
+  assert layers.attention_blocks(8 * 8, 1024, 77, None) == (64, 1024)
   # A masked call is never blocked, and still matches the unblocked result.
   rs = np.random.RandomState(1)
   q = rs.randn(1, 16, 1, 4).astype(np.float32)
