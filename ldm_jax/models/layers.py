@@ -221,8 +221,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None =
   q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, heads, L, d] each
 
   def block(qb, kb, vb, mask_b):  # qb [..., c, d], kb / vb [..., Lk, d]
-    logits = jnp.einsum("...qd,...kd->...qk", qb, kb, preferred_element_type=jnp.float32)
-    logits = logits * scale
+    # Scaling q rather than the logits touches [c, d] instead of [c, Lk] elements.
+    logits = jnp.einsum("...qd,...kd->...qk", qb * jnp.asarray(scale, qb.dtype), kb,
+                        preferred_element_type=jnp.float32)
     if mask_b is not None:
       logits = jnp.where(mask_b, logits, jnp.finfo(jnp.float32).min)
     # softmax(logits) @ v with the division moved after the product: it then scales [c, d]
@@ -244,6 +245,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None =
     qs = q.reshape(n_groups, group, n_chunks, chunk, d)
     ks, vs = (x.reshape(n_groups, group, lk, d) for x in (k, v))
 
+    # Rematerialised: differentiating the loop then saves each block's inputs, not its
+    # [group, chunk, Lk] weights (which would add up to the unblocked logits), and the backward
+    # loop recomputes them block by block, as flash attention does.
+    @jax.checkpoint
     def step(i):  # block i: pair group i // n_chunks, query chunk i % n_chunks
       g, c = i // n_chunks, i % n_chunks
       return block(qs[g, :, c], ks[g], vs[g], None)  # [group, chunk, d]
