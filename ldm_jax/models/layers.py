@@ -15,8 +15,26 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+class _ScaleBias(nn.Module):
+  """GroupNorm's per-channel affine parameters, with nn.GroupNorm's names and initialisers."""
+  channels: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    return (self.param("scale", nn.initializers.ones, (self.channels,), self.param_dtype),
+            self.param("bias", nn.initializers.zeros, (self.channels,), self.param_dtype))
+
+
 class GroupNorm(nn.Module):
   """GroupNorm computed in float32, returned in the compute dtype.
+
+  x is [B, ..., C]; each sample is normalised over all its positions and the C / G channels of
+  each group. Same parameters (a child "norm" holding "scale" and "bias") and same statistics as
+  nn.GroupNorm with its default fast variance (E[x^2] - E[x]^2, clipped at 0), but the sums run
+  over the positions first ([B, C]) and over each group's channels second: two row reductions
+  that XLA:CPU runs much faster than nn.GroupNorm's reduction over axes (1, 2, 4) of
+  [B, H, W, G, C / G] (kl-f8 decode at 256 px: 0.80x -> 0.91x torch; benchmarks/README.md).
 
   The epsilon has no default on purpose: the UNet uses 1e-5, the autoencoder and the spatial
   transformer 1e-6, and a wrong epsilon silently changes a loaded model's outputs.
@@ -32,8 +50,22 @@ class GroupNorm(nn.Module):
     if channels % self.num_groups:
       raise ValueError(f"GroupNorm: channels={channels} is not divisible by num_groups="
                        f"{self.num_groups}.")
-    y = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon, dtype=jnp.float32,
-                     param_dtype=self.param_dtype, name="norm")(x.astype(jnp.float32))
+    scale, bias = _ScaleBias(channels, self.param_dtype, name="norm")()
+    x = x.astype(jnp.float32)
+    batch, per_group = x.shape[0], channels // self.num_groups
+    positions = tuple(range(1, x.ndim - 1))
+    count = math.prod(x.shape[1:-1]) * per_group
+    broadcast = (batch,) + (1,) * len(positions) + (channels,)
+
+    def group_mean(values):  # [B, ..., C] -> per-group means broadcast back to [B, 1.., C]
+      per_channel = jnp.sum(values, axis=positions)  # [B, C]
+      means = per_channel.reshape(batch, self.num_groups, per_group).sum(-1) / count  # [B, G]
+      return jnp.repeat(means, per_group, axis=-1).reshape(broadcast)
+
+    mean = group_mean(x)
+    var = jnp.maximum(group_mean(x * x) - mean * mean, 0.0)
+    mul = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)  # [B, 1.., C]
+    y = x * mul + (bias.astype(jnp.float32) - mean * mul)
     return y.astype(self.dtype)
 
 

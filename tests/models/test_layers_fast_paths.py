@@ -1,4 +1,4 @@
-"""The CPU fast paths of `layers` against torch: blocked attention and im2col convs.
+"""The CPU fast paths of `layers` against torch: blocked attention, im2col convs, GroupNorm.
 
 Blocking only reorders the attention loop (each query row still takes its softmax over every key),
 so outputs and gradients must equal torch's scaled_dot_product_attention at fp32 round-off, for
@@ -91,3 +91,27 @@ def test_conv_matches_torch_including_maps_smaller_than_the_kernel(size, kernel,
                                     torch.from_numpy(bias), padding=pad)
   np.testing.assert_allclose(np.asarray(got), want.permute(0, 2, 3, 1).numpy(), atol=1e-5,
                              rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape, groups, eps", [((2, 6, 5, 64), 32, 1e-5), ((3, 7, 48), 8, 1e-6),
+                                                ((1, 4, 4, 32), 32, 1e-6)])
+def test_group_norm_matches_torch(shape, groups, eps):
+  """layers.GroupNorm (positions-first sums) against torch.nn.GroupNorm, incl. an offset mean."""
+  rs = np.random.RandomState(len(shape))
+  x = (rs.randn(*shape) * 3 + 2).astype(np.float32)
+  scale, bias = rs.randn(2, shape[-1]).astype(np.float32)
+  module = layers.GroupNorm(eps, groups)
+  params = {"norm": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
+  assert jax.tree.structure(module.init(jax.random.PRNGKey(0), x)["params"]) == jax.tree.structure(
+      params)
+  got = module.apply({"params": params}, x)
+  ref = torch.nn.GroupNorm(groups, shape[-1], eps=eps)
+  with torch.no_grad():
+    ref.weight.copy_(torch.from_numpy(scale))
+    ref.bias.copy_(torch.from_numpy(bias))
+    want = ref(torch.from_numpy(np.moveaxis(x, -1, 1))).numpy()
+  np.testing.assert_allclose(np.asarray(got), np.moveaxis(want, 1, -1), atol=2e-5, rtol=1e-5)
+  # A compute dtype changes only the output's type; statistics stay float32.
+  half = layers.GroupNorm(eps, groups, dtype=jnp.bfloat16).apply({"params": params}, x)
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(half, np.float32), np.asarray(got), atol=0.05, rtol=0.02)
