@@ -3,8 +3,8 @@
 Blocking only reorders the attention loop (each query row still takes its softmax over every key),
 so outputs and gradients must equal torch's scaled_dot_product_attention at fp32 round-off, for
 one block, blocks of whole (batch, head) pairs, query chunks of one pair and a query length with no
-divisor that fits the budget. `layers.conv`
-on maps smaller than its kernel (computed as im2col + matmul) must equal torch's conv2d.
+divisor that fits the budget. `layers.conv` on maps smaller than its kernel (computed as im2col +
+matmul) must equal torch's conv2d, and `layers.GroupNorm` torch's GroupNorm.
 """
 
 import jax
@@ -115,3 +115,47 @@ def test_group_norm_matches_torch(shape, groups, eps):
   half = layers.GroupNorm(eps, groups, dtype=jnp.bfloat16).apply({"params": params}, x)
   assert half.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(half, np.float32), np.asarray(got), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("size", [1, 3, 5])
+def test_phased_upsample_conv_matches_torch(size):
+  """upsample_conv3x3 (four 2x2 phase convs) == torch interpolate(nearest, x2) + conv2d(pad 1),
+  in value and in gradient with respect to the input and the kernel."""
+  rs = np.random.RandomState(size)
+  x = rs.randn(2, size, size + 1, 6).astype(np.float32)
+  kernel = rs.randn(3, 3, 6, 5).astype(np.float32)
+  cot = rs.randn(2, 2 * size, 2 * size + 2, 5).astype(np.float32)  # a random output cotangent
+  loss = lambda x, k: jnp.sum(layers.upsample_conv3x3(x, k) * cot)
+  got = layers.upsample_conv3x3(x, kernel)
+  gx, gk = jax.grad(loss, argnums=(0, 1))(x, kernel)
+  tx = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+  tk = torch.from_numpy(kernel).permute(3, 2, 0, 1).contiguous().requires_grad_()
+  up = torch.nn.functional.interpolate(tx, scale_factor=2.0, mode="nearest")
+  want = torch.nn.functional.conv2d(up, tk, padding=1)
+  (want * torch.from_numpy(cot).permute(0, 3, 1, 2)).sum().backward()
+  np.testing.assert_allclose(np.asarray(got), want.detach().permute(0, 2, 3, 1).numpy(),
+                             atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(gx), tx.grad.permute(0, 2, 3, 1).numpy(), atol=1e-4,
+                             rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(gk), tk.grad.permute(2, 3, 1, 0).numpy(), atol=1e-4,
+                             rtol=1e-5)
+
+
+def test_upsample_block_uses_the_phased_conv_above_the_threshold(monkeypatch):
+  """layers.Upsample takes the phased path only from CPU_PHASED_UPSAMPLE_MIN input positions on,
+  and both paths give the same output."""
+  rs = np.random.RandomState(0)
+  x = rs.randn(1, 4, 4, 8).astype(np.float32)
+  block = layers.Upsample(8)
+  params = block.init(jax.random.PRNGKey(0), x)
+  calls = []
+  phased_fn = layers.upsample_conv3x3
+  monkeypatch.setattr(layers, "upsample_conv3x3", lambda *a: calls.append(1) or phased_fn(*a))
+  monkeypatch.setattr(layers, "CPU_PHASED_UPSAMPLE_MIN", 17)  # 4 x 4 = 16 positions: plain
+  plain = block.apply(params, x)
+  assert not calls
+  monkeypatch.setattr(layers, "CPU_PHASED_UPSAMPLE_MIN", 16)
+  phased = block.apply(params, x)
+  assert calls
+  assert plain.shape == phased.shape == (1, 8, 8, 8)
+  np.testing.assert_allclose(np.asarray(phased), np.asarray(plain), atol=2e-5, rtol=1e-5)
