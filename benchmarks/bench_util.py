@@ -68,7 +68,7 @@ def median(xs: Sequence[float]) -> float:
 def unrolled_flops(fn: Callable, *args) -> float:
   """XLA's FLOP count of jit(fn)(*args) with ldm_jax's CPU attention blocking switched off.
 
-  XLA counts a loop body once, so the query-blocked attention (a lax.map) would be undercounted;
+  XLA counts a loop body once, so the blocked attention (a lax.map) would be undercounted;
   the same function without blocking has the same arithmetic in straight-line code. Counted on
   the lowering (no compile).
   """
