@@ -344,7 +344,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None =
       g, c = i // n_chunks, i % n_chunks
       return block(qs[g, :, c], ks[g], vs[g], None)  # [group, chunk, d]
 
-    out = jax.lax.map(step, jnp.arange(n_groups * n_chunks))  # [n_groups * n_chunks, group, chunk, d]
+    out = jax.lax.map(step, jnp.arange(n_groups * n_chunks))  # [blocks, group, chunk, d]
     out = out.reshape(n_groups, n_chunks, group, chunk, d).transpose(0, 2, 1, 3, 4)
     out = out.reshape(b, heads, lq, d)
   return out.transpose(0, 2, 1, 3)  # [B, Lq, heads, d]
