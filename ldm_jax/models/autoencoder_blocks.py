@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ldm_jax.models import layers
+from ldm_jax.models import remat as remat_lib
 
 Dtype = Any
 
@@ -75,12 +76,12 @@ class AttnBlock(nn.Module):
     return x + layers.conv(c, 1, name="proj_out", **kw)(o)
 
 
-def _block_classes(remat: bool):
-  """ResnetBlock / AttnBlock, rematerialised when asked (same params, same outputs)."""
+def _block_runner(remat: bool, stochastic: bool, deterministic: bool):
+  """(block, h) -> block(h, deterministic), rematerialised when asked (same params and outputs)."""
   if not remat:
-    return ResnetBlock, AttnBlock
-  # Argument 0 is the module itself, 1 the input, 2 `deterministic` (a Python bool: static).
-  return (nn.remat(ResnetBlock, static_argnums=(2,)), nn.remat(AttnBlock, static_argnums=(2,)))
+    return lambda block, h: block(h, deterministic)
+  return lambda block, h: remat_lib.recompute(
+      lambda m, h: m(h, deterministic), block, h, deterministic=deterministic or not stochastic)
 
 
 class Encoder(nn.Module):
@@ -109,7 +110,7 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     _check_attn_type(self.attn_type, "Encoder")
-    res_cls, attn_cls = _block_classes(self.remat)
+    run = _block_runner(self.remat, self.dropout > 0, deterministic)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     blk = dict(dropout=self.dropout, num_groups=self.norm_num_groups, **kw)
     use_attn = self.attn_type != "none"
@@ -119,19 +120,19 @@ class Encoder(nn.Module):
     curr_res = self.resolution
     for i, mult in enumerate(self.ch_mult):
       for j in range(self.num_res_blocks):
-        h = res_cls(self.ch * mult, name=f"down_{i}_block_{j}", **blk)(h, deterministic)
+        h = run(ResnetBlock(self.ch * mult, name=f"down_{i}_block_{j}", **blk), h)
         if use_attn and curr_res in self.attn_resolutions:
-          h = attn_cls(self.norm_num_groups, name=f"down_{i}_attn_{j}", **kw)(h, deterministic)
+          h = run(AttnBlock(self.norm_num_groups, name=f"down_{i}_attn_{j}", **kw), h)
       if i != levels - 1:
         h = layers.Downsample(h.shape[-1], use_conv=self.resamp_with_conv, style="autoencoder",
                               name=f"down_{i}_downsample", **kw)(h)  # [B, H/2, W/2, C]
         curr_res //= 2
 
     c = h.shape[-1]
-    h = res_cls(c, name="mid_block_1", **blk)(h, deterministic)
+    h = run(ResnetBlock(c, name="mid_block_1", **blk), h)
     if use_attn:
-      h = attn_cls(self.norm_num_groups, name="mid_attn_1", **kw)(h, deterministic)
-    h = res_cls(c, name="mid_block_2", **blk)(h, deterministic)
+      h = run(AttnBlock(self.norm_num_groups, name="mid_attn_1", **kw), h)
+    h = run(ResnetBlock(c, name="mid_block_2", **blk), h)
 
     h = layers.GroupNorm(GN_EPS, self.norm_num_groups, name="norm_out", **kw)(h)
     h = nn.swish(h)
@@ -167,7 +168,7 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, z, deterministic: bool = True):
     _check_attn_type(self.attn_type, "Decoder")
-    res_cls, attn_cls = _block_classes(self.remat)
+    run = _block_runner(self.remat, self.dropout > 0, deterministic)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     blk = dict(dropout=self.dropout, num_groups=self.norm_num_groups, **kw)
     use_attn = self.attn_type != "none"
@@ -177,16 +178,16 @@ class Decoder(nn.Module):
     curr_res = self.resolution // 2 ** (levels - 1)
     h = layers.conv(block_in, 3, name="conv_in", **kw)(z.astype(self.dtype))  # [B, h, w, C]
 
-    h = res_cls(block_in, name="mid_block_1", **blk)(h, deterministic)
+    h = run(ResnetBlock(block_in, name="mid_block_1", **blk), h)
     if use_attn:
-      h = attn_cls(self.norm_num_groups, name="mid_attn_1", **kw)(h, deterministic)
-    h = res_cls(block_in, name="mid_block_2", **blk)(h, deterministic)
+      h = run(AttnBlock(self.norm_num_groups, name="mid_attn_1", **kw), h)
+    h = run(ResnetBlock(block_in, name="mid_block_2", **blk), h)
 
     for i in reversed(range(levels)):
       for j in range(self.num_res_blocks + 1):
-        h = res_cls(self.ch * self.ch_mult[i], name=f"up_{i}_block_{j}", **blk)(h, deterministic)
+        h = run(ResnetBlock(self.ch * self.ch_mult[i], name=f"up_{i}_block_{j}", **blk), h)
         if use_attn and curr_res in self.attn_resolutions:
-          h = attn_cls(self.norm_num_groups, name=f"up_{i}_attn_{j}", **kw)(h, deterministic)
+          h = run(AttnBlock(self.norm_num_groups, name=f"up_{i}_attn_{j}", **kw), h)
       if i != 0:
         h = layers.Upsample(h.shape[-1], use_conv=self.resamp_with_conv,
                             name=f"up_{i}_upsample", **kw)(h)  # [B, 2h, 2w, C]

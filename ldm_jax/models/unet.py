@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from ldm_jax.models import attention as attention_lib
 from ldm_jax.models import layers
+from ldm_jax.models import remat as remat_lib
 
 Dtype = Any
 GROUPS = 32
@@ -96,7 +97,7 @@ class UNetModel(nn.Module):
   num_res_blocks and transformer_depth are ints or per-level tuples; attention_resolutions are
   downsample factors; num_classes is None, an int (nn.Embed), 'continuous' (Dense from a scalar) or
   'sequential' (Dense-SiLU-Dense from adm_in_channels features). remat wraps every ResBlock and
-  attention block in `nn.remat` (same outputs, less activation memory). The output is in `dtype`.
+  attention block in `remat.recompute` (same outputs, less activation memory). The output is in `dtype`.
   """
   in_channels: int
   model_channels: int
@@ -262,6 +263,14 @@ class UNetModel(nn.Module):
     h = nn.silu(nn.Dense(ted, name="label_emb_0_0", **kw)(y))
     return emb + nn.Dense(ted, name="label_emb_0_2", **kw)(h)
 
+  def _block_call(self, mod: nn.Module, call, stochastic: bool = False):
+    """(h, emb, context, det) -> call(mod, h, emb, context, det), rematerialised if self.remat."""
+    if not self.remat:
+      return lambda h, emb, context, det: call(mod, h, emb, context, det)
+    return lambda h, emb, context, det: remat_lib.recompute(
+        lambda m, h, emb, context: call(m, h, emb, context, det), mod, h, emb, context,
+        deterministic=det or not stochastic)
+
   def _make(self, layer: Layer, depth: int):
     """The Flax module for one layout entry and how to call it."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name=layer.name)
@@ -269,19 +278,17 @@ class UNetModel(nn.Module):
       mod = layers.conv(layer.channels, 3, **kw)
       return lambda h, emb, context, det: mod(h)
     if layer.kind in ("res", "down_res", "up_res"):
-      cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
       resample = {"res": None, "down_res": "down", "up_res": "up"}[layer.kind]
-      mod = cls(layer.channels, self.dropout, self.use_scale_shift_norm, resample, **kw)
-      return lambda h, emb, context, det: mod(h, emb, det)
+      mod = ResBlock(layer.channels, self.dropout, self.use_scale_shift_norm, resample, **kw)
+      return self._block_call(mod, lambda m, h, emb, context, det: m(h, emb, det),
+                              stochastic=self.dropout > 0)
     if layer.kind == "transformer":
-      cls = nn.remat(attention_lib.SpatialTransformer) if self.remat else (
-          attention_lib.SpatialTransformer)
-      mod = cls(layer.heads, layer.channels // layer.heads, depth, layer.disable_self_attn, **kw)
-      return lambda h, emb, context, det: mod(h, context)
+      mod = attention_lib.SpatialTransformer(
+          layer.heads, layer.channels // layer.heads, depth, layer.disable_self_attn, **kw)
+      return self._block_call(mod, lambda m, h, emb, context, det: m(h, context))
     if layer.kind == "attention":
-      cls = nn.remat(attention_lib.AttentionBlock) if self.remat else attention_lib.AttentionBlock
-      mod = cls(layer.heads, **kw)
-      return lambda h, emb, context, det: mod(h)
+      mod = attention_lib.AttentionBlock(layer.heads, **kw)
+      return self._block_call(mod, lambda m, h, emb, context, det: m(h))
     if layer.kind == "down":
       mod = layers.Downsample(layer.channels, self.conv_resample, "unet", **kw)
       return lambda h, emb, context, det: mod(h)

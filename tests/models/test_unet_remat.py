@@ -2,7 +2,7 @@
 
 The model is a one-level UNet (no resampling, no input res blocks) so that compiling its gradient
 stays short on CPU; it still has ResBlocks with dropout and a SpatialTransformer, which is what
-`remat` wraps.
+`remat` wraps. How much memory remat saves is tested in test_remat.py.
 """
 
 import re
@@ -39,10 +39,19 @@ def test_remat_matches_plain_forward_dropout_and_gradients():
   params = _random_params(plain, x, t, ctx, 0.2)
   remat_shapes = jax.eval_shape(remat.init, jax.random.PRNGKey(0), x, t, ctx)["params"]
   assert (jax.tree_util.tree_structure(remat_shapes) == jax.tree_util.tree_structure(params))
-  # remat really inserts rematerialisation points (jax.checkpoint's primitive: remat2 / checkpoint).
-  n_remat = lambda m: len(re.findall(r"\b(?:remat\d*|checkpoint)\[", str(
-      jax.make_jaxpr(lambda p: m.apply({"params": p}, x, t, ctx))(params))))
-  assert n_remat(plain) == 0 and n_remat(remat) == 5  # 3 ResBlocks + 2 SpatialTransformers
+  # remat really inserts rematerialisation points: with dropout on, jax.checkpoint (remat2 /
+  # checkpoint); deterministic on CPU, remat.recompute's custom VJP.
+  def n_prims(m, pattern, **kw):
+    jaxpr = jax.make_jaxpr(lambda p: m.apply({"params": p}, x, t, ctx, rngs={
+        "dropout": jax.random.PRNGKey(7)}, **kw))(params)
+    return len(re.findall(pattern, str(jaxpr)))
+  stochastic, deterministic = dict(deterministic=False), dict(deterministic=True)
+  checkpoint, custom_vjp = r"\b(?:remat\d*|checkpoint)\[", r"\bcustom_vjp_call\["
+  assert n_prims(plain, checkpoint, **stochastic) == 0 and n_prims(plain, custom_vjp) == 0
+  # 3 ResBlocks (with dropout) + 2 SpatialTransformers (without).
+  assert n_prims(remat, checkpoint, **stochastic) == 3
+  assert n_prims(remat, custom_vjp, **stochastic) == 2
+  assert n_prims(remat, custom_vjp, **deterministic) == 5
 
   def loss(model, p):
     out = model.apply({"params": p}, x, t, ctx, deterministic=False,
@@ -55,6 +64,12 @@ def test_remat_matches_plain_forward_dropout_and_gradients():
   g0, g1 = jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)
   scale = max(float(jnp.abs(g).max()) for g in g0)  # some grads are analytically ~0 (pre-GN biases)
   for a, b in zip(g1, g0):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+  # Deterministic (remat.recompute's custom VJP on CPU): same outputs and gradients.
+  det_grad = lambda m: jax.jit(jax.grad(lambda p: jnp.mean(
+      m.apply({"params": p}, x, t, ctx) ** 2)))(params)
+  for a, b in zip(jax.tree_util.tree_leaves(det_grad(remat)),
+                  jax.tree_util.tree_leaves(det_grad(plain))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
   # Dropout is really on: a deterministic pass differs.
   det = jax.jit(plain.apply)({"params": params}, x, t, ctx)
