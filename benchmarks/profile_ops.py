@@ -132,8 +132,8 @@ def main(argv=None) -> int:
       print(f"{ms:9.2f} ms  {key}")
   print("\n-- per instruction")
   for name, ms in per_instruction.most_common(args.top):
-    kind, shape, _ = info[name]
-    print(f"{ms:9.2f} ms  {name:32s} {kind:40s} {shape}")
+    kind, shape, meta = info[name]
+    print(f"{ms:9.2f} ms  {name:32s} {kind:40s} {shape:28s} {module_path(meta)}")
   return 0
 
 

@@ -98,3 +98,34 @@ def test_resblock_matches_compvis(scale_shift, resample):
   scale = np.abs(ref).max()
   assert scale > 0.1
   np.testing.assert_array_less(np.abs(out - ref).max(), 1e-4 * scale)
+
+
+def test_feed_forward_matches_compvis_with_gradients():
+  # GEGLU: our "proj" Dense is applied as two matmuls over the kernel's halves and the GELU is
+  # written with erf; both must still be CompVis's FeedForward(glu=True), values and gradients.
+  dim, mult = 16, 4
+  ref = _randomise(ldm_attention.FeedForward(dim, mult=mult, glu=True))
+  x = np.random.RandomState(5).randn(2, 6, dim).astype(np.float32) * 2  # GELU's curved region
+  ours = attention.FeedForward(mult)
+  params = {"proj": {"kernel": ref.net[0].proj.weight.detach().numpy().T,
+                     "bias": ref.net[0].proj.bias.detach().numpy()},
+            "out": {"kernel": ref.net[2].weight.detach().numpy().T,
+                    "bias": ref.net[2].bias.detach().numpy()}}
+  template = jax.eval_shape(ours.init, jax.random.PRNGKey(0), jnp.asarray(x))["params"]
+  assert jax.tree_util.tree_map(lambda a: a.shape, template) == jax.tree_util.tree_map(
+      lambda a: a.shape, params)
+  tx = torch.from_numpy(x).requires_grad_()
+  out_t = ref(tx)
+  out_t.pow(3).sum().backward()  # a non-linear loss: the cotangent differs per element
+
+  def loss(p, x):
+    out = ours.apply({"params": p}, x)
+    return jnp.sum(out ** 3), out
+  (_, out), (g_params, g_x) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+      params, jnp.asarray(x))
+  np.testing.assert_allclose(out, out_t.detach().numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(g_x, tx.grad.numpy(), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(g_params["proj"]["kernel"], ref.net[0].proj.weight.grad.numpy().T,
+                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(g_params["proj"]["bias"], ref.net[0].proj.bias.grad.numpy(),
+                             rtol=1e-4, atol=1e-4)
