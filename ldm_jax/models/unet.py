@@ -97,7 +97,8 @@ class UNetModel(nn.Module):
   num_res_blocks and transformer_depth are ints or per-level tuples; attention_resolutions are
   downsample factors; num_classes is None, an int (nn.Embed), 'continuous' (Dense from a scalar) or
   'sequential' (Dense-SiLU-Dense from adm_in_channels features). remat wraps every ResBlock and
-  attention block in `remat.recompute` (same outputs, less activation memory). The output is in `dtype`.
+  attention block in `remat.recompute` (same outputs, less activation memory). The output is in
+  `dtype`.
   """
   in_channels: int
   model_channels: int
