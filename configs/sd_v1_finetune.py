@@ -94,8 +94,5 @@ def get_config(arg: str = ""):
     c.model.diffusion.image_size = 8
     c.mesh.fsdp = 1                  # Runs on one CPU device.
     c.train.warmup_steps = 0         # Two steps: a warm-up would keep the lr at ~0.
-    # ldm_trainer cannot yet add `remat` to a locked fresh-init model config (reported); the real
-    # variant, which starts from init_from, keeps remat on.
-    c.train.remat = False
     c.log.sample_prompts = ("a red circle at the top left",)
   return c
