@@ -9,8 +9,10 @@
     `interleaved` takes it over each peer's first call).
   * `matmul_peak()`: the dense f32 matmul FLOP/s of jnp and torch on this machine, the denominator
     of the MFU column.
+  * `write_record(record, name, out, start)`: the run's JSON, by default under benchmarks/results/.
 """
 
+import json
 import os
 import statistics
 import threading
@@ -158,3 +160,16 @@ def versions() -> dict[str, str]:
               cpu=platform.processor() or platform.machine(), cores=str(os.cpu_count()),
               torch_threads=str(torch.get_num_threads()),
               xla_flags=os.environ.get("XLA_FLAGS", ""))
+
+
+def write_record(record: dict, name: str, out: str, start: float) -> str:
+  """Adds the run's wall time to `record` and writes it to `out`, by default
+  benchmarks/results/<name>-<date>-<time>.json; prints and returns the path."""
+  record["wall_s"] = time.time() - start
+  out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                            time.strftime(f"{name}-%Y%m%d-%H%M%S.json"))
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(record, f, indent=1, default=float)
+  print(f"wrote {out} ({record['wall_s']:.0f} s)")
+  return out

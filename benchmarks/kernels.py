@@ -19,7 +19,6 @@ flash-attention kernels), `x @ w`. Results go to benchmarks/results/kernels-<tim
 
 import argparse
 import collections
-import json
 import os
 import sys
 import time
@@ -282,13 +281,7 @@ def main(argv=None) -> int:
           f"({t['torch_both'] / t['jax_both']:.2f}x; ldm_jax "
           f"{(t['jax_both'] - t['torch_both']) * 1e3:+.0f} ms)")
   record["totals"] = {k: dict(v) for k, v in totals.items()}
-  record["wall_s"] = time.time() - start
-  out = args.out or os.path.join(ROOT, "benchmarks", "results",
-                                 time.strftime("kernels-%Y%m%d-%H%M%S.json"))
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(record, f, indent=1, default=float)
-  print(f"wrote {out} ({record['wall_s']:.0f} s)")
+  bu.write_record(record, "kernels", args.out, start)
   return 0
 
 

@@ -22,7 +22,6 @@ Results go to benchmarks/results/peers-<time>.json; `ratio` is torch time / peer
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -438,13 +437,7 @@ def main(argv=None) -> int:
     overhead = loop["loop"]["median_s"] / loop["unet_calls"]["median_s"] - 1
     record["loop_overhead"] = overhead
     print(f"sampling loop overhead over its {args.loop_steps} guided UNet calls: {overhead:+.1%}")
-  record["wall_s"] = time.time() - start
-  out = args.out or os.path.join(ROOT, "benchmarks", "results",
-                                 time.strftime("peers-%Y%m%d-%H%M%S.json"))
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(record, f, indent=1, default=float)
-  print(f"wrote {out} ({record['wall_s']:.0f} s)")
+  bu.write_record(record, "peers", args.out, start)
   return 0
 
 
