@@ -120,10 +120,8 @@ def _conv_fns(key, rs):
   from jax import lax
   _, xs, ws, strides, padding, dims = key
   x, w = rs.randn(*xs).astype(np.float32), (rs.randn(*ws) * 0.05).astype(np.float32)
-  out_shape = jax.eval_shape(lambda x, w: lax.conv_general_dilated(
-      x, w, strides, padding, dimension_numbers=dims), x, w).shape
-  dy = rs.randn(*out_shape).astype(np.float32)
   conv = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dims)
+  dy = rs.randn(*jax.eval_shape(conv, x, w).shape).astype(np.float32)
 
   def jax_both(x, w, dy):
     y, vjp = jax.vjp(conv, x, w)
