@@ -113,26 +113,53 @@ def record_shapes(batch: int) -> collections.Counter:
 # -------------------------------------------------------------------------------------------------
 # One shape in both frameworks
 # -------------------------------------------------------------------------------------------------
-def _conv_fns(key, rs):
+def _timed_pair(jax_fn, torch_fn, inputs, cotangent, layouts, out_layout):
+  """Forward and forward + backward callables of one function in both frameworks, same data.
+
+  jax_fn(*inputs) runs in ldm_jax's layout; torch_fn gets each input transposed by its entry of
+  `layouts` (None: as is) and its output is compared with jax_fn's transposed by `out_layout`.
+  The backward takes `cotangent` (ldm_jax's layout) for every input's gradient.
+  Returns (jax fwd, jax fwd + bwd, torch fwd, torch fwd + bwd, relative error of the forwards).
+  """
   import jax
   import torch
+
+  def to_torch(a, layout):
+    return torch.from_numpy(np.ascontiguousarray(a if layout is None else a.transpose(layout)))
+
+  def jax_both(args, ct):
+    out, vjp = jax.vjp(jax_fn, *args)
+    return (out,) + vjp(ct)
+
+  jargs, jct = [jax.device_put(a) for a in inputs], jax.device_put(cotangent)
+  jfwd, jboth = jax.jit(jax_fn), jax.jit(jax_both)
+  targs = [to_torch(a, layout).requires_grad_() for a, layout in zip(inputs, layouts)]
+  tct = to_torch(cotangent, out_layout)
+
+  def torch_fwd():
+    with torch.no_grad():
+      return torch_fn(*targs)
+
+  def torch_both():
+    for t in targs:
+      t.grad = None
+    out = torch_fn(*targs)
+    out.backward(tct)
+    return out
+
+  want = to_torch(np.array(jfwd(*jargs)), out_layout).numpy()  # a writable copy for torch
+  err = float(np.abs(torch_fwd().numpy() - want).max() / max(1.0, np.abs(want).max()))
+  return (lambda: jfwd(*jargs), lambda: jboth(jargs, jct), torch_fwd, torch_both, err)
+
+
+def _conv_fns(key, rs):
+  import jax
   import torch.nn.functional as F
   from jax import lax
   _, xs, ws, strides, padding, dims = key
   x, w = rs.randn(*xs).astype(np.float32), (rs.randn(*ws) * 0.05).astype(np.float32)
   conv = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dims)
   dy = rs.randn(*jax.eval_shape(conv, x, w).shape).astype(np.float32)
-
-  def jax_both(x, w, dy):
-    y, vjp = jax.vjp(conv, x, w)
-    return (y,) + vjp(dy)
-
-  jx, jw, jdy = (jax.device_put(a) for a in (x, w, dy))
-  jfwd, jboth = jax.jit(conv), jax.jit(jax_both)
-  # torch in NCHW / OIHW: the spec tuples list (batch, feature, spatial...) positions.
-  tx = torch.from_numpy(np.ascontiguousarray(x.transpose(dims.lhs_spec))).requires_grad_()
-  tw = torch.from_numpy(np.ascontiguousarray(w.transpose(dims.rhs_spec))).requires_grad_()
-  tdy = torch.from_numpy(np.ascontiguousarray(dy.transpose(dims.out_spec)))
   symmetric = all(lo == hi for lo, hi in padding)
   pad4 = [p for lo_hi in reversed(padding) for p in lo_hi]  # F.pad: last dimension first
 
@@ -141,88 +168,27 @@ def _conv_fns(key, rs):
       return F.conv2d(x, w, stride=strides, padding=[lo for lo, _ in padding])
     return F.conv2d(F.pad(x, pad4), w, stride=strides)
 
-  def torch_fwd():
-    with torch.no_grad():
-      return torch_conv(tx, tw)
-
-  def torch_both():
-    tx.grad = tw.grad = None
-    y = torch_conv(tx, tw)
-    y.backward(tdy)
-    return y
-
-  want = np.asarray(jfwd(jx, jw)).transpose(dims.out_spec)
-  err = float(np.abs(torch_fwd().numpy() - want).max() / max(1.0, np.abs(want).max()))
-  return (lambda: jfwd(jx, jw), lambda: jboth(jx, jw, jdy), torch_fwd, torch_both, err)
+  # torch in NCHW / OIHW: the spec tuples list (batch, feature, spatial...) positions.
+  return _timed_pair(conv, torch_conv, (x, w), dy, (dims.lhs_spec, dims.rhs_spec),
+                     dims.out_spec)
 
 
 def _attention_fns(key, rs):
-  import jax
-  import torch
   import torch.nn.functional as F
   from ldm_jax.models import layers
   _, qs, ks = key
-  q = rs.randn(*qs).astype(np.float32)
-  k, v = (rs.randn(*ks).astype(np.float32) for _ in range(2))
-  do = rs.randn(*qs).astype(np.float32)
-  attn = lambda q, k, v: layers.attention(q, k, v)
-
-  def jax_both(q, k, v, do):
-    out, vjp = jax.vjp(attn, q, k, v)
-    return (out,) + vjp(do)
-
-  jq, jk, jv, jdo = (jax.device_put(a) for a in (q, k, v, do))
-  jfwd, jboth = jax.jit(attn), jax.jit(jax_both)
-  # torch: [B, heads, L, d]
-  tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(a.transpose(0, 2, 1, 3))).requires_grad_()
-                for a in (q, k, v))
-  tdo = torch.from_numpy(np.ascontiguousarray(do.transpose(0, 2, 1, 3)))
-
-  def torch_fwd():
-    with torch.no_grad():
-      return F.scaled_dot_product_attention(tq, tk, tv)
-
-  def torch_both():
-    tq.grad = tk.grad = tv.grad = None
-    out = F.scaled_dot_product_attention(tq, tk, tv)
-    out.backward(tdo)
-    return out
-
-  want = np.asarray(jfwd(jq, jk, jv)).transpose(0, 2, 1, 3)
-  err = float(np.abs(torch_fwd().numpy() - want).max() / max(1.0, np.abs(want).max()))
-  return (lambda: jfwd(jq, jk, jv), lambda: jboth(jq, jk, jv, jdo), torch_fwd, torch_both, err)
+  q, k, v, do = (rs.randn(*shape).astype(np.float32) for shape in (qs, ks, ks, qs))
+  heads_first = (0, 2, 1, 3)  # torch: [B, heads, L, d]
+  return _timed_pair(lambda q, k, v: layers.attention(q, k, v), F.scaled_dot_product_attention,
+                     (q, k, v), do, (heads_first,) * 3, heads_first)
 
 
 def _dense_fns(key, rs):
-  import jax
-  import torch
   _, xs, ws = key
   x, w = rs.randn(*xs).astype(np.float32), (rs.randn(*ws) * 0.05).astype(np.float32)
   dy = rs.randn(*xs[:-1], ws[1]).astype(np.float32)
-  dense = lambda x, w: x @ w
-
-  def jax_both(x, w, dy):
-    y, vjp = jax.vjp(dense, x, w)
-    return (y,) + vjp(dy)
-
-  jx, jw, jdy = (jax.device_put(a) for a in (x, w, dy))
-  jfwd, jboth = jax.jit(dense), jax.jit(jax_both)
-  tx, tw = (torch.from_numpy(a).requires_grad_() for a in (x, w))
-  tdy = torch.from_numpy(dy)
-
-  def torch_fwd():
-    with torch.no_grad():
-      return tx @ tw
-
-  def torch_both():
-    tx.grad = tw.grad = None
-    y = tx @ tw
-    y.backward(tdy)
-    return y
-
-  want = np.asarray(jfwd(jx, jw))
-  err = float(np.abs(torch_fwd().numpy() - want).max() / max(1.0, np.abs(want).max()))
-  return (lambda: jfwd(jx, jw), lambda: jboth(jx, jw, jdy), torch_fwd, torch_both, err)
+  matmul = lambda x, w: x @ w
+  return _timed_pair(matmul, matmul, (x, w), dy, (None, None), None)
 
 
 FNS = {"conv": _conv_fns, "attention": _attention_fns, "dense": _dense_fns}
