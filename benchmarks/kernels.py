@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # no diffusers-Flax here: the venv's diffusers has the torch UNet
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 
+import ldm_jax  # noqa: E402,F401  (sets its XLA:CPU flags before JAX starts)
 import numpy as np  # noqa: E402
 
 KINDS = ("conv", "attention", "dense")

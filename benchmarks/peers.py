@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(ROOT, ".venv", "bench-deps"))
 sys.path.insert(0, ROOT)
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 
+import ldm_jax  # noqa: E402,F401  (sets its XLA:CPU flags before JAX starts)
 import numpy as np  # noqa: E402
 
 ROWS = ("unet", "train", "decode", "sample", "loop", "ae_train")

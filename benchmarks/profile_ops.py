@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(ROOT, ".venv", "bench-deps"))  # peer_models imp
 sys.path.insert(0, ROOT)
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 
+import ldm_jax  # noqa: E402,F401  (sets its XLA:CPU flags before JAX starts)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

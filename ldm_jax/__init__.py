@@ -2,7 +2,14 @@
 
     import ldm_jax
     model = ldm_jax.LatentDiffusion.from_checkpoint("workdirs/shapes_ldm")
+
+Importing the package sets XLA:CPU's convolution library before JAX starts a backend
+(`ldm_jax/xla_cpu.py`; `LDM_JAX_XLA_CPU_DEFAULTS=0` turns it off).
 """
+
+from ldm_jax import xla_cpu as _xla_cpu
+
+_xla_cpu.apply_defaults()
 
 __all__ = ["LatentDiffusion"]
 

@@ -17,6 +17,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402  (after the environment is set up)
 
+import ldm_jax  # noqa: E402,F401  (sets its XLA:CPU flags before JAX starts)
+
 
 @pytest.fixture(scope="session")
 def tiny_workdirs(tmp_path_factory):
