@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/profile_ops.py --program unet --batch 2          # UNet forward
     .venv/bin/python benchmarks/profile_ops.py --program unet_grad --batch 8     # its gradient
     .venv/bin/python benchmarks/profile_ops.py --program decode                  # kl-f8 decode
+    .venv/bin/python benchmarks/profile_ops.py --program flax_unet --batch 2     # diffusers-Flax's
 
 The program is issue #8's (benchmarks/peer_models.py, random weights). XLA:CPU is asked to emit a
 trace event per executed thunk (--xla_cpu_enable_xprof_traceme); the events of a few calls are
@@ -58,6 +59,9 @@ def build(program: str, batch: int):
     forward = lambda p, x, t, c: unet.ours.apply({"params": p}, x, t, c)
     fn = forward if program == "unet" else jax.grad(
         lambda p, x, t, c: jnp.mean(forward(p, x, t, c) ** 2))
+    if program == "flax_unet":  # the same UNet and weights in diffusers-Flax, for comparison
+      args = (jax.device_put(unet.flax_params), jnp.asarray(pm.nchw(inp["x"])), *args[2:])
+      fn = lambda p, x, t, c: unet.flax.apply({"params": p}, x, t, c).sample
   return jax.jit(fn).lower(*args).compile(), args
 
 
@@ -90,7 +94,7 @@ def module_path(op_name: str) -> str:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--program", choices=("unet", "unet_grad", "decode"), default="unet")
+  p.add_argument("--program", choices=("unet", "unet_grad", "flax_unet", "decode"), default="unet")
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--calls", type=int, default=3, help="traced calls (after 2 warm-up calls)")
   p.add_argument("--top", type=int, default=25, help="rows per table")
