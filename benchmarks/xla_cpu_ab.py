@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/xla_cpu_ab.py                                # every program
     .venv/bin/python benchmarks/xla_cpu_ab.py --programs train --batch 8 --repeats 8
+    .venv/bin/python benchmarks/xla_cpu_ab.py --types LIBRARY_FUSION_TYPE_REDUCE  # other sets
 
 Each program (issue #8's UNet forward and train step, the kl-f8 decode; benchmarks/peer_models.py
 weights) is compiled twice from one lowering: with XLA's defaults, and with the flag passed as a
@@ -59,16 +60,18 @@ def main(argv=None) -> int:
   p.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma list from {PROGRAMS}")
   p.add_argument("--batch", type=int, default=8, help="UNet batch (decode runs at batch 2)")
   p.add_argument("--repeats", type=int, default=6, help="timed rounds")
+  p.add_argument("--types", default=xla_cpu.YNN_FUSION_TYPES,
+                 help="YNNPACK fusion types of the variant (default: what ldm_jax sets)")
   args = p.parse_args(argv)
   names = [n for n in args.programs.split(",") if n]
   if bad := [n for n in names if n not in PROGRAMS]:
     p.error(f"--programs={bad}; expected names from {PROGRAMS}")
   import jax
   import bench_util as bu
-  flag = {xla_cpu.YNN_FUSION_FLAG.lstrip("-"): xla_cpu.YNN_FUSION_TYPES}
+  flag = {xla_cpu.YNN_FUSION_FLAG.lstrip("-"): args.types}
   for name, (fn, fn_args, donate) in programs(names, args.batch).items():
     lowered = jax.jit(fn, donate_argnums=donate).lower(*fn_args)
-    compiled = {"default": lowered.compile(), "ldm_jax flag": lowered.compile(flag)}
+    compiled = {"default": lowered.compile(), "flag": lowered.compile(flag)}
     # Donated state is replaced by each call's output, per variant.
     state = {k: jax.tree.map(jax.numpy.array, fn_args) for k in compiled}
 
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
     times, _ = bu.interleaved({k: (lambda k=k: call(k)) for k in compiled}, args.repeats)
     base = bu.median(times["default"])
     for k, v in times.items():
-      print(f"{name:10s} {k:13s} median {1e3 * bu.median(v):8.1f} ms  "
+      print(f"{name:10s} {k:8s} median {1e3 * bu.median(v):8.1f} ms  "
             f"({bu.median(v) / base - 1:+.1%})  " + " ".join(f"{1e3 * s:.0f}" for s in v),
             flush=True)
   return 0

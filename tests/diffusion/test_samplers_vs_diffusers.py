@@ -98,9 +98,14 @@ def feed_randn(monkeypatch, module, noise):
 
 
 def assert_traj(ours, ref):
+  """Each step agrees to TOL of max(1, its largest |value|): float32 rounding grows with the
+  values, and Euler-type samplers start at sigma_max ~ 15 (step 0 of euler_ancestral, v, 15 steps
+  differed by 1.2e-5 at values ~10 against diffusers 0.42)."""
   assert ours.shape == ref.shape, (ours.shape, ref.shape)
-  err = np.abs(ours - ref).max(axis=tuple(range(1, ours.ndim)))
-  assert err.max() <= TOL, f'per-step max abs error {err}'
+  axes = tuple(range(1, ours.ndim))
+  err = np.abs(ours - ref).max(axis=axes)
+  scale = np.maximum(1.0, np.abs(ref).max(axis=axes))
+  assert (err <= TOL * scale).all(), f'per-step max abs error {err}, value scale {scale}'
 
 
 @pytest.mark.parametrize('steps,eta,param', [(10, 0.0, 'eps'), (7, 0.0, 'v'), (10, 0.8, 'eps'),
