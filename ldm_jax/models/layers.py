@@ -5,6 +5,7 @@ statistics and softmax always run in float32 whatever the compute dtype, as in t
 (their `GroupNorm32` upcasts, and attention softmax is taken in fp32).
 """
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -17,7 +18,7 @@ Dtype = Any
 
 
 class _ScaleBias(nn.Module):
-  """GroupNorm's per-channel affine parameters, with nn.GroupNorm's names and initialisers."""
+  """Per-channel affine parameters with nn.GroupNorm's / nn.LayerNorm's names and initialisers."""
   channels: int
   param_dtype: Dtype = jnp.float32
 
@@ -70,17 +71,59 @@ class GroupNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+def _layer_norm_stats(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
+  """Per-row mean and 1 / std over the last axis (nn.LayerNorm's fast variance, clipped at 0)."""
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.maximum(jnp.mean(x * x, axis=-1, keepdims=True) - mean * mean, 0.0)
+  return mean, jax.lax.rsqrt(var + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+  """(x - mean) / sqrt(var + epsilon) * scale + bias over the last axis.
+
+  Differentiating it keeps only the normalised input and the per-row 1 / std (what torch's
+  LayerNorm keeps); JAX's own derivative of the same expression keeps four full-size
+  intermediates (x^2, x - mean, their product with 1 / std, the output).
+  """
+  mean, rstd = _layer_norm_stats(x, epsilon)
+  return (x - mean) * rstd * scale + bias
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+  mean, rstd = _layer_norm_stats(x, epsilon)
+  normed = (x - mean) * rstd
+  return normed * scale + bias, (normed, rstd, scale)
+
+
+def _layer_norm_bwd(epsilon, residuals, ct):
+  del epsilon  # only through rstd
+  normed, rstd, scale = residuals
+  rows = tuple(range(ct.ndim - 1))
+  ct_normed = ct * scale
+  ct_x = rstd * (ct_normed - jnp.mean(ct_normed, axis=-1, keepdims=True)
+                 - normed * jnp.mean(ct_normed * normed, axis=-1, keepdims=True))
+  return ct_x, jnp.sum(ct * normed, axis=rows), jnp.sum(ct, axis=rows)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class LayerNorm(nn.Module):
-  """LayerNorm computed in float32 (transformer blocks use eps 1e-5)."""
+  """LayerNorm over the last axis, computed in float32 (`layer_norm`), returned in `dtype`.
+
+  Same parameters as nn.LayerNorm (a child "norm" holding "scale" and "bias") and the same
+  statistics; its gradient keeps less memory (UNet train step at batch 8: -65 MiB of XLA temp).
+  """
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    y = nn.LayerNorm(epsilon=self.epsilon, dtype=jnp.float32, param_dtype=self.param_dtype,
-                     name="norm")(x.astype(jnp.float32))
-    return y.astype(self.dtype)
+    scale, bias = _ScaleBias(x.shape[-1], self.param_dtype, name="norm")()
+    f32 = lambda a: a.astype(jnp.float32)
+    return layer_norm(f32(x), f32(scale), f32(bias), self.epsilon).astype(self.dtype)
 
 
 class Conv(nn.Module):

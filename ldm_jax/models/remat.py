@@ -24,8 +24,12 @@ import jax
 import jax.numpy as jnp
 
 
-def _after(ct: Any, tree: Any) -> Any:
-  """tree, with each floating leaf made data-dependent on the cotangent ct (values unchanged)."""
+def after_cotangent(ct: Any, tree: Any) -> Any:
+  """tree, with each floating leaf made data-dependent on the cotangent ct (values unchanged).
+
+  For custom VJPs that recompute from saved inputs: on XLA:CPU the recomputation could otherwise
+  be merged with the forward pass's copy, which then stays alive until the backward pass.
+  """
   first = jax.tree_util.tree_leaves(ct)[0]
   zero = first.ravel()[0] * 0  # a scalar; XLA does not fold x * 0 for floats (NaN semantics)
 
@@ -47,7 +51,7 @@ def _recompute_on_cpu(fn: Callable[..., Any], module: nn.Module, *args):
 
   def backward(residuals, ct):
     params, a = residuals
-    params, a = _after(ct, (params, a))
+    params, a = after_cotangent(ct, (params, a))
     _, vjp = jax.vjp(apply, params, *a)
     params_ct, *args_ct = vjp(ct)
     return ({"params": params_ct}, *args_ct)

@@ -1,19 +1,21 @@
-"""The CPU fast paths of `layers` against torch: blocked attention, im2col convs, GroupNorm.
+"""The CPU fast paths of `layers` against torch: blocked attention, im2col convs, norms.
 
 Blocking only reorders the attention loop (each query row still takes its softmax over every key),
 so outputs and gradients must equal torch's scaled_dot_product_attention at fp32 round-off, for
 one block, blocks of whole (batch, head) pairs, query chunks of one pair and a query length with no
 divisor that fits the budget. `layers.conv` on maps smaller than its kernel (computed as im2col +
-matmul) must equal torch's conv2d, and `layers.GroupNorm` torch's GroupNorm.
+matmul) must equal torch's conv2d, `layers.GroupNorm` torch's GroupNorm, and `layers.LayerNorm`
+torch's layer_norm (values and gradients, through its memory-lean VJP).
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from ldm_jax.models import layers
+from ldm_jax.models import attention, layers, remat
 
 
 def _torch_attention(q, k, v, scale):
@@ -159,3 +161,64 @@ def test_upsample_block_uses_the_phased_conv_above_the_threshold(monkeypatch):
   assert calls
   assert plain.shape == phased.shape == (1, 8, 8, 8)
   np.testing.assert_allclose(np.asarray(phased), np.asarray(plain), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape, eps", [((2, 5, 48), 1e-5), ((3, 7), 1e-12)])
+def test_layer_norm_matches_torch_with_gradients(shape, eps):
+  """layers.LayerNorm (its own VJP) against torch's layer_norm: value and the gradients with
+  respect to the input, the scale and the bias, under a random cotangent and an offset mean."""
+  rs = np.random.RandomState(len(shape))
+  x = (rs.randn(*shape) * 3 + 2).astype(np.float32)
+  scale, bias = (1 + rs.randn(2, shape[-1])).astype(np.float32)
+  cot = rs.randn(*shape).astype(np.float32)
+  module = layers.LayerNorm(eps)
+  params = {"norm": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
+  template = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)["params"]
+  flax_template = {"norm": jax.eval_shape(nn.LayerNorm(eps).init, jax.random.PRNGKey(0), x)[
+      "params"]}
+  assert jax.tree.map(lambda a: a.shape, template) == jax.tree.map(lambda a: a.shape,
+                                                                   flax_template)
+  loss = lambda p, x: jnp.sum(module.apply({"params": p}, x) * cot)
+  got = module.apply({"params": params}, x)
+  g_params, g_x = jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x))
+  tx, ts, tb = (torch.from_numpy(a).requires_grad_() for a in (x, scale, bias))
+  want = torch.nn.functional.layer_norm(tx, (shape[-1],), ts, tb, eps)
+  (want * torch.from_numpy(cot)).sum().backward()
+  np.testing.assert_allclose(np.asarray(got), want.detach().numpy(), atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(g_x), tx.grad.numpy(), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(g_params["norm"]["scale"]), ts.grad.numpy(), atol=1e-4,
+                             rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(g_params["norm"]["bias"]), tb.grad.numpy(), atol=1e-4,
+                             rtol=1e-4)
+
+
+def test_lean_vjps_keep_less_memory_than_plain_autodiff(monkeypatch):
+  """The gradient of a SpatialTransformer keeps less XLA temp memory with `attention.geglu` and
+  `layers.layer_norm` than with JAX's derivative of the same expressions, and geglu loses its
+  saving when its recomputation is not tied to the cotangent (XLA:CPU then merges it with the
+  forward pass's)."""
+  x = jnp.asarray(np.random.RandomState(0).randn(2, 16, 16, 64).astype(np.float32))
+  ctx = jnp.asarray(np.random.RandomState(1).randn(2, 8, 32).astype(np.float32))
+  module = attention.SpatialTransformer(4, 16)
+  params = module.init(jax.random.PRNGKey(0), x, ctx)["params"]
+
+  def temp_mib():
+    loss = lambda p, x: jnp.sum(jnp.square(module.apply({"params": p}, x, ctx)))
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
+
+  lean = temp_mib()
+  ff_array, ln_array = 2 * 256 * 256 * 4 / 2 ** 20, 2 * 256 * 64 * 4 / 2 ** 20  # MiB
+  with monkeypatch.context() as m:
+    m.setattr(attention, "geglu", lambda value, gate: value * attention.gelu_erf(gate))
+    assert temp_mib() >= lean + 0.9 * ff_array
+  with monkeypatch.context() as m:
+    m.setattr(remat, "after_cotangent", lambda ct, tree: tree)
+    assert temp_mib() >= lean + 0.9 * ff_array
+
+  def plain_layer_norm(x, scale, bias, epsilon):
+    mean, rstd = layers._layer_norm_stats(x, epsilon)  # pylint: disable=protected-access
+    return (x - mean) * rstd * scale + bias
+  with monkeypatch.context() as m:
+    m.setattr(layers, "layer_norm", plain_layer_norm)
+    assert temp_mib() >= lean + 2 * ln_array  # three LayerNorms, each keeping arrays of x's size
