@@ -84,7 +84,8 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) 
 
   Differentiating it keeps only the normalised input and the per-row 1 / std (what torch's
   LayerNorm keeps); JAX's own derivative of the same expression keeps four full-size
-  intermediates (x^2, x - mean, their product with 1 / std, the output).
+  intermediates (x^2, x - mean, their product with 1 / std, the output). Reverse mode only, as
+  any custom VJP (jax.jvp through it raises).
   """
   mean, rstd = _layer_norm_stats(x, epsilon)
   return (x - mean) * rstd * scale + bias
