@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.models import remat
+
 Dtype = Any
 
 
@@ -306,8 +308,13 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
 # blocks, torch 11 ms) gain nothing from the serial loop. Each query row's softmax still spans all
 # keys, so the function is unchanged; only the loop order differs. Set CPU_ATTENTION_BLOCK to None
 # to switch blocking off.
+#
+# The backward pass (a custom VJP, flash-attention style: it recomputes the softmax weights from
+# q, k and each query's log-sum-exp) always runs in blocks of at most CPU_ATTENTION_GRAD_BLOCK
+# logits on CPU: it makes five passes over each block, so cache locality pays off at every size.
 CPU_ATTENTION_BLOCK = 2 ** 20
 CPU_ATTENTION_UNBLOCKED = 2 ** 23
+CPU_ATTENTION_GRAD_BLOCK = 2 ** 19
 
 
 def attention_blocks(pairs: int, lq: int, lk: int, budget: int | None) -> tuple[int, int]:
@@ -334,9 +341,20 @@ def auto_block_budget(logits: int) -> int | None:
   return CPU_ATTENTION_BLOCK
 
 
+def auto_grad_block_budget() -> int | None:
+  """CPU_ATTENTION_GRAD_BLOCK on CPU, else None: the block size of attention's backward pass."""
+  return CPU_ATTENTION_GRAD_BLOCK if jax.default_backend() == "cpu" else None
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
               mask: jax.Array | None = None, block_budget: int | None | str = "auto") -> jax.Array:
   """Multi-head scaled dot-product attention with the softmax in float32.
+
+  Differentiated as flash attention is: the backward pass keeps q, k, v, the output and each
+  query's log-sum-exp, and recomputes the softmax weights block by block, rather than keeping
+  [B, heads, Lq, Lk] weights between the passes (UNet train step at batch 8: -205 MiB of XLA
+  temp, the cross-attention and 16x16 self-attention weights). Reverse mode only, as any
+  custom VJP.
 
   Args:
     q: [B, Lq, heads, d]; k, v: [B, Lk, heads, d].
@@ -351,44 +369,133 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None =
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   b, lq, heads, d = q.shape
   lk = k.shape[1]
-  budget = (auto_block_budget(b * heads * lq * lk) if block_budget == "auto" else
-            block_budget)
-  q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, heads, L, d] each
-
-  def block(qb, kb, vb, mask_b):  # qb [..., c, d], kb / vb [..., Lk, d]
-    # Scaling q rather than the logits touches [c, d] instead of [c, Lk] elements.
-    logits = jnp.einsum("...qd,...kd->...qk", qb * jnp.asarray(scale, qb.dtype), kb,
-                        preferred_element_type=jnp.float32)
-    if mask_b is not None:
-      logits = jnp.where(mask_b, logits, jnp.finfo(jnp.float32).min)
-    # softmax(logits) @ v with the division moved after the product: it then scales [c, d]
-    # instead of [c, Lk] (one pass less over the largest array). The max is only a shift that
-    # softmax is invariant to, so no gradient flows through it.
-    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    weights = jnp.exp(logits - peak)  # [..., c, Lk] float32, unnormalised
-    total = jnp.sum(weights, axis=-1, keepdims=True)  # [..., c, 1]
-    out = jnp.einsum("...qk,...kd->...qd", weights.astype(vb.dtype), vb,
-                     preferred_element_type=jnp.float32)
-    return (out / total).astype(vb.dtype)  # [..., c, d]
-
   pairs = b * heads
-  group, chunk = (pairs, lq) if mask is not None else attention_blocks(pairs, lq, lk, budget)
-  if group == pairs and chunk == lq:
-    out = block(q, k, v, mask)  # [B, heads, Lq, d]
+  if mask is not None:
+    blocks = grad_blocks = (pairs, lq)
+  elif block_budget == "auto":
+    blocks = attention_blocks(pairs, lq, lk, auto_block_budget(pairs * lq * lk))
+    grad_blocks = attention_blocks(pairs, lq, lk, auto_grad_block_budget())
   else:
-    n_groups, n_chunks = pairs // group, lq // chunk
-    qs = q.reshape(n_groups, group, n_chunks, chunk, d)
+    blocks = grad_blocks = attention_blocks(pairs, lq, lk, block_budget)
+  q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, heads, L, d] each
+  out = _attention(float(scale), blocks, grad_blocks, q, k, v, mask)  # [B, heads, Lq, d]
+  return out.transpose(0, 2, 1, 3)  # [B, Lq, heads, d]
+
+
+def _logits(scale, qb, kb, mask_b):
+  """[..., c, Lk] float32 logits of one block; scaling q touches [c, d], not [c, Lk]."""
+  logits = jnp.einsum("...qd,...kd->...qk", qb * jnp.asarray(scale, qb.dtype), kb,
+                      preferred_element_type=jnp.float32)
+  if mask_b is not None:
+    logits = jnp.where(mask_b, logits, jnp.finfo(jnp.float32).min)
+  return logits
+
+
+def _block_forward(scale, qb, kb, vb, mask_b):
+  """softmax(q.k) @ v of one block, and each query's log-sum-exp [..., c] (float32).
+
+  The division by the softmax total comes after the product with v: it then scales [c, d]
+  instead of [c, Lk] elements (one pass less over the largest array).
+  """
+  logits = _logits(scale, qb, kb, mask_b)
+  peak = jnp.max(logits, axis=-1, keepdims=True)
+  weights = jnp.exp(logits - peak)  # [..., c, Lk], unnormalised
+  total = jnp.sum(weights, axis=-1, keepdims=True)  # [..., c, 1]
+  out = jnp.einsum("...qk,...kd->...qd", weights.astype(vb.dtype), vb,
+                   preferred_element_type=jnp.float32)
+  return (out / total).astype(vb.dtype), (peak + jnp.log(total))[..., 0]
+
+
+def _block_backward(scale, qb, kb, vb, mask_b, ob, lse_b, dob):
+  """Gradients of one block from recomputed softmax weights, in float32.
+
+  Returns dq [..., c, d] and the transposed dk, dv [..., d, Lk]. The products that contract over
+  queries are taken as x^T [d, c] @ [c, Lk], transposing the small [c, d] operand: XLA:CPU
+  transposes the [c, Lk] operand of w^T @ dout (or contracts its major dimension) far more slowly
+  (the issue-#8 UNet's 32x32 self-attention backward at batch 8, blocks of 256 x 1024: 100 ms
+  this way, 430-460 ms either other way).
+  """
+  weights = jnp.exp(_logits(scale, qb, kb, mask_b) - lse_b[..., None])  # [..., c, Lk], softmax
+  dvt = jnp.einsum("...dq,...qk->...dk", jnp.swapaxes(dob, -1, -2), weights.astype(dob.dtype),
+                   preferred_element_type=jnp.float32)
+  dweights = jnp.einsum("...qd,...kd->...qk", dob, vb, preferred_element_type=jnp.float32)
+  # Softmax's Jacobian: dlogits = w * (dw - sum_k w dw), and sum_k w dw = dout . out per query.
+  row = jnp.sum(dob.astype(jnp.float32) * ob.astype(jnp.float32), axis=-1, keepdims=True)
+  dlogits = weights * (dweights - row)
+  if mask_b is not None:
+    dlogits = jnp.where(mask_b, dlogits, 0)
+  dlogits = dlogits.astype(qb.dtype)
+  dq = jnp.einsum("...qk,...kd->...qd", dlogits, kb, preferred_element_type=jnp.float32) * scale
+  dkt = jnp.einsum("...dq,...qk->...dk", jnp.swapaxes(qb * jnp.asarray(scale, qb.dtype), -1, -2),
+                   dlogits, preferred_element_type=jnp.float32)
+  return dq, dkt, dvt
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _attention(scale, blocks, grad_blocks, q, k, v, mask):
+  return _attention_forward(scale, blocks, q, k, v, mask)[0]
+
+
+def _attention_forward(scale, blocks, q, k, v, mask):
+  """Output [B, heads, Lq, d] and log-sum-exp [B, heads, Lq] in `blocks` (pairs, queries) blocks."""
+  b, heads, lq, d = q.shape
+  lk = k.shape[2]
+  group, chunk = blocks
+  if group == b * heads and chunk == lq:
+    return _block_forward(scale, q, k, v, mask)
+  n_groups, n_chunks = b * heads // group, lq // chunk
+  qs = q.reshape(n_groups, group, n_chunks, chunk, d)
+  ks, vs = (x.reshape(n_groups, group, lk, d) for x in (k, v))
+
+  def step(i):  # block i: pair group i // n_chunks, query chunk i % n_chunks
+    g, c = i // n_chunks, i % n_chunks
+    return _block_forward(scale, qs[g, :, c], ks[g], vs[g], None)
+
+  out, lse = jax.lax.map(step, jnp.arange(n_groups * n_chunks))  # [blocks, group, chunk, ...]
+  out = out.reshape(n_groups, n_chunks, group, chunk, d).transpose(0, 2, 1, 3, 4)
+  lse = lse.reshape(n_groups, n_chunks, group, chunk).transpose(0, 2, 1, 3)
+  return out.reshape(b, heads, lq, d), lse.reshape(b, heads, lq)
+
+
+def _attention_fwd(scale, blocks, grad_blocks, q, k, v, mask):
+  out, lse = _attention_forward(scale, blocks, q, k, v, mask)
+  return out, (q, k, v, mask, out, lse)
+
+
+def _attention_bwd(scale, blocks, grad_blocks, residuals, dout):
+  q, k, v, mask, out, lse = residuals
+  # Tied to the cotangent, or XLA:CPU merges the recomputed logits with the forward's and keeps
+  # them alive between the passes.
+  q, k = remat.after_cotangent(dout, (q, k))
+  b, heads, lq, d = q.shape
+  lk = k.shape[2]
+  group, chunk = grad_blocks
+  if group == b * heads and chunk == lq:
+    dq, dkt, dvt = _block_backward(scale, q, k, v, mask, out, lse, dout)
+    grads = dq, jnp.swapaxes(dkt, -1, -2), jnp.swapaxes(dvt, -1, -2)
+  else:
+    n_groups, n_chunks = b * heads // group, lq // chunk
+    per_query = [x.reshape(n_groups, group, n_chunks, chunk, *x.shape[3:])
+                 for x in (q, out, lse, dout)]
     ks, vs = (x.reshape(n_groups, group, lk, d) for x in (k, v))
 
-    # Rematerialised: differentiating the loop then saves each block's inputs, not its
-    # [group, chunk, Lk] weights (which would add up to the unblocked logits), and the backward
-    # loop recomputes them block by block, as flash attention does.
-    @jax.checkpoint
-    def step(i):  # block i: pair group i // n_chunks, query chunk i % n_chunks
-      g, c = i // n_chunks, i % n_chunks
-      return block(qs[g, :, c], ks[g], vs[g], None)  # [group, chunk, d]
+    def pair_group(xs):  # one group's gradients, summing dk / dv over its query chunks
+      kg, vg, *per_query_g = xs  # [group, Lk, d] x 2, then [group, chunks, chunk, ...] each
 
-    out = jax.lax.map(step, jnp.arange(n_groups * n_chunks))  # [blocks, group, chunk, d]
-    out = out.reshape(n_groups, n_chunks, group, chunk, d).transpose(0, 2, 1, 3, 4)
-    out = out.reshape(b, heads, lq, d)
-  return out.transpose(0, 2, 1, 3)  # [B, Lq, heads, d]
+      def chunk_step(carry, c):
+        qc, oc, lse_c, doc = (x[:, c] for x in per_query_g)
+        dq, dkt, dvt = _block_backward(scale, qc, kg, vg, None, oc, lse_c, doc)
+        return (carry[0] + dkt, carry[1] + dvt), dq
+
+      zeros = jnp.zeros((group, d, lk), jnp.float32)
+      (dkt, dvt), dq = jax.lax.scan(chunk_step, (zeros, zeros), jnp.arange(n_chunks))
+      return dq, jnp.swapaxes(dkt, -1, -2), jnp.swapaxes(dvt, -1, -2)  # dq [chunks, group, chunk, d]
+
+    dq, dk, dv = jax.lax.map(pair_group, (ks, vs, *per_query))
+    dq = dq.transpose(0, 2, 1, 3, 4)  # [groups, group, chunks, chunk, d]
+    grads = (dq.reshape(b, heads, lq, d), dk.reshape(b, heads, lk, d), dv.reshape(b, heads, lk, d))
+  dq, dk, dv = (g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
+  return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

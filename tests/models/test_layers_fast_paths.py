@@ -8,6 +8,8 @@ matmul) must equal torch's conv2d, `layers.GroupNorm` torch's GroupNorm, and `la
 torch's layer_norm (values and gradients, through its memory-lean VJP).
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -76,6 +78,93 @@ def test_auto_budget_blocks_on_cpu_only_when_large():
   a = layers.attention(q, q, q, mask=mask, block_budget=16)
   b = layers.attention(q, q, q, mask=mask, block_budget=None)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _torch_attention_grads(q, k, v, cot, scale=None, mask=None):
+  """torch SDPA's output and (dq, dk, dv) under the cotangent cot, all [B, L, h, d] numpy."""
+  tq, tk, tv = (torch.from_numpy(np.asarray(a, np.float32)).permute(0, 2, 1, 3).requires_grad_()
+                for a in (q, k, v))
+  tmask = None if mask is None else torch.from_numpy(np.asarray(mask))
+  out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tmask, scale=scale)
+  (out.permute(0, 2, 1, 3) * torch.from_numpy(cot)).sum().backward()
+  return (out.detach().permute(0, 2, 1, 3).numpy(),
+          [t.grad.permute(0, 2, 1, 3).numpy() for t in (tq, tk, tv)])
+
+
+@pytest.mark.parametrize("grad_budget, blocks", [
+    (None, (4, 20)),     # everything in one block
+    (2 * 20 * 24, (2, 20)),  # 2 blocks of 2 whole (batch, head) pairs
+    (5 * 24, (1, 5)),    # 16 blocks: one pair, 5 of its 20 queries; dk / dv summed over 4 chunks
+])
+def test_attention_backward_blocks_match_torch(monkeypatch, grad_budget, blocks):
+  """The custom VJP's backward, in whichever blocks CPU_ATTENTION_GRAD_BLOCK makes (the forward
+  pass is one block here), gives torch's gradients."""
+  monkeypatch.setattr(layers, "CPU_ATTENTION_GRAD_BLOCK", grad_budget)
+  assert layers.attention_blocks(2 * 2, 20, 24, layers.auto_grad_block_budget()) == blocks
+  rs = np.random.RandomState(3)
+  q = rs.randn(2, 20, 2, 8).astype(np.float32)
+  k, v = (rs.randn(2, 24, 2, 8).astype(np.float32) for _ in range(2))
+  cot = rs.randn(2, 20, 2, 8).astype(np.float32)
+  loss = lambda q, k, v: jnp.sum(layers.attention(q, k, v, scale=0.4) * cot)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  _, want = _torch_attention_grads(q, k, v, cot, scale=0.4)
+  for got, ref in zip(grads, want):
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_masked_attention_gradients_match_torch():
+  """A causal mask (as the text transformer's) and a per-batch key-padding mask: outputs and
+  gradients equal torch's; masked-out keys get no gradient."""
+  rs = np.random.RandomState(4)
+  q, k, v, cot = (rs.randn(2, 12, 3, 8).astype(np.float32) for _ in range(4))
+  causal = np.tril(np.ones((12, 12), bool))
+  padding = np.ones((2, 1, 1, 12), bool)
+  padding[1, ..., 9:] = False  # the second sequence's last three keys are padding
+  for mask in (causal, padding):
+    loss = lambda q, k, v, mask=mask: jnp.sum(layers.attention(q, k, v, mask=mask) * cot)
+    got = layers.attention(q, k, v, mask=mask)
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    want, want_grads = _torch_attention_grads(q, k, v, cot, mask=mask)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=1e-5)
+    for g, ref in zip(grads, want_grads):
+      np.testing.assert_allclose(np.asarray(g), ref, atol=1e-5, rtol=1e-4)
+  assert not np.any(np.asarray(grads[1])[1, 9:]) and not np.any(np.asarray(grads[2])[1, 9:])
+
+
+def test_attention_gradients_in_bfloat16():
+  """bf16 q, k, v: gradients come back in bf16 and near the float32 ones (softmax stays fp32)."""
+  rs = np.random.RandomState(5)
+  q, k, v, cot = (rs.randn(1, 16, 2, 8).astype(np.float32) for _ in range(4))
+  loss = lambda q, k, v: jnp.sum(layers.attention(q, k, v).astype(jnp.float32) * cot)
+  half = jax.grad(loss, argnums=(0, 1, 2))(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
+  _, want = _torch_attention_grads(q, k, v, cot)
+  for g, ref in zip(half, want):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g, np.float32), ref, atol=0.1, rtol=0.05)
+
+
+def test_attention_gradient_keeps_no_softmax_weights():
+  """What the backward pass keeps (the leaves of jax.vjp's closure) is q, k, v, the output and
+  the log-sum-exp, never the [B, heads, Lq, Lk] softmax weights that JAX's own derivative keeps;
+  and the backward's own blocks keep its XLA temp memory below one such array."""
+  rs = np.random.RandomState(6)
+  q, k, v = (jnp.asarray(rs.randn(2, 512, 4, 8).astype(np.float32)) for _ in range(3))
+  weights_mib = 2 * 4 * 512 * 512 * 4 / 2 ** 20  # 8 MiB
+  kept_mib = lambda fn: sum(x.nbytes for x in jax.tree.leaves(jax.vjp(fn, q, k, v)[1])) / 2 ** 20
+
+  def plain(q, k, v):
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * 8 ** -0.5, k)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+  assert kept_mib(plain) >= weights_mib  # what the test guards against
+  for budget in ("auto", None, 2 ** 14):
+    assert kept_mib(functools.partial(layers.attention, block_budget=budget)) < weights_mib / 4
+
+  # "auto" on CPU: the forward in one block (8 MiB of logits), the backward in blocks of
+  # CPU_ATTENTION_GRAD_BLOCK logits (2 MiB).
+  assert layers.auto_block_budget(2 * 4 * 512 * 512) is None
+  vjp_fn = jax.vjp(layers.attention, q, k, v)[1]  # a pytree: its residuals are the leaves
+  compiled = jax.jit(lambda f, ct: f(ct)).lower(vjp_fn, q).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes / 2 ** 20 < weights_mib  # 16 unblocked
 
 
 @pytest.mark.parametrize("size, kernel, pad", [(2, 3, 1), (1, 3, 1), (5, 3, 1), (3, 4, 1)])

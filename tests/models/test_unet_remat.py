@@ -47,12 +47,13 @@ def test_remat_matches_plain_forward_dropout_and_gradients():
     return len(re.findall(pattern, str(jaxpr)))
   stochastic, deterministic = dict(deterministic=False), dict(deterministic=True)
   checkpoint, custom_vjp = r"\b(?:remat\d*|checkpoint)\[", r"\bcustom_vjp_call\["
-  # Without remat the only custom VJPs are each SpatialTransformer's 3 LayerNorms and 1 GEGLU.
-  assert n_prims(plain, checkpoint, **stochastic) == 0 and n_prims(plain, custom_vjp) == 2 * 4
+  # Without remat the only custom VJPs are each SpatialTransformer's 3 LayerNorms, 1 GEGLU and
+  # 2 attentions.
+  assert n_prims(plain, checkpoint, **stochastic) == 0 and n_prims(plain, custom_vjp) == 2 * 6
   # 3 ResBlocks (with dropout) + 2 SpatialTransformers (without).
   assert n_prims(remat, checkpoint, **stochastic) == 3
-  assert n_prims(remat, custom_vjp, **stochastic) == 2 * 4 + 2
-  assert n_prims(remat, custom_vjp, **deterministic) == 2 * 4 + 5
+  assert n_prims(remat, custom_vjp, **stochastic) == 2 * 6 + 2
+  assert n_prims(remat, custom_vjp, **deterministic) == 2 * 6 + 5
 
   def loss(model, p):
     out = model.apply({"params": p}, x, t, ctx, deterministic=False,
