@@ -9,7 +9,9 @@ The torch models are diffusers' `UNet2DConditionModel` / `AutoencoderKL` with ev
 non-zero (diffusers zero-initialises conv_out and proj_out, which would make the UNet output 0).
 ldm_jax gets them through its own importers (`ldm_jax.convert`), diffusers-Flax through
 `convert_pytorch_state_dict_to_flax`, so all three run the same function with the same weights;
-`check_agreement` verifies that before anything is timed.
+`check_agreement` verifies that before anything is timed. Both JAX peers' parameters are device
+arrays (diffusers' converter returns jnp arrays; ldm_jax's importer returns numpy, put on the
+device here), as torch's live in its module: host arrays would be copied in on every call.
 
 diffusers-Flax exists only up to diffusers 0.39.0; `peers.py` puts that release (installed with
 `pip install --no-deps --target .venv/bench-deps diffusers==0.39.0`) first on sys.path.
@@ -18,6 +20,7 @@ diffusers-Flax exists only up to diffusers 0.39.0; `peers.py` puts that release 
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 import torch
 
@@ -92,7 +95,7 @@ def build_unet(seed: int = 0, remat: bool = False, dtype=None) -> Peers:
   ours_params = unet_convert.unet_from_diffusers(_numpy_state(torch_unet), ours)
   flax_unet = FlaxUNet2DConditionModel(**UNET_CONFIG, dtype=dtype)
   flax_params = _flax_params(torch_unet, flax_unet)
-  return Peers(torch_unet, ours, ours_params, flax_unet, flax_params)
+  return Peers(torch_unet, ours, jax.device_put(ours_params), flax_unet, flax_params)
 
 
 def build_vae(seed: int = 1, dtype=None) -> Peers:
@@ -108,7 +111,7 @@ def build_vae(seed: int = 1, dtype=None) -> Peers:
   ours_params = ae_convert.autoencoder_from_diffusers(_numpy_state(torch_vae), ours)
   flax_vae = FlaxAutoencoderKL(**VAE_CONFIG, dtype=dtype)
   flax_params = _flax_params(torch_vae, flax_vae)
-  return Peers(torch_vae, ours, ours_params, flax_vae, flax_params)
+  return Peers(torch_vae, ours, jax.device_put(ours_params), flax_vae, flax_params)
 
 
 def unet_inputs(batch: int, seed: int = 0) -> dict[str, np.ndarray]:

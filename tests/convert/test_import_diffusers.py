@@ -177,3 +177,11 @@ def test_convert_cli_then_sample_cli(built):
   for a, b in zip(images, images_direct):
     np.testing.assert_array_equal(a, b)
   assert np.asarray(images[0]).std() > 0  # not a blank image
+
+
+def test_imported_parameters_are_c_contiguous(built):
+  """Every imported leaf is C-contiguous (torch kernels arrive transposed): a transposed view
+  would be re-laid-out on each host-to-device transfer."""
+  import jax
+  leaves = jax.tree.leaves(built["model"].params)
+  assert leaves and all(np.asarray(a).flags.c_contiguous for a in leaves)
