@@ -493,7 +493,7 @@ def _attention_bwd(scale, blocks, grad_blocks, residuals, dout):
 
       zeros = jnp.zeros((group, d, lk), jnp.float32)
       (dkt, dvt), dq = jax.lax.scan(chunk_step, (zeros, zeros), jnp.arange(n_chunks))
-      return dq, jnp.swapaxes(dkt, -1, -2), jnp.swapaxes(dvt, -1, -2)  # dq [chunks, group, chunk, d]
+      return dq, jnp.swapaxes(dkt, -1, -2), jnp.swapaxes(dvt, -1, -2)  # dq: [chunks, group, ...]
 
     dq, dk, dv = jax.lax.map(pair_group, (ks, vs, *per_query))
     dq = dq.transpose(0, 2, 1, 3, 4)  # [groups, group, chunks, chunk, d]
