@@ -98,7 +98,7 @@ def strict_load(template: Mapping[str, Any], state_dict: Mapping[str, np.ndarray
       mismatched.append(f"{key}: checkpoint {tuple(np.shape(state_dict[key]))} -> "
                         f"{tuple(value.shape)}, model {'/'.join(path)} expects {tuple(leaf.shape)}")
       continue
-    out[path] = np.ascontiguousarray(value, dtype=leaf.dtype)
+    out[path] = np.array(value, dtype=leaf.dtype, order="C")  # always a copy, never a view
   unexpected = sorted(k for k in state_dict
                       if k not in used and k not in ignore and not k.startswith(ignore_prefixes))
   if missing or unexpected or mismatched:
