@@ -75,13 +75,13 @@ def unrolled_flops(fn: Callable, *args) -> float:
   the lowering (no compile).
   """
   import jax
-  from ldm_jax.models import layers
-  saved, layers.CPU_ATTENTION_BLOCK = layers.CPU_ATTENTION_BLOCK, None
+  from ldm_jax.kernels import flash_attention as attention
+  saved, attention.CPU_ATTENTION_BLOCK = attention.CPU_ATTENTION_BLOCK, None
   try:
     # A fresh wrapper: jit(fn) would reuse the (blocked) trace cached by an earlier jit of fn.
     cost = jax.jit(lambda *a: fn(*a)).lower(*args).cost_analysis()
   finally:
-    layers.CPU_ATTENTION_BLOCK = saved
+    attention.CPU_ATTENTION_BLOCK = saved
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
     cost = cost[0] if cost else {}
   return float((cost or {}).get("flops", float("nan")))

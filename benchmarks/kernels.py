@@ -12,7 +12,7 @@ out (normalisations, activations, reshapes and the optimizer) is the rest.
 
 ldm_jax side, each under jax.jit: `lax.conv_general_dilated` with the recorded window, strides
 and padding (NHWC, as the UNet runs it, including the phased upsampling convolution);
-`layers.attention` (its CPU blocking included); `x @ kernel` for the dense layers. torch side:
+`kernels.attention` (its CPU blocking included); `x @ kernel` for the dense layers. torch side:
 `F.conv2d` in NCHW (as diffusers runs it), `F.scaled_dot_product_attention` (its fused CPU
 flash-attention kernels), `x @ w`. Results go to benchmarks/results/kernels-<time>.json.
 """
@@ -84,7 +84,7 @@ def record_shapes(batch: int) -> collections.Counter:
   import jax
   import jax.numpy as jnp
   import peer_models as pm
-  from ldm_jax.models import layers
+  from ldm_jax import kernels
   from ldm_jax.models import unet as unet_lib
   from ldm_jax.convert import unet as unet_convert
   from diffusers import UNet2DConditionModel
@@ -95,18 +95,18 @@ def record_shapes(batch: int) -> collections.Counter:
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), inp["x"][:1], inp["t"][:1],
                                              inp["context"][:1]))["params"]
   found = collections.Counter()
-  original = layers.attention
+  original = kernels.attention
 
   def recording_attention(q, k, v, **kw):
     found[("attention", tuple(q.shape), tuple(k.shape))] += 1
     return jnp.zeros_like(q)  # its matmuls are timed as attention, not as dense layers
 
-  layers.attention = recording_attention
+  kernels.attention = recording_attention
   try:
     jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, inp["x"], inp["t"],
                                                  inp["context"]))(params)
   finally:
-    layers.attention = original
+    kernels.attention = original
   _walk(jaxpr.jaxpr, found)
   return found
 
@@ -176,11 +176,11 @@ def _conv_fns(key, rs):
 
 def _attention_fns(key, rs):
   import torch.nn.functional as F
-  from ldm_jax.models import layers
+  from ldm_jax import kernels
   _, qs, ks = key
   q, k, v, do = (rs.randn(*shape).astype(np.float32) for shape in (qs, ks, ks, qs))
   heads_first = (0, 2, 1, 3)  # torch: [B, heads, L, d]
-  return _timed_pair(lambda q, k, v: layers.attention(q, k, v), F.scaled_dot_product_attention,
+  return _timed_pair(lambda q, k, v: kernels.attention(q, k, v), F.scaled_dot_product_attention,
                      (q, k, v), do, (heads_first,) * 3, heads_first)
 
 

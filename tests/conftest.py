@@ -40,3 +40,14 @@ def tiny_workdirs(tmp_path_factory):
   cfg.first_stage_checkpoint = ae_dir
   entry.train(cfg, ldm_dir)
   return {"ae": ae_dir, "ldm": ldm_dir}
+
+
+@pytest.fixture(scope="session")
+def tpu_v5e_devices():
+  """The 4 devices of a TPU v5e 2x2 topology, to compile for (never run) on this CPU host.
+
+  libtpu (a test requirement, `jax[tpu]`) provides the TPU compiler without a TPU.
+  """
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  from jax.experimental import topologies
+  return topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices

@@ -2,7 +2,7 @@
 
   * `CrossAttention`: multi-head attention, to_q/to_k/to_v without bias, to_out with bias.
   * `FeedForward`: the GEGLU feed-forward (Dense to 2 x 4d split as (value, gate), exact-erf GELU;
-    `geglu` keeps only its inputs for the backward pass).
+    `kernels.geglu` keeps only its inputs for the backward pass).
   * `BasicTransformerBlock`: x += attn1(LN x); x += attn2(LN x, context); x += ff(LN x).
   * `SpatialTransformer`: GroupNorm (eps 1e-6), proj_in, `depth` transformer blocks over the
     row-major (h, w) tokens, proj_out, residual.
@@ -12,17 +12,16 @@
 Everything is NHWC / [B, L, C]. proj_in / proj_out and the legacy qkv / proj_out are 1x1
 convolutions in some checkpoints and Linear layers in others; a 1x1 conv is the same map as a Dense
 over channels, so they are Dense here and the importers reshape the kernels. Softmax runs in float32
-(`layers.attention`).
+(`kernels.attention`).
 """
 
-import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from ldm_jax.models import layers, remat
+from ldm_jax import kernels
+from ldm_jax.models import layers
 
 Dtype = Any
 
@@ -45,7 +44,7 @@ class CrossAttention(nn.Module):
     q = dense(inner, "to_q")(x).reshape(b, length, self.heads, self.dim_head)  # [B, L, h, d]
     k = dense(inner, "to_k")(context).reshape(b, -1, self.heads, self.dim_head)  # [B, M, h, d]
     v = dense(inner, "to_v")(context).reshape(b, -1, self.heads, self.dim_head)  # [B, M, h, d]
-    out = layers.attention(q, k, v, scale=self.dim_head ** -0.5)  # [B, L, h, d]
+    out = kernels.attention(q, k, v, scale=self.dim_head ** -0.5)  # [B, L, h, d]
     return dense(channels, "to_out", bias=True)(out.reshape(b, length, inner))  # [B, L, C]
 
 
@@ -60,38 +59,6 @@ class _DenseParams(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (self.features_in, self.features), self.param_dtype)
     return kernel, self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-
-
-def gelu_erf(x):
-  """Exact GELU in torch's form, x * (1 + erf(x / sqrt 2)) / 2 (jax.nn.gelu uses erfc, slower)."""
-  return x * 0.5 * (1 + jax.lax.erf(x * (2 ** -0.5)))
-
-
-@jax.custom_vjp
-def geglu(value: jax.Array, gate: jax.Array) -> jax.Array:
-  """value * gelu_erf(gate), differentiated from (value, gate) alone.
-
-  JAX's own derivative of the expression keeps four [.., inner] intermediates of the GELU besides
-  its inputs; this backward recomputes the GELU and its derivative, Phi(g) + g phi(g), from the
-  gate, as torch's GELU backward does (UNet train step at batch 8: -133 MiB of XLA temp).
-  Reverse mode only, as any custom VJP (jax.jvp through it raises).
-  """
-  return value * gelu_erf(gate)
-
-
-def _geglu_fwd(value, gate):
-  return geglu(value, gate), (value, gate)
-
-
-def _geglu_bwd(residuals, ct):
-  # Tied to the cotangent, or XLA:CPU merges the recomputed erf with the forward's and keeps it.
-  value, gate = remat.after_cotangent(ct, residuals)
-  cdf = 0.5 * (1 + jax.lax.erf(gate * (2 ** -0.5)))  # Phi(gate)
-  pdf = jnp.exp(-0.5 * gate * gate) * (2 * math.pi) ** -0.5  # phi(gate)
-  return ct * (gate * cdf), ct * value * (cdf + gate * pdf)
-
-
-geglu.defvjp(_geglu_fwd, _geglu_bwd)
 
 
 class FeedForward(nn.Module):
@@ -115,7 +82,7 @@ class FeedForward(nn.Module):
     # (value, gate) order, as torch's chunk(2) of the projection.
     value = x @ kernel[:, :inner] + bias[:inner]  # [B, L, inner]
     gate = x @ kernel[:, inner:] + bias[inner:]  # [B, L, inner]
-    h = geglu(value, gate)  # [B, L, inner]
+    h = kernels.geglu(value, gate)  # [B, L, inner]
     return nn.Dense(channels, dtype=self.dtype, param_dtype=self.param_dtype, name="out")(h)
 
 
@@ -189,7 +156,7 @@ class AttentionBlock(nn.Module):
     qkv = nn.Dense(3 * channels, name="qkv", **kw)(h)  # [B, HW, 3C]
     qkv = qkv.reshape(b, height * width, self.heads, 3, ch)  # [B, HW, heads, (q|k|v), ch]
     q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]  # each [B, HW, heads, ch]
-    out = layers.attention(q, k, v, scale=ch ** -0.5).reshape(b, height * width, channels)
+    out = kernels.attention(q, k, v, scale=ch ** -0.5).reshape(b, height * width, channels)
     # Heads are concatenated head-major on channels, as the original's reshape does.
     out = nn.Dense(channels, name="proj_out", **kw)(out)  # [B, HW, C]
     return x + out.reshape(b, height, width, channels)

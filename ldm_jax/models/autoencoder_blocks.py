@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ldm_jax import kernels
 from ldm_jax.models import layers
 from ldm_jax.models import remat as remat_lib
 
@@ -72,7 +73,7 @@ class AttnBlock(nn.Module):
     k = layers.conv(c, 1, name="k", **kw)(y).reshape(b, h * w, 1, c)  # [B, HW, 1, C]
     v = layers.conv(c, 1, name="v", **kw)(y).reshape(b, h * w, 1, c)  # [B, HW, 1, C]
     # One head of width C, so the default scale d^-0.5 is CompVis's int(c)**(-0.5).
-    o = layers.attention(q, k, v).reshape(b, h, w, c)  # [B, H, W, C]
+    o = kernels.attention(q, k, v).reshape(b, h, w, c)  # [B, H, W, C]
     return x + layers.conv(c, 1, name="proj_out", **kw)(o)
 
 

@@ -4,43 +4,27 @@
 inputs (and its parameters, which stay alive anyway) are kept between the forward and the backward
 pass; the block runs again in the backward pass to produce the activations its gradient needs.
 
-On GPU and TPU this is Flax's `nn.remat` (`jax.checkpoint`), whose optimization barriers keep XLA
-from merging the recomputation back into the forward pass. XLA:CPU expands those barriers before
-its common-subexpression elimination, which then merges the two copies: the step keeps every
-activation, as without remat (the benchmark UNet's train step at batch 8: 1329 MiB of XLA temp
-with nn.remat, 1307 MiB without). On CPU the block therefore gets a custom VJP whose backward
-recomputes from inputs that depend on the incoming cotangent (plus `0 * ct[0]`), a data dependency
-no pass removes, so the recomputation can be neither merged with the forward nor hoisted before
-the cotangent exists.
+The block gets a custom VJP whose backward recomputes from inputs made data-dependent on the
+incoming cotangent (`kernels.after_cotangent`). `jax.checkpoint` (nn.remat) relies on
+optimization barriers instead, and XLA:CPU expands those before its common-subexpression
+elimination, which then merges the recomputation back into the forward pass: the step keeps every
+activation, as without remat. A data dependency survives every compiler pass, so the same
+implementation serves every platform (tests/models/test_remat.py compares the compiled memory on
+CPU and for a TPU topology).
 
 Dropout makes the recomputation depend on the rng stream; stochastic calls (`deterministic=False`)
-use `nn.remat` on every backend, which replays the rng correctly.
+use `nn.remat`, which replays the rng correctly.
 """
 
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+
+from ldm_jax import kernels
 
 
-def after_cotangent(ct: Any, tree: Any) -> Any:
-  """tree, with each floating leaf made data-dependent on the cotangent ct (values unchanged).
-
-  For custom VJPs that recompute from saved inputs: on XLA:CPU the recomputation could otherwise
-  be merged with the forward pass's copy, which then stays alive until the backward pass.
-  """
-  first = jax.tree_util.tree_leaves(ct)[0]
-  zero = first.ravel()[0] * 0  # a scalar; XLA does not fold x * 0 for floats (NaN semantics)
-
-  def tie(a):
-    if not jnp.issubdtype(a.dtype, jnp.floating):
-      return a
-    return a + zero.astype(a.dtype)
-  return jax.tree_util.tree_map(tie, tree)
-
-
-def _recompute_on_cpu(fn: Callable[..., Any], module: nn.Module, *args):
+def _recompute(fn: Callable[..., Any], module: nn.Module, *args):
   detached = module.clone(parent=None)  # the same block, to apply as a pure function
 
   def apply(params, *a):
@@ -51,7 +35,7 @@ def _recompute_on_cpu(fn: Callable[..., Any], module: nn.Module, *args):
 
   def backward(residuals, ct):
     params, a = residuals
-    params, a = after_cotangent(ct, (params, a))
+    params, a = kernels.after_cotangent(ct, (params, a))
     _, vjp = jax.vjp(apply, params, *a)
     params_ct, *args_ct = vjp(ct)
     return ({"params": params_ct}, *args_ct)
@@ -65,6 +49,6 @@ def recompute(fn: Callable[..., Any], module: nn.Module, *args, deterministic: b
   fn is called with the (lifted) module and the array arguments; Python values such as flags
   belong in its closure. The block's variables must all be in the "params" collection.
   """
-  if jax.default_backend() == "cpu" and deterministic:
-    return _recompute_on_cpu(fn, module, *args)
+  if deterministic:
+    return _recompute(fn, module, *args)
   return nn.remat(fn)(module, *args)

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax import kernels
 from ldm_jax.models import layers
 
 Dtype = Any
@@ -72,7 +73,7 @@ class SelfAttention(nn.Module):
       return y.reshape(b, l, self.heads, self.head_dim)  # [B, L, heads, d]
 
     # Scale d^-0.5 on the logits, as every reference here (HF scales q first: same product).
-    y = layers.attention(proj("q"), proj("k"), proj("v"), mask=mask)  # [B, L, heads, d]
+    y = kernels.attention(proj("q"), proj("k"), proj("v"), mask=mask)  # [B, L, heads, d]
     return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
                     name="out")(y.reshape(b, l, inner))  # [B, L, width]
 

@@ -1,4 +1,5 @@
-"""The CPU fast paths of `layers` against torch: blocked attention, im2col convs, norms.
+"""The CPU fast paths of `kernels` and `layers` against torch: blocked attention, im2col convs,
+norms.
 
 Blocking only reorders the attention loop (each query row still takes its softmax over every key),
 so outputs and gradients must equal torch's scaled_dot_product_attention at fp32 round-off, for
@@ -17,7 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_jax.models import attention, layers, remat
+from ldm_jax import kernels
+from ldm_jax.kernels import activations, norm, upsample, vjp
+from ldm_jax.kernels import flash_attention as attn_kernel
+from ldm_jax.models import attention, layers
 
 
 def _torch_attention(q, k, v, scale):
@@ -35,11 +39,11 @@ def _torch_attention(q, k, v, scale):
     (13, 40, 200, (1, 1)),         # prime length that does not fit: one query per block
 ])
 def test_blocked_attention_matches_torch(lq, lk, budget, blocks):
-  assert layers.attention_blocks(2 * 3, lq, lk, budget) == blocks
+  assert attn_kernel.attention_blocks(2 * 3, lq, lk, budget) == blocks
   rs = np.random.RandomState(lq)
   q = rs.randn(2, lq, 3, 8).astype(np.float32)
   k, v = (rs.randn(2, lk, 3, 8).astype(np.float32) for _ in range(2))
-  got = jax.jit(lambda q, k, v: layers.attention(q, k, v, scale=0.3, block_budget=budget))(
+  got = jax.jit(lambda q, k, v: kernels.attention(q, k, v, scale=0.3, block_budget=budget))(
       q, k, v)
   want = _torch_attention(q, k, v, 0.3)
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=1e-5)
@@ -51,8 +55,8 @@ def test_blocked_attention_gradients_match_torch():
   k, v = (rs.randn(2, 24, 2, 8).astype(np.float32) for _ in range(2))
   w = rs.randn(2, 32, 2, 8).astype(np.float32)  # a random cotangent
   budget = 8 * 24  # 4 query chunks of each of the 4 (batch, head) pairs
-  assert layers.attention_blocks(2 * 2, 32, 24, budget) == (1, 8)
-  loss = lambda q, k, v: jnp.sum(layers.attention(q, k, v, block_budget=budget) * w)
+  assert attn_kernel.attention_blocks(2 * 2, 32, 24, budget) == (1, 8)
+  loss = lambda q, k, v: jnp.sum(kernels.attention(q, k, v, block_budget=budget) * w)
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
   tq, tk, tv = (torch.from_numpy(a).permute(0, 2, 1, 3).requires_grad_() for a in (q, k, v))
   out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
@@ -62,21 +66,20 @@ def test_blocked_attention_gradients_match_torch():
                                rtol=1e-4)
 
 
-def test_auto_budget_blocks_on_cpu_only_when_large():
-  assert jax.default_backend() == "cpu"
-  # The issue-#8 UNet's 32x32 level: 1024 tokens, 8 heads, batch 2 -> one pair per block on CPU.
-  budget = layers.auto_block_budget(2 * 8 * 1024 * 1024)
-  assert budget == layers.CPU_ATTENTION_BLOCK
-  assert layers.attention_blocks(2 * 8, 1024, 1024, budget) == (1, 1024)
+def test_cpu_budget_blocks_only_when_large():
+  # The benchmark UNet's 32x32 level: 1024 tokens, 8 heads, batch 2 -> one pair per block on CPU.
+  budget = attn_kernel.cpu_forward_budget(2 * 8 * 1024 * 1024)
+  assert budget == attn_kernel.CPU_ATTENTION_BLOCK
+  assert attn_kernel.attention_blocks(2 * 8, 1024, 1024, budget) == (1, 1024)
   # Its cross-attention (1024 tokens over 77) at batch 8 is computed in one piece.
-  assert layers.auto_block_budget(8 * 8 * 1024 * 77) is None
-  assert layers.attention_blocks(8 * 8, 1024, 77, None) == (64, 1024)
+  assert attn_kernel.cpu_forward_budget(8 * 8 * 1024 * 77) is None
+  assert attn_kernel.attention_blocks(8 * 8, 1024, 77, None) == (64, 1024)
   # A masked call is never blocked, and still matches the unblocked result.
   rs = np.random.RandomState(1)
   q = rs.randn(1, 16, 1, 4).astype(np.float32)
   mask = np.tril(np.ones((16, 16), bool))
-  a = layers.attention(q, q, q, mask=mask, block_budget=16)
-  b = layers.attention(q, q, q, mask=mask, block_budget=None)
+  a = kernels.attention(q, q, q, mask=mask, block_budget=16)
+  b = kernels.attention(q, q, q, mask=mask, block_budget=None)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -99,13 +102,13 @@ def _torch_attention_grads(q, k, v, cot, scale=None, mask=None):
 def test_attention_backward_blocks_match_torch(monkeypatch, grad_budget, blocks):
   """The custom VJP's backward, in whichever blocks CPU_ATTENTION_GRAD_BLOCK makes (the forward
   pass is one block here), gives torch's gradients."""
-  monkeypatch.setattr(layers, "CPU_ATTENTION_GRAD_BLOCK", grad_budget)
-  assert layers.attention_blocks(2 * 2, 20, 24, layers.auto_grad_block_budget()) == blocks
+  monkeypatch.setattr(attn_kernel, "CPU_ATTENTION_GRAD_BLOCK", grad_budget)
+  assert attn_kernel.attention_blocks(2 * 2, 20, 24, grad_budget) == blocks
   rs = np.random.RandomState(3)
   q = rs.randn(2, 20, 2, 8).astype(np.float32)
   k, v = (rs.randn(2, 24, 2, 8).astype(np.float32) for _ in range(2))
   cot = rs.randn(2, 20, 2, 8).astype(np.float32)
-  loss = lambda q, k, v: jnp.sum(layers.attention(q, k, v, scale=0.4) * cot)
+  loss = lambda q, k, v: jnp.sum(kernels.attention(q, k, v, scale=0.4) * cot)
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
   _, want = _torch_attention_grads(q, k, v, cot, scale=0.4)
   for got, ref in zip(grads, want):
@@ -121,8 +124,8 @@ def test_masked_attention_gradients_match_torch():
   padding = np.ones((2, 1, 1, 12), bool)
   padding[1, ..., 9:] = False  # the second sequence's last three keys are padding
   for mask in (causal, padding):
-    loss = lambda q, k, v, mask=mask: jnp.sum(layers.attention(q, k, v, mask=mask) * cot)
-    got = layers.attention(q, k, v, mask=mask)
+    loss = lambda q, k, v, mask=mask: jnp.sum(kernels.attention(q, k, v, mask=mask) * cot)
+    got = kernels.attention(q, k, v, mask=mask)
     grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
     want, want_grads = _torch_attention_grads(q, k, v, cot, mask=mask)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=1e-5)
@@ -135,7 +138,7 @@ def test_attention_gradients_in_bfloat16():
   """bf16 q, k, v: gradients come back in bf16 and near the float32 ones (softmax stays fp32)."""
   rs = np.random.RandomState(5)
   q, k, v, cot = (rs.randn(1, 16, 2, 8).astype(np.float32) for _ in range(4))
-  loss = lambda q, k, v: jnp.sum(layers.attention(q, k, v).astype(jnp.float32) * cot)
+  loss = lambda q, k, v: jnp.sum(kernels.attention(q, k, v).astype(jnp.float32) * cot)
   half = jax.grad(loss, argnums=(0, 1, 2))(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
   _, want = _torch_attention_grads(q, k, v, cot)
   for g, ref in zip(half, want):
@@ -157,12 +160,12 @@ def test_attention_gradient_keeps_no_softmax_weights():
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
   assert kept_mib(plain) >= weights_mib  # what the test guards against
   for budget in ("auto", None, 2 ** 14):
-    assert kept_mib(functools.partial(layers.attention, block_budget=budget)) < weights_mib / 4
+    assert kept_mib(functools.partial(kernels.attention, block_budget=budget)) < weights_mib / 4
 
   # "auto" on CPU: the forward in one block (8 MiB of logits), the backward in blocks of
   # CPU_ATTENTION_GRAD_BLOCK logits (2 MiB).
-  assert layers.auto_block_budget(2 * 4 * 512 * 512) is None
-  vjp_fn = jax.vjp(layers.attention, q, k, v)[1]  # a pytree: its residuals are the leaves
+  assert attn_kernel.cpu_forward_budget(2 * 4 * 512 * 512) is None
+  vjp_fn = jax.vjp(kernels.attention, q, k, v)[1]  # a pytree: its residuals are the leaves
   compiled = jax.jit(lambda f, ct: f(ct)).lower(vjp_fn, q).compile()
   assert compiled.memory_analysis().temp_size_in_bytes / 2 ** 20 < weights_mib  # 16 unblocked
 
@@ -216,8 +219,8 @@ def test_phased_upsample_conv_matches_torch(size):
   x = rs.randn(2, size, size + 1, 6).astype(np.float32)
   kernel = rs.randn(3, 3, 6, 5).astype(np.float32)
   cot = rs.randn(2, 2 * size, 2 * size + 2, 5).astype(np.float32)  # a random output cotangent
-  loss = lambda x, k: jnp.sum(layers.upsample_conv3x3(x, k) * cot)
-  got = layers.upsample_conv3x3(x, kernel)
+  loss = lambda x, k: jnp.sum(kernels.upsample_conv3x3(x, k) * cot)
+  got = kernels.upsample_conv3x3(x, kernel)
   gx, gk = jax.grad(loss, argnums=(0, 1))(x, kernel)
   tx = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
   tk = torch.from_numpy(kernel).permute(3, 2, 0, 1).contiguous().requires_grad_()
@@ -233,19 +236,19 @@ def test_phased_upsample_conv_matches_torch(size):
 
 
 def test_upsample_block_uses_the_phased_conv_above_the_threshold(monkeypatch):
-  """layers.Upsample takes the phased path only from CPU_PHASED_UPSAMPLE_MIN input positions on,
+  """layers.Upsample takes the phased path (on CPU) only from CPU_PHASED_UPSAMPLE_MIN input positions on,
   and both paths give the same output."""
   rs = np.random.RandomState(0)
   x = rs.randn(1, 4, 4, 8).astype(np.float32)
   block = layers.Upsample(8)
   params = block.init(jax.random.PRNGKey(0), x)
   calls = []
-  phased_fn = layers.upsample_conv3x3
-  monkeypatch.setattr(layers, "upsample_conv3x3", lambda *a: calls.append(1) or phased_fn(*a))
-  monkeypatch.setattr(layers, "CPU_PHASED_UPSAMPLE_MIN", 17)  # 4 x 4 = 16 positions: plain
+  phased_fn = upsample.upsample_conv3x3
+  monkeypatch.setattr(upsample, "upsample_conv3x3", lambda *a: calls.append(1) or phased_fn(*a))
+  monkeypatch.setattr(upsample, "CPU_PHASED_UPSAMPLE_MIN", 17)  # 4 x 4 = 16 positions: plain
   plain = block.apply(params, x)
   assert not calls
-  monkeypatch.setattr(layers, "CPU_PHASED_UPSAMPLE_MIN", 16)
+  monkeypatch.setattr(upsample, "CPU_PHASED_UPSAMPLE_MIN", 16)
   phased = block.apply(params, x)
   assert calls
   assert plain.shape == phased.shape == (1, 8, 8, 8)
@@ -282,8 +285,8 @@ def test_layer_norm_matches_torch_with_gradients(shape, eps):
 
 
 def test_lean_vjps_keep_less_memory_than_plain_autodiff(monkeypatch):
-  """The gradient of a SpatialTransformer keeps less XLA temp memory with `attention.geglu` and
-  `layers.layer_norm` than with JAX's derivative of the same expressions, and geglu loses its
+  """The gradient of a SpatialTransformer keeps less XLA temp memory with `kernels.geglu` and
+  `kernels.layer_norm` than with JAX's derivative of the same expressions, and geglu loses its
   saving when its recomputation is not tied to the cotangent (XLA:CPU then merges it with the
   forward pass's)."""
   x = jnp.asarray(np.random.RandomState(0).randn(2, 16, 16, 64).astype(np.float32))
@@ -299,15 +302,15 @@ def test_lean_vjps_keep_less_memory_than_plain_autodiff(monkeypatch):
   lean = temp_mib()
   ff_array, ln_array = 2 * 256 * 256 * 4 / 2 ** 20, 2 * 256 * 64 * 4 / 2 ** 20  # MiB
   with monkeypatch.context() as m:
-    m.setattr(attention, "geglu", lambda value, gate: value * attention.gelu_erf(gate))
+    m.setattr(kernels, "geglu", lambda value, gate: value * activations.gelu_erf(gate))
     assert temp_mib() >= lean + 0.9 * ff_array
   with monkeypatch.context() as m:
-    m.setattr(remat, "after_cotangent", lambda ct, tree: tree)
+    m.setattr(vjp, "after_cotangent", lambda ct, tree: tree)
     assert temp_mib() >= lean + 0.9 * ff_array
 
   def plain_layer_norm(x, scale, bias, epsilon):
-    mean, rstd = layers._layer_norm_stats(x, epsilon)  # pylint: disable=protected-access
+    mean, rstd = norm._stats(x, epsilon)  # pylint: disable=protected-access
     return (x - mean) * rstd * scale + bias
   with monkeypatch.context() as m:
-    m.setattr(layers, "layer_norm", plain_layer_norm)
+    m.setattr(kernels, "layer_norm", plain_layer_norm)
     assert temp_mib() >= lean + 2 * ln_array  # three LayerNorms, each keeping arrays of x's size

@@ -1,4 +1,4 @@
-"""remat.recompute: same values and gradients as the plain call, and less memory on CPU.
+"""remat.recompute: same values and gradients as the plain call, and less memory on CPU and TPU.
 
 The memory test compiles (never runs) the gradient of a chain of activation-heavy blocks and reads
 XLA's memory analysis: with recompute, only each block's input stays alive between the passes.
@@ -87,12 +87,11 @@ def test_dropout_replays_the_same_mask():
   assert abs(float(want[0] - deterministic[0])) > 1e-3  # dropout is really on
 
 
-def test_cpu_uses_the_custom_vjp_and_dropout_uses_checkpoint():
+def test_deterministic_calls_use_the_custom_vjp_and_dropout_uses_checkpoint():
   x, params = _setup(depth=3, dropout=0.5)
   model = _Chain("recompute", depth=3, dropout=0.5)
   jaxpr = lambda **kw: str(jax.make_jaxpr(lambda p: model.apply(
       {"params": p}, x, None, rngs={"dropout": jax.random.PRNGKey(0)}, **kw))(params))
-  assert jax.default_backend() == "cpu"
   assert len(re.findall(r"\bcustom_vjp_call\[", jaxpr(deterministic=True))) == 3
   assert len(re.findall(r"\b(?:remat\d*|checkpoint)\[", jaxpr(deterministic=False))) == 3
 
@@ -112,3 +111,23 @@ def test_recompute_keeps_only_block_inputs_in_the_compiled_gradient():
   activation = n * 8 * d * 4  # bytes of one [N, 8D] float32 activation
   assert plain > 2 * depth * activation, (plain, activation)  # the plain step keeps them all
   assert recomputed < plain / 3, (recomputed, plain)
+
+
+def test_recompute_keeps_only_block_inputs_in_a_tpu_program_too(tpu_v5e_devices):
+  """recompute is one implementation for every platform: compiled for a TPU v5e (libtpu's
+  compiler, from this CPU host), its gradient's peak memory is nn.remat's, far below the plain
+  gradient's (256 x 64 inputs, 8 blocks: 7.6 vs 16.5 MiB)."""
+  x, params = _setup(256, 64, 8)
+  sharding = jax.sharding.SingleDeviceSharding(tpu_v5e_devices[0])
+  shaped = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        (params, x))
+
+  def peak_bytes(mode):
+    model = _Chain(mode, 8)
+    loss = lambda p, x: jnp.sum(jnp.cos(model.apply({"params": p}, x, None)))
+    compiled = jax.jit(jax.grad(loss)).lower(*shaped).compile()
+    return compiled.memory_analysis().peak_memory_in_bytes
+
+  plain, recomputed, checkpointed = (peak_bytes(m) for m in ("plain", "recompute", "nn.remat"))
+  assert recomputed <= 1.05 * checkpointed, (recomputed, checkpointed)
+  assert recomputed < plain / 2, (plain, recomputed)

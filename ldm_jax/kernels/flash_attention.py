@@ -1,0 +1,223 @@
+"""Scaled dot-product attention: one entry point, `attention`, for every platform.
+
+The function is softmax(q k^T * scale) v with the softmax in float32, differentiated as flash
+attention is: the backward pass keeps q, k, v, the output and each query's log-sum-exp, and
+recomputes the softmax weights, instead of keeping [B, heads, Lq, Lk] weights between the passes.
+
+What differs by platform (chosen at lowering, `platform.by_platform`) is only how the logits are
+split into blocks:
+  * CPU: when the logits exceed CPU_ATTENTION_UNBLOCKED elements, the forward runs block by block
+    inside a serial loop, each block holding at most CPU_ATTENTION_BLOCK logits, so they stay in
+    cache; the backward always runs in blocks of at most CPU_ATTENTION_GRAD_BLOCK logits (it
+    makes five passes over each block). A block is one or more (batch, head) pairs with all their
+    queries, or a slice of one pair's queries; every query's softmax still spans all keys, so
+    blocking changes only the loop order. Figures in benchmarks/README.md.
+  * Every other platform: one block (a serial loop would idle the device).
+Masked attention is never blocked.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.kernels import platform, vjp
+
+CPU_ATTENTION_BLOCK = 2 ** 20
+CPU_ATTENTION_UNBLOCKED = 2 ** 23
+CPU_ATTENTION_GRAD_BLOCK = 2 ** 19
+
+
+class Blocks(NamedTuple):
+  """(pairs per block, queries per block) for the forward and for the backward pass."""
+  forward: tuple[int, int]
+  backward: tuple[int, int]
+
+
+def attention_blocks(pairs: int, lq: int, lk: int, budget: int | None) -> tuple[int, int]:
+  """How to split `pairs` (batch x heads) [Lq, Lk] logit matrices into blocks of <= budget.
+
+  Returns (pairs per block, queries per block), both divisors of their totals: as many whole
+  pairs as fit, else one pair and the most queries that fit (one query per block if Lq has no
+  fitting divisor). budget None means one block.
+  """
+  if budget is None or pairs * lq * lk <= budget:
+    return pairs, lq
+  if lq * lk <= budget:
+    return max(g for g in range(1, pairs + 1) if pairs % g == 0 and g * lq * lk <= budget), lq
+  fitting = [c for c in range(1, lq + 1) if lq % c == 0 and c * lk <= budget]
+  return 1, max(fitting, default=1)
+
+
+def cpu_forward_budget(logits: int) -> int | None:
+  """The CPU forward's block budget for `logits` elements: None (one block) up to
+  CPU_ATTENTION_UNBLOCKED, where the serial loop costs more than it saves; else
+  CPU_ATTENTION_BLOCK (None when that is switched off)."""
+  return None if logits <= CPU_ATTENTION_UNBLOCKED else CPU_ATTENTION_BLOCK
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
+              mask: jax.Array | None = None, block_budget: int | None | str = "auto") -> jax.Array:
+  """Multi-head scaled dot-product attention with the softmax in float32.
+
+  Args:
+    q: [B, Lq, heads, d]; k, v: [B, Lk, heads, d].
+    scale: multiplier of q.k (default d ** -0.5).
+    mask: optional boolean, broadcastable to [B, heads, Lq, Lk]; True = attend.
+    block_budget: largest logits block in elements, forward and backward, on every platform;
+      "auto" (the default) blocks on CPU only, as the module docstring says; None never blocks.
+  Returns:
+    [B, Lq, heads, d] in q's dtype.
+  """
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  b, lq, heads, d = q.shape
+  lk = k.shape[1]
+  pairs = b * heads
+  whole = Blocks((pairs, lq), (pairs, lq))
+  if mask is not None:
+    cpu = other = whole
+  elif block_budget == "auto":
+    cpu = Blocks(attention_blocks(pairs, lq, lk, cpu_forward_budget(pairs * lq * lk)),
+                 attention_blocks(pairs, lq, lk, CPU_ATTENTION_GRAD_BLOCK))
+    other = whole
+  else:
+    blocks = attention_blocks(pairs, lq, lk, block_budget)
+    cpu = other = Blocks(blocks, blocks)
+  q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, heads, L, d] each
+  out = _attention(float(scale), cpu, other, q, k, v, mask)  # [B, heads, Lq, d]
+  return out.transpose(0, 2, 1, 3)  # [B, Lq, heads, d]
+
+
+def _per_platform(cpu_fn, other_fn, cpu_blocks, other_blocks, *args):
+  """cpu_fn(cpu_blocks, *args) on CPU, other_fn(other_blocks, *args) elsewhere (one branch when
+  the blockings agree)."""
+  if cpu_blocks == other_blocks:
+    return other_fn(other_blocks, *args)
+  return platform.by_platform(*args, cpu=functools.partial(cpu_fn, cpu_blocks),
+                              default=functools.partial(other_fn, other_blocks))
+
+
+def _logits(scale, qb, kb, mask_b):
+  """[..., c, Lk] float32 logits of one block; scaling q touches [c, d], not [c, Lk]."""
+  logits = jnp.einsum("...qd,...kd->...qk", qb * jnp.asarray(scale, qb.dtype), kb,
+                      preferred_element_type=jnp.float32)
+  if mask_b is not None:
+    logits = jnp.where(mask_b, logits, jnp.finfo(jnp.float32).min)
+  return logits
+
+
+def _block_forward(scale, qb, kb, vb, mask_b):
+  """softmax(q.k) @ v of one block, and each query's log-sum-exp [..., c] (float32).
+
+  The division by the softmax total comes after the product with v: it then scales [c, d]
+  instead of [c, Lk] elements (one pass less over the largest array).
+  """
+  logits = _logits(scale, qb, kb, mask_b)
+  peak = jnp.max(logits, axis=-1, keepdims=True)
+  weights = jnp.exp(logits - peak)  # [..., c, Lk], unnormalised
+  total = jnp.sum(weights, axis=-1, keepdims=True)  # [..., c, 1]
+  out = jnp.einsum("...qk,...kd->...qd", weights.astype(vb.dtype), vb,
+                   preferred_element_type=jnp.float32)
+  return (out / total).astype(vb.dtype), (peak + jnp.log(total))[..., 0]
+
+
+def _block_backward(scale, qb, kb, vb, mask_b, ob, lse_b, dob):
+  """Gradients of one block from recomputed softmax weights, in float32.
+
+  Returns dq [..., c, d] and the transposed dk, dv [..., d, Lk]. The products that contract over
+  queries are taken as x^T [d, c] @ [c, Lk], transposing the small [c, d] operand: XLA:CPU
+  transposes the [c, Lk] operand of w^T @ dout (or contracts its major dimension) several times
+  more slowly.
+  """
+  weights = jnp.exp(_logits(scale, qb, kb, mask_b) - lse_b[..., None])  # [..., c, Lk], softmax
+  dvt = jnp.einsum("...dq,...qk->...dk", jnp.swapaxes(dob, -1, -2), weights.astype(dob.dtype),
+                   preferred_element_type=jnp.float32)
+  dweights = jnp.einsum("...qd,...kd->...qk", dob, vb, preferred_element_type=jnp.float32)
+  # Softmax's Jacobian: dlogits = w * (dw - sum_k w dw), and sum_k w dw = dout . out per query.
+  row = jnp.sum(dob.astype(jnp.float32) * ob.astype(jnp.float32), axis=-1, keepdims=True)
+  dlogits = weights * (dweights - row)
+  if mask_b is not None:
+    dlogits = jnp.where(mask_b, dlogits, 0)
+  dlogits = dlogits.astype(qb.dtype)
+  dq = jnp.einsum("...qk,...kd->...qd", dlogits, kb, preferred_element_type=jnp.float32) * scale
+  dkt = jnp.einsum("...dq,...qk->...dk", jnp.swapaxes(qb * jnp.asarray(scale, qb.dtype), -1, -2),
+                   dlogits, preferred_element_type=jnp.float32)
+  return dq, dkt, dvt
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _attention(scale, cpu, other, q, k, v, mask):
+  return _attention_fwd(scale, cpu, other, q, k, v, mask)[0]
+
+
+def _forward(scale, blocks, q, k, v, mask):
+  """Output [B, heads, Lq, d] and log-sum-exp [B, heads, Lq] in `blocks` (pairs, queries) blocks."""
+  b, heads, lq, d = q.shape
+  lk = k.shape[2]
+  group, chunk = blocks
+  if group == b * heads and chunk == lq:
+    return _block_forward(scale, q, k, v, mask)
+  n_groups, n_chunks = b * heads // group, lq // chunk
+  qs = q.reshape(n_groups, group, n_chunks, chunk, d)
+  ks, vs = (x.reshape(n_groups, group, lk, d) for x in (k, v))
+
+  def step(i):  # block i: pair group i // n_chunks, query chunk i % n_chunks
+    g, c = i // n_chunks, i % n_chunks
+    return _block_forward(scale, qs[g, :, c], ks[g], vs[g], None)
+
+  out, lse = jax.lax.map(step, jnp.arange(n_groups * n_chunks))  # [blocks, group, chunk, ...]
+  out = out.reshape(n_groups, n_chunks, group, chunk, d).transpose(0, 2, 1, 3, 4)
+  lse = lse.reshape(n_groups, n_chunks, group, chunk).transpose(0, 2, 1, 3)
+  return out.reshape(b, heads, lq, d), lse.reshape(b, heads, lq)
+
+
+def _backward(scale, blocks, q, k, v, mask, out, lse, dout):
+  """(dq, dk, dv) in `blocks` (pairs, queries) blocks, summing dk / dv over query chunks."""
+  b, heads, lq, d = q.shape
+  lk = k.shape[2]
+  group, chunk = blocks
+  if group == b * heads and chunk == lq:
+    dq, dkt, dvt = _block_backward(scale, q, k, v, mask, out, lse, dout)
+    grads = dq, jnp.swapaxes(dkt, -1, -2), jnp.swapaxes(dvt, -1, -2)
+  else:
+    n_groups, n_chunks = b * heads // group, lq // chunk
+    per_query = [x.reshape(n_groups, group, n_chunks, chunk, *x.shape[3:])
+                 for x in (q, out, lse, dout)]
+    ks, vs = (x.reshape(n_groups, group, lk, d) for x in (k, v))
+
+    def pair_group(xs):  # one group's gradients
+      kg, vg, *per_query_g = xs  # [group, Lk, d] x 2, then [group, chunks, chunk, ...] each
+
+      def chunk_step(carry, c):
+        qc, oc, lse_c, doc = (x[:, c] for x in per_query_g)
+        dq, dkt, dvt = _block_backward(scale, qc, kg, vg, None, oc, lse_c, doc)
+        return (carry[0] + dkt, carry[1] + dvt), dq
+
+      zeros = jnp.zeros((group, d, lk), jnp.float32)
+      (dkt, dvt), dq = jax.lax.scan(chunk_step, (zeros, zeros), jnp.arange(n_chunks))
+      return dq, jnp.swapaxes(dkt, -1, -2), jnp.swapaxes(dvt, -1, -2)  # dq: [chunks, group, ...]
+
+    dq, dk, dv = jax.lax.map(pair_group, (ks, vs, *per_query))
+    dq = dq.transpose(0, 2, 1, 3, 4)  # [groups, group, chunks, chunk, d]
+    grads = (dq.reshape(b, heads, lq, d), dk.reshape(b, heads, lk, d), dv.reshape(b, heads, lk, d))
+  return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
+
+
+def _attention_fwd(scale, cpu, other, q, k, v, mask):
+  fwd = lambda blocks, *args: _forward(scale, blocks.forward, *args)
+  out, lse = _per_platform(fwd, fwd, cpu, other, q, k, v, mask)
+  return out, (q, k, v, mask, out, lse)
+
+
+def _attention_bwd(scale, cpu, other, residuals, dout):
+  q, k, v, mask, out, lse = residuals
+  # Tied to the cotangent, or XLA:CPU merges the recomputed logits with the forward's and keeps
+  # them alive between the passes.
+  q, k = vjp.after_cotangent(dout, (q, k))
+  bwd = lambda blocks, *args: _backward(scale, blocks.backward, *args)
+  dq, dk, dv = _per_platform(bwd, bwd, cpu, other, q, k, v, mask, out, lse, dout)
+  return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

@@ -1,0 +1,35 @@
+"""The one place where a kernel's implementation is chosen by platform.
+
+A computation runs on the devices it is compiled for, which need not be `jax.default_backend()`:
+a TPU program compiled ahead of time on a CPU host, or a CPU mesh beside an accelerator. So the
+choice is made when the computation is lowered, with `jax.lax.platform_dependent`: every branch
+is traced, and lowering for one platform keeps only that platform's branch (a TPU program built
+on a CPU host holds none of the CPU kernels' loops; tests/kernels/test_platform.py).
+"""
+
+from typing import Any, Callable
+
+import jax
+
+# Platform names as jax.lax.platform_dependent spells them; "default" is every other platform.
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def by_platform(*args: Any, cpu: Callable[..., Any] | None = None,
+                tpu: Callable[..., Any] | None = None, gpu: Callable[..., Any] | None = None,
+                default: Callable[..., Any]) -> Any:
+  """default(*args), or the branch named for the platform the computation is lowered for.
+
+  All branches must take the same arguments and return the same shapes and dtypes. `gpu` covers
+  CUDA and ROCm.
+  """
+  branches = {}
+  if cpu is not None:
+    branches["cpu"] = cpu
+  if tpu is not None:
+    branches["tpu"] = tpu
+  if gpu is not None:
+    branches["cuda"] = branches["rocm"] = gpu
+  if not branches:
+    return default(*args)
+  return jax.lax.platform_dependent(*args, default=default, **branches)
