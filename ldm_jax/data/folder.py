@@ -15,12 +15,13 @@ and `num_skipped` counts them, for the training metrics (`stats()`). Grayscale, 
 transparent regions read as background instead of whatever colour the encoder left under them.
 
 Reading is strict about what a file is: the extension decides the one decoder PIL may use
-(`FORMATS`), so a file named .png that holds some other format (TIFF, PSD, EPS ...) is refused rather
-than handed to a decoder nobody meant to expose; and EXIF orientation is applied, so photos come out
-upright as viewers show them. A `.txt` caption that is not UTF-8 skips its image like an unreadable
-file (one warning naming the caption file, counted in `skipped`): guessing an encoding would train on
-garbled text, and one stray file should not stop a scan of millions. A `metadata.jsonl` that is not
-UTF-8 is an error naming the file and line, as a malformed line is, since it holds many captions.
+(`FORMATS`), so a file named .png that holds some other format (TIFF, PSD, EPS ...) is refused
+rather than handed to a decoder nobody meant to expose; and EXIF orientation is applied, so photos
+come out upright as viewers show them. A `.txt` caption that is not UTF-8 skips its image like an
+unreadable file (one warning naming the caption file, counted in `skipped`): guessing an encoding
+would train on garbled text, and one stray file should not stop a scan of millions. A
+`metadata.jsonl` that is not UTF-8 is an error naming the file and line, as a malformed line is,
+since it holds many captions.
 """
 
 import json
@@ -60,8 +61,8 @@ def open_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
   formats = FORMATS if formats is None else formats
   ext = os.path.splitext(path)[1].lower()
   if ext not in formats:
-    raise ImageReadError(f"{path}: extension {ext!r} is not an accepted image type; expected one of "
-                         f"{', '.join(sorted(formats))}")
+    raise ImageReadError(f"{path}: extension {ext!r} is not an accepted image type; expected "
+                         f"one of {', '.join(sorted(formats))}")
   try:
     with warnings.catch_warnings():
       # PIL warns (then errors) on big images using a global limit; ours is explicit below.
@@ -98,10 +99,10 @@ def image_size(path: str, formats: dict[str, str] | None = None) -> tuple[int, i
 
 def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
   """Decodes an image file fully into uint8 [H, W, 3]; raises on corrupt, truncated, huge files."""
-  return _to_rgb(open_image(path, max_pixels))
+  return to_rgb(open_image(path, max_pixels))
 
 
-def _to_rgb(im: Image.Image) -> np.ndarray:
+def to_rgb(im: Image.Image) -> np.ndarray:
   """Any PIL mode -> uint8 [H, W, 3]; alpha is composited onto white."""
   if im.mode in ("I;16", "I;16B", "I;16L", "I"):
     # 16/32-bit grayscale: PIL's convert("RGB") would clip at 255; rescale the 16-bit range.

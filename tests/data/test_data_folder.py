@@ -134,7 +134,7 @@ def _save_with_orientation(path, rgb, orientation):
 
 @pytest.mark.parametrize("verify", [True, False])
 def test_exif_orientation_is_applied(tmp_path, verify):
-  """A photo stored sideways with EXIF orientation 6 reads upright (rotated 90 degrees clockwise)."""
+  """A photo stored sideways with EXIF orientation 6 reads upright (turned 90 degrees clockwise)."""
   raw = _gradient(12, 20)  # stored 20 wide, 12 high
   _save_with_orientation(tmp_path / "sideways.png", raw, 6)
   Image.fromarray(raw).save(tmp_path / "plain.png")
