@@ -64,32 +64,40 @@ def load_model(args):
   if len(sources) != 1:
     raise UserError("give exactly one of --checkpoint, --compvis_ckpt (+ --compvis_yaml) or "
                     f"--diffusers (got {len(sources)}).")
+  flag = (f"--checkpoint={args.checkpoint}" if args.checkpoint else
+          f"--compvis_ckpt={args.compvis_ckpt}" if args.compvis_ckpt else
+          f"--diffusers={args.diffusers}")
   try:
     if args.checkpoint:
-      flag, model = f"--checkpoint={args.checkpoint}", ldm_lib.LatentDiffusion.from_checkpoint(
-          args.checkpoint, use_ema=not args.no_ema, compute_dtype=args.dtype,
-          tokenizer_path=args.tokenizer)
+      model = ldm_lib.LatentDiffusion.from_checkpoint(args.checkpoint, use_ema=not args.no_ema,
+                                                      compute_dtype=args.dtype,
+                                                      tokenizer_path=args.tokenizer)
     elif args.compvis_ckpt:
       if not args.compvis_yaml:
         raise UserError("--compvis_ckpt needs --compvis_yaml (the model's original config).")
-      flag, model = f"--compvis_ckpt={args.compvis_ckpt}", ldm_lib.LatentDiffusion.from_compvis(
-          args.compvis_ckpt, args.compvis_yaml, use_ema=False if args.no_ema else None,
-          tokenizer_path=args.tokenizer, compute_dtype=args.dtype)
+      model = ldm_lib.LatentDiffusion.from_compvis(args.compvis_ckpt, args.compvis_yaml,
+                                                   use_ema=False if args.no_ema else None,
+                                                   tokenizer_path=args.tokenizer,
+                                                   compute_dtype=args.dtype)
     else:
-      flag, model = f"--diffusers={args.diffusers}", ldm_lib.LatentDiffusion.from_diffusers(
-          args.diffusers, compute_dtype=args.dtype)
+      model = ldm_lib.LatentDiffusion.from_diffusers(args.diffusers, compute_dtype=args.dtype)
   except UserError:
     raise
+  # Library messages may span lines (lists of mismatched tensors): the promise is one line.
   except (model_io.CheckpointNotFoundError, FileNotFoundError, model_io.ConfigError) as e:
-    raise UserError(f"cannot load the model: {e}") from None
+    raise UserError(f"cannot load the model {flag}: {_one_line(e)}") from None
   except common.WeightLoadError as e:
     lines = [" ".join(line.split()) for line in str(e).splitlines() if line.strip()]
-    raise UserError("the weights do not match the model's config: " + "; ".join(lines[:4])
-                    ) from None
+    raise UserError(f"{flag}: the weights do not match the model's config: "
+                    + "; ".join(lines[:4])) from None
   except (ValueError, OSError, KeyError) as e:
-    raise UserError(f"cannot load the model: {type(e).__name__}: {e}") from None
+    raise UserError(f"cannot load the model {flag}: {type(e).__name__}: {_one_line(e)}") from None
   check_finite_params(model.params, flag)
   return model
+
+
+def _one_line(e: Exception) -> str:
+  return " ".join(str(e).split())
 
 
 def check_finite_params(params, what: str) -> None:

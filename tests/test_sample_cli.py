@@ -114,6 +114,7 @@ def test_prompt_to_class_model_and_weights_mismatch(tmp_path, capsys):
   code, err = run_cli(["--checkpoint", str(tmp_path / "class_model"), "--class_label", "1",
                        "--outdir", str(tmp_path / "o")], capsys)
   assert code == 2 and "do not match" in err and "shape mismatches" in err, err
+  assert len(err.strip().splitlines()) == 1 and f"--checkpoint={tmp_path / 'class_model'}" in err
 
 
 def test_cli_subprocess_exit_code(tmp_path):

@@ -236,3 +236,12 @@ def test_evaluate_refuses_non_finite_guidance(tmp_path, capsys):
                    "--guidance", "nan", "--out", str(tmp_path / "r.json")])
   lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
   assert e.value.code == 2 and len(lines) == 1 and "argument --guidance" in lines[0], lines
+
+
+def test_damaged_params_one_line_naming_the_flag(good_config, tmp_path, capsys):
+  """A good config.json over an empty params/ directory: the loader's error, on one line."""
+  model_dir = _saved_model_dir(tmp_path / "model", good_config)
+  code, lines = run_cli(["--checkpoint", model_dir, "--class_label", "1", "--outdir",
+                         str(tmp_path / "out")], capsys)
+  assert_refused(code, lines, f"cannot load the model --checkpoint={model_dir}:",
+                 os.path.join(model_dir, "params"))
