@@ -248,6 +248,8 @@ class ImageFolderSource:
         h, w = image_size(path)
         if w * h > self.max_pixels:
           return f"{w}x{h} pixels exceeds max_pixels={self.max_pixels}", (0, 0)
+    except ImageReadError as e:  # Its message already names the file; keep only the reason.
+      return str(e).removeprefix(f"{path}: "), (0, 0)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
       return f"{type(e).__name__}: {e}", (0, 0)
     return None, (h, w)
