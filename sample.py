@@ -10,21 +10,20 @@ Writes one PNG per sample (000000.png, ...), grid.png and samples.json (prompt/l
 settings of every file). Mistakes in the arguments or files end with one line on stderr and exit code 2.
 """
 
-import argparse
 import sys
 
 from ldm_jax import sample_cli
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = sample_cli.ArgumentParser(prog="sample.py", description=__doc__.split("\n")[0])
   sample_cli.add_model_arguments(p.add_argument_group("model (exactly one)"))
   what = p.add_argument_group("what to sample")
   what.add_argument("--prompt", action="append", help="text prompt (repeatable)")
   what.add_argument("--prompt_file", help="a file with one prompt per line")
   what.add_argument("--class_label", type=int, action="append", help="class label (repeatable)")
   what.add_argument("--init_image", help="img2img / inpainting input image")
-  what.add_argument("--strength", type=float, help="img2img strength in (0, 1]")
+  what.add_argument("--strength", type=sample_cli.finite_float, help="img2img strength in (0, 1]")
   what.add_argument("--mask", help="inpainting mask image (white = keep, black = repaint)")
   what.add_argument("--lowres", help="low-resolution image for super-resolution models")
   what.add_argument("--height", type=int, help="output height in pixels (multiple of the stride)")
@@ -33,10 +32,13 @@ def parse_args(argv):
   how.add_argument("--sampler", default="ddim",
                    choices=["ddim", "plms", "ddpm", "dpmpp_2m", "euler_a"])
   how.add_argument("--steps", type=int, default=50)
-  how.add_argument("--eta", type=float, default=0.0)
-  how.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
-  how.add_argument("--guidance_rescale", type=float, default=0.0)
-  how.add_argument("--seed", type=int, default=0)
+  how.add_argument("--eta", type=sample_cli.finite_float, default=0.0,
+                   help="DDIM noise (0 = deterministic; ddim only)")
+  how.add_argument("--guidance", type=sample_cli.finite_float, default=1.0,
+                   help="classifier-free guidance scale")
+  how.add_argument("--guidance_rescale", type=sample_cli.finite_float, default=0.0,
+                   help="in [0, 1]")
+  how.add_argument("--seed", type=int, default=0, help="sample i uses seed + i; below 2**32")
   how.add_argument("--num_samples", type=int, default=1, help="samples per prompt / label")
   how.add_argument("--batch_size", type=int, default=8)
   how.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -254,8 +255,17 @@ def check_settings(s: SampleSettings, model, prefix: str = "--") -> None:
   t = int(model.config.diffusion.timesteps)
   if not 1 <= s.steps <= t:
     raise UserError(f"{prefix}steps={s.steps}: expected 1 <= steps <= {t}.")
-  if s.guidance < 0:
-    raise UserError(f"{prefix}guidance={s.guidance}: expected >= 0.")
+  if not math.isfinite(s.guidance) or s.guidance < 0:
+    raise UserError(f"{prefix}guidance={s.guidance}: expected a finite number >= 0.")
+  if not math.isfinite(s.eta) or s.eta < 0:
+    raise UserError(f"{prefix}eta={s.eta}: expected a finite number >= 0.")
+  if s.eta != 0 and s.sampler != "ddim":
+    raise UserError(f"{prefix}eta={s.eta} with sampler {s.sampler!r}: eta is a DDIM setting; "
+                    f"expected 0.")
+  if not 0 <= s.seed <= sample_cli.SEED_LIMIT - s.num_samples:
+    raise UserError(f"{prefix}seed={s.seed}: expected 0 <= seed <= "
+                    f"{sample_cli.SEED_LIMIT - s.num_samples} (sample i uses seed + i, seeds below "
+                    f"2**32).")
   if s.labels and model.cond_kind != "class":
     raise UserError(f"{prefix}class_label was given, but this model is conditioned by "
                     f"'{model.cond_kind}', not class labels.")
@@ -358,7 +368,7 @@ def _add_reference(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def parse_args(argv) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
+  p = sample_cli.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="mode", required=True, metavar="{" + ",".join(MODES) + "}")
   s = sub.add_parser("samples", help="sample a checkpoint, then FID / IS / precision-recall")
   sample_cli.add_model_arguments(s)
@@ -366,8 +376,9 @@ def parse_args(argv) -> argparse.Namespace:
   s.add_argument("--num_samples", type=int, default=50)
   s.add_argument("--sampler", default="ddim", choices=list(sample_cli.SAMPLER_NAMES))
   s.add_argument("--steps", type=int, default=50)
-  s.add_argument("--eta", type=float, default=0.0)
-  s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+  s.add_argument("--eta", type=sample_cli.finite_float, default=0.0)
+  s.add_argument("--guidance", type=sample_cli.finite_float, default=1.0,
+                 help="classifier-free guidance scale")
   s.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
   s.add_argument("--batch_size", type=int, default=16, help="samples per sampler batch")
   s.add_argument("--prompt", action="append", help="text prompt (repeatable; cycled)")

@@ -12,6 +12,7 @@ workdir takes the model directory and replaces the trained parts with the newest
 """
 
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -27,6 +28,102 @@ MODEL_SUBDIR = "model"
 
 class CheckpointNotFoundError(FileNotFoundError):
   """No model checkpoint at the given path."""
+
+
+class ConfigError(ValueError):
+  """A saved model's config.json that no model can be built from; the message names the file,
+  the field, the value and what was expected."""
+
+
+# Fields of a saved config.json checked before anything is built from it: (section path, field,
+# kind, required). Kinds: 'dict', 'str', 'pos_int', 'pos_ints' (non-empty list of positive ints),
+# 'pos_int_or_ints', 'pos_int_or_none', 'pos_number' (finite, > 0), 'number' (finite).
+_CONFIG_FIELDS = (
+    ((), "first_stage", "dict", True),
+    ((), "unet", "dict", True),
+    ((), "cond_stage", "dict_or_none", False),
+    ((), "diffusion", "dict", False),
+    (("first_stage",), "kind", "str", True),
+    (("first_stage",), "kwargs", "dict", True),
+    (("first_stage", "kwargs"), "ch_mult", "pos_ints", True),
+    (("first_stage", "kwargs"), "embed_dim", "pos_int", True),
+    (("first_stage", "kwargs"), "ch", "pos_int", False),
+    (("first_stage", "kwargs"), "z_channels", "pos_int", False),
+    (("first_stage", "kwargs"), "in_channels", "pos_int", False),
+    (("first_stage", "kwargs"), "out_ch", "pos_int", False),
+    (("first_stage", "kwargs"), "resolution", "pos_int", False),
+    (("first_stage", "kwargs"), "num_res_blocks", "pos_int", False),
+    (("first_stage", "kwargs"), "n_embed", "pos_int_or_none", False),
+    (("unet",), "in_channels", "pos_int", True),
+    (("unet",), "model_channels", "pos_int", True),
+    (("unet",), "out_channels", "pos_int", True),
+    (("unet",), "num_res_blocks", "pos_int_or_ints", True),
+    (("unet",), "channel_mult", "pos_ints", False),
+    (("unet",), "context_dim", "pos_int_or_none", False),
+    (("cond_stage",), "kind", "str", False),
+    (("cond_stage",), "kwargs", "dict", False),
+    (("diffusion",), "image_size", "pos_int", False),
+    (("diffusion",), "timesteps", "pos_int", False),
+    (("diffusion",), "channels", "pos_int", False),
+    (("diffusion",), "scale_factor", "pos_number", False),
+    (("diffusion",), "linear_start", "number", False),
+    (("diffusion",), "linear_end", "number", False),
+)
+
+_EXPECTED = {"dict": "an object", "dict_or_none": "an object or null", "str": "a string",
+             "pos_int": "a positive integer", "pos_ints": "a non-empty list of positive integers",
+             "pos_int_or_ints": "a positive integer or a non-empty list of them",
+             "pos_int_or_none": "a positive integer or null",
+             "pos_number": "a finite number > 0", "number": "a finite number"}
+
+
+def _is_pos_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _is_pos_ints(v) -> bool:
+  return isinstance(v, list) and bool(v) and all(_is_pos_int(x) for x in v)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_FITS = {"dict": lambda v: isinstance(v, dict),
+         "dict_or_none": lambda v: v is None or isinstance(v, dict),
+         "str": lambda v: isinstance(v, str),
+         "pos_int": _is_pos_int,
+         "pos_ints": _is_pos_ints,
+         "pos_int_or_ints": lambda v: _is_pos_int(v) or _is_pos_ints(v),
+         "pos_int_or_none": lambda v: v is None or _is_pos_int(v),
+         "pos_number": lambda v: _is_number(v) and v > 0,
+         "number": _is_number}
+
+
+def check_config_json(config: Any, cfg_path: str) -> None:
+  """Raises ConfigError naming the first field of a loaded config.json that cannot build a model.
+
+  Checks types and signs only (sections are objects, sizes positive integers, the scale factor a
+  positive finite number); whether the shapes fit the weights is `check_against_config`'s job.
+  """
+  if not isinstance(config, dict):
+    raise ConfigError(f"{cfg_path}: the top level is {type(config).__name__} "
+                      f"{json.dumps(config)[:80]}; expected an object with first_stage, unet, "
+                      f"cond_stage and diffusion.")
+  for section, field, kind, required in _CONFIG_FIELDS:
+    parent = config
+    for name in section:
+      parent = parent.get(name) if isinstance(parent, dict) else None
+    if not isinstance(parent, dict):
+      continue  # An optional section that is absent (a present one was checked already).
+    name = ".".join(section + (field,))
+    if field not in parent:
+      if required:
+        raise ConfigError(f"{cfg_path}: {name} is missing; expected {_EXPECTED[kind]}.")
+      continue
+    if not _FITS[kind](parent[field]):
+      raise ConfigError(f"{cfg_path}: {name} = {json.dumps(parent[field])[:80]}; expected "
+                        f"{_EXPECTED[kind]}.")
 
 
 def _flat_str(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -61,14 +158,20 @@ def save_model(path: str, config, params: Mapping[str, Any]) -> None:
 
 
 def read_config(path: str) -> ml_collections.ConfigDict:
+  """The checked config.json of a saved model directory (ConfigError if malformed)."""
   cfg_path = os.path.join(path, "config.json")
   try:
-    with open(cfg_path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+    with open(cfg_path, encoding="utf-8") as f:
+      config = json.load(f)
   except FileNotFoundError:
     raise CheckpointNotFoundError(f"{path}: no config.json (not a saved ldm_jax model).") from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"{cfg_path}: not UTF-8 text ({e.reason} at byte {e.start}); expected "
+                      f"UTF-8 JSON.") from None
   except json.JSONDecodeError as e:
-    raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+    raise ConfigError(f"{cfg_path} is not valid JSON: {e}") from None
+  check_config_json(config, cfg_path)
+  return ml_collections.ConfigDict(config)
 
 
 def load_saved_model(path: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:

@@ -4,7 +4,9 @@ Every user mistake becomes a `UserError` with one line naming the argument, the 
 expected; sample.py prints it and exits with code 2.
 """
 
+import argparse
 import json
+import math
 import os
 from typing import Any
 
@@ -12,22 +14,46 @@ import numpy as np
 
 SAMPLER_NAMES = {"ddim": "ddim", "plms": "plms", "ddpm": "ddpm", "dpmpp_2m": "dpmpp_2m",
                  "euler_a": "euler_ancestral"}
+# jax.random.PRNGKey folds seeds modulo 2**32 (2**32 gives the same noise as 0) and cannot take
+# 2**63 or more: seeds outside [0, 2**32) would silently repeat or crash.
+SEED_LIMIT = 2 ** 32
 
 
 class UserError(Exception):
   pass
 
 
-def read_image(path: str, what: str, mode: str = "RGB") -> np.ndarray:
-  """An image file as uint8 [H, W, C]; a clear error for missing or unreadable files."""
-  from PIL import Image, UnidentifiedImageError
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse, but a mistake is one line on stderr (exit code 2) instead of usage + error."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message} (see --help).\n")
+
+
+def finite_float(text: str) -> float:
+  """argparse type: a number that is neither NaN nor infinite (those would sample black images)."""
   try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert(mode))
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not math.isfinite(value):
+    raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number")
+  return value
+
+
+def read_image(path: str, what: str, mode: str = "RGB") -> np.ndarray:
+  """An image file as uint8 [H, W, C]: decoder chosen by extension, size capped, EXIF orientation
+  applied (`data.folder.open_image`); a UserError naming the flag and the file otherwise."""
+  from ldm_jax.data import folder
+  try:
+    im = folder.open_image(path)
   except FileNotFoundError:
     raise UserError(f"{what}={path}: no such file.") from None
-  except (UnidentifiedImageError, OSError, ValueError) as e:
+  except folder.ImageReadError as e:
     raise UserError(f"{what}={path}: not a readable image ({e}).") from None
+  if mode == "RGB":
+    return folder.to_rgb(im)
+  return np.asarray(im.convert(mode))
 
 
 def load_model(args):
@@ -38,29 +64,58 @@ def load_model(args):
   if len(sources) != 1:
     raise UserError("give exactly one of --checkpoint, --compvis_ckpt (+ --compvis_yaml) or "
                     f"--diffusers (got {len(sources)}).")
+  flag = (f"--checkpoint={args.checkpoint}" if args.checkpoint else
+          f"--compvis_ckpt={args.compvis_ckpt}" if args.compvis_ckpt else
+          f"--diffusers={args.diffusers}")
   try:
     if args.checkpoint:
-      return ldm_lib.LatentDiffusion.from_checkpoint(args.checkpoint, use_ema=not args.no_ema,
-                                                     compute_dtype=args.dtype,
-                                                     tokenizer_path=args.tokenizer)
-    if args.compvis_ckpt:
+      model = ldm_lib.LatentDiffusion.from_checkpoint(args.checkpoint, use_ema=not args.no_ema,
+                                                      compute_dtype=args.dtype,
+                                                      tokenizer_path=args.tokenizer)
+    elif args.compvis_ckpt:
       if not args.compvis_yaml:
         raise UserError("--compvis_ckpt needs --compvis_yaml (the model's original config).")
-      return ldm_lib.LatentDiffusion.from_compvis(args.compvis_ckpt, args.compvis_yaml,
-                                                  use_ema=False if args.no_ema else None,
-                                                  tokenizer_path=args.tokenizer,
-                                                  compute_dtype=args.dtype)
-    return ldm_lib.LatentDiffusion.from_diffusers(args.diffusers, compute_dtype=args.dtype)
+      model = ldm_lib.LatentDiffusion.from_compvis(args.compvis_ckpt, args.compvis_yaml,
+                                                   use_ema=False if args.no_ema else None,
+                                                   tokenizer_path=args.tokenizer,
+                                                   compute_dtype=args.dtype)
+    else:
+      model = ldm_lib.LatentDiffusion.from_diffusers(args.diffusers, compute_dtype=args.dtype)
   except UserError:
     raise
-  except (model_io.CheckpointNotFoundError, FileNotFoundError) as e:
-    raise UserError(f"cannot load the model: {e}") from None
+  # Library messages may span lines (lists of mismatched tensors): the promise is one line.
+  except (model_io.CheckpointNotFoundError, FileNotFoundError, model_io.ConfigError) as e:
+    raise UserError(f"cannot load the model {flag}: {_one_line(e)}") from None
   except common.WeightLoadError as e:
     lines = [" ".join(line.split()) for line in str(e).splitlines() if line.strip()]
-    raise UserError("the weights do not match the model's config: " + "; ".join(lines[:4])
-                    ) from None
+    raise UserError(f"{flag}: the weights do not match the model's config: "
+                    + "; ".join(lines[:4])) from None
   except (ValueError, OSError, KeyError) as e:
-    raise UserError(f"cannot load the model: {type(e).__name__}: {e}") from None
+    raise UserError(f"cannot load the model {flag}: {type(e).__name__}: {_one_line(e)}") from None
+  check_finite_params(model.params, flag)
+  return model
+
+
+def _one_line(e: Exception) -> str:
+  return " ".join(str(e).split())
+
+
+def check_finite_params(params, what: str) -> None:
+  """A UserError naming the first parameter holding NaN or inf: such weights sample black images.
+
+  One vectorised reduction per leaf (on the leaf's device for JAX arrays): seconds for SD-sized
+  models, nothing next to loading them.
+  """
+  import jax.numpy as jnp
+  from ldm_jax.convert import common
+  for key, leaf in common.flatten(params).items():
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+      continue
+    finite = np.isfinite(leaf).all() if isinstance(leaf, np.ndarray) else jnp.isfinite(leaf).all()
+    if not bool(finite):
+      bad = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf))))
+      raise UserError(f"{what}: parameter {'/'.join(map(str, key))} holds {bad} NaN or infinite "
+                      f"value(s) of {np.size(leaf)}; the weights are damaged.")
 
 
 def add_model_arguments(group) -> None:
@@ -74,21 +129,86 @@ def add_model_arguments(group) -> None:
   group.add_argument("--no_ema", action="store_true", help="use raw instead of EMA weights")
 
 
+def _check_utf8(text: str, what: str) -> None:
+  """Command-line bytes that are not UTF-8 arrive as lone surrogates: refuse them by name."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raw = text.encode("utf-8", "surrogateescape")
+    shown = raw.decode("utf-8", "backslashreplace")
+    raise UserError(f"{what}={shown!r}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                    f"character {e.start}); expected UTF-8.") from None
+
+
 def read_prompts(args) -> list[str]:
-  """--prompt values, then the non-empty lines of --prompt_file."""
+  """--prompt values, then the non-empty lines of --prompt_file (UTF-8; a BOM is dropped)."""
   prompts = list(args.prompt or [])
+  for p in prompts:
+    _check_utf8(p, "--prompt")
   if args.prompt_file:
     try:
-      with open(args.prompt_file) as f:
-        prompts += [line.strip() for line in f if line.strip()]
+      with open(args.prompt_file, "rb") as f:
+        data = f.read()
     except OSError as e:
       raise UserError(f"--prompt_file={args.prompt_file}: cannot read it ({e}).") from None
+    try:
+      text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+      line = data.count(b"\n", 0, e.start) + 1
+      raise UserError(f"--prompt_file={args.prompt_file}: not UTF-8 text (byte "
+                      f"0x{data[e.start]:02x} on line {line}); save it as UTF-8.") from None
+    prompts += [line.strip() for line in text.splitlines() if line.strip()]
   return prompts
 
 
-def requests(args, model) -> list[dict[str, Any]]:
-  """One entry per sample: its prompt or label (or nothing) and its seed."""
+def check_arguments(args) -> list[str]:
+  """Checks every flag that needs no model, before anything is loaded; returns the prompts.
+
+  NaN and inf are refused by the parser (`finite_float`); this checks ranges and combinations.
+  """
+  from ldm_jax.diffusion import samplers_base
+  if args.steps < 1:
+    raise UserError(f"--steps={args.steps}: expected >= 1.")
+  if args.eta < 0:
+    raise UserError(f"--eta={args.eta}: expected >= 0 (0 = deterministic DDIM).")
+  if args.eta != 0 and args.sampler != "ddim":
+    raise UserError(f"--eta={args.eta} with --sampler={args.sampler}: eta is a DDIM setting; "
+                    f"expected --eta 0 or --sampler ddim.")
+  if args.guidance < 0:
+    raise UserError(f"--guidance={args.guidance}: expected >= 0.")
+  if not 0.0 <= args.guidance_rescale <= 1.0:
+    raise UserError(f"--guidance_rescale={args.guidance_rescale}: expected 0 <= rescale <= 1.")
+  if args.strength is not None:
+    if not args.init_image:
+      raise UserError("--strength needs --init_image.")
+    if not 0.0 < args.strength <= 1.0:
+      raise UserError(f"--strength={args.strength}: expected 0 < strength <= 1.")
+    try:
+      samplers_base.img2img_skip(args.steps, args.strength)
+    except ValueError:
+      raise UserError(f"--strength={args.strength} with --steps={args.steps} runs no denoising "
+                      f"step: expected --strength >= {1.0 / args.steps:.4g} (1 / steps), or more "
+                      f"--steps.") from None
+  if args.mask and not args.init_image:
+    raise UserError("--mask needs --init_image.")
+  for name in ("height", "width"):
+    value = getattr(args, name)
+    if value is not None and value <= 0:
+      raise UserError(f"--{name}={value}: expected a positive number of pixels.")
+  if args.num_samples < 1:
+    raise UserError(f"--num_samples={args.num_samples}: expected >= 1.")
+  if args.batch_size < 1:
+    raise UserError(f"--batch_size={args.batch_size}: expected >= 1.")
   prompts = read_prompts(args)
+  count = max(len(prompts) or len(args.class_label or ()), 1) * args.num_samples
+  if not 0 <= args.seed or args.seed + count > SEED_LIMIT:
+    raise UserError(f"--seed={args.seed}: expected 0 <= seed <= {SEED_LIMIT - count} (sample i "
+                    f"uses seed + i, {count} samples, seeds below 2**32).")
+  return prompts
+
+
+def requests(args, model, prompts: list[str]) -> list[dict[str, Any]]:
+  """One entry per sample: its prompt or label (or nothing) and its seed."""
   labels = list(args.class_label or [])
   if prompts and not model.is_text:
     raise UserError(f"--prompt was given, but this model is conditioned by "
@@ -105,8 +225,13 @@ def requests(args, model) -> list[dict[str, Any]]:
     bad = [lab for lab in labels if not 0 <= lab < n]
     if bad:
       raise UserError(f"--class_label={bad[0]}: expected 0 <= label < {n}.")
-  if args.num_samples < 1:
-    raise UserError(f"--num_samples={args.num_samples}: expected >= 1.")
+  takes_image = takes_condition_image(model)
+  if args.lowres and not takes_image:
+    raise UserError(f"--lowres was given, but this model takes no conditioning image (it is "
+                    f"conditioned by '{model.cond_kind}'); --lowres is for super-resolution "
+                    f"models.")
+  if takes_image and not args.lowres:
+    raise UserError("this model is conditioned on an image: give --lowres.")
   base = [{"prompt": p} for p in prompts] or [{"label": lab} for lab in labels] or [{}]
   out = []
   for item in base:
@@ -115,11 +240,21 @@ def requests(args, model) -> list[dict[str, Any]]:
   return out
 
 
+def takes_condition_image(model) -> bool:
+  """Whether `LatentDiffusion.condition` uses `images` (super-resolution, semantic maps): text,
+  class and inpainting models return before reading them."""
+  if model.is_text or model.cond_kind in ("class", "first_stage"):
+    return False
+  return (model.config.diffusion.conditioning_key in ("concat", "hybrid")
+          or model.cond_kind == "spatial_rescaler")
+
+
 def check_sizes(args, model) -> tuple[int, int]:
+  """The output size (flags or the model's default), checked against the model's stride."""
   stride = model.downsample_factor * 2 ** (len(model.config.unet.channel_mult) - 1)
   default = int(model.config.diffusion.image_size) * model.downsample_factor
-  h = args.height or default
-  w = args.width or default
+  h = default if args.height is None else args.height
+  w = default if args.width is None else args.width
   for name, v in (("--height", h), ("--width", w)):
     if v <= 0 or v % stride:
       raise UserError(f"{name}={v}: expected a positive multiple of {stride} (the first stage's "
@@ -127,36 +262,38 @@ def check_sizes(args, model) -> tuple[int, int]:
   t = int(model.config.diffusion.timesteps)
   if not 1 <= args.steps <= t:
     raise UserError(f"--steps={args.steps}: expected 1 <= steps <= {t}.")
-  if args.strength is not None and not 0.0 < args.strength <= 1.0:
-    raise UserError(f"--strength={args.strength}: expected 0 < strength <= 1.")
-  if args.strength is not None and not args.init_image:
-    raise UserError("--strength needs --init_image.")
-  if args.mask and not args.init_image:
-    raise UserError("--mask needs --init_image.")
-  if args.guidance < 0:
-    raise UserError(f"--guidance={args.guidance}: expected >= 0.")
-  if args.batch_size < 1:
-    raise UserError(f"--batch_size={args.batch_size}: expected >= 1.")
   return h, w
 
 
-def image_inputs(args, h: int, w: int) -> dict[str, np.ndarray]:
-  """init image / mask / low-res condition as float arrays in the model's conventions."""
+def read_images(args) -> dict[str, np.ndarray]:
+  """Decodes --init_image, --mask and --lowres (uint8), before any model is loaded."""
   out = {}
   if args.init_image:
-    img = read_image(args.init_image, "--init_image")
+    out["init_image"] = read_image(args.init_image, "--init_image")
+  if args.mask:
+    out["mask"] = read_image(args.mask, "--mask", mode="L")
+  if args.lowres:
+    out["lowres"] = read_image(args.lowres, "--lowres")
+  return out
+
+
+def image_inputs(args, raw: dict[str, np.ndarray], h: int, w: int) -> dict[str, np.ndarray]:
+  """init image / mask / low-res condition as float arrays in the model's conventions."""
+  out = {}
+  if "init_image" in raw:
+    img = raw["init_image"]
     if img.shape[:2] != (h, w):
       raise UserError(f"--init_image={args.init_image}: size {img.shape[1]}x{img.shape[0]} "
                       f"differs from the requested {w}x{h} (give --width/--height to match).")
     out["init_image"] = img.astype(np.float32) / 127.5 - 1.0
-  if args.mask:
-    mask = read_image(args.mask, "--mask", mode="L")
+  if "mask" in raw:
+    mask = raw["mask"]
     if mask.shape[:2] != out["init_image"].shape[:2]:
       raise UserError(f"--mask={args.mask}: size {mask.shape[1]}x{mask.shape[0]} differs from "
                       f"--init_image's {out['init_image'].shape[1]}x{out['init_image'].shape[0]}.")
     out["mask"] = (mask.astype(np.float32) / 255.0 > 0.5).astype(np.float32)[..., None]
-  if args.lowres:
-    out["lowres"] = read_image(args.lowres, "--lowres").astype(np.float32) / 127.5 - 1.0
+  if "lowres" in raw:
+    out["lowres"] = raw["lowres"].astype(np.float32) / 127.5 - 1.0
   return out
 
 
@@ -165,10 +302,12 @@ def run(args) -> list[str]:
   from PIL import Image
   from ldm_jax import ldm as ldm_lib
   from ldm_jax import sampling
+  prompts = check_arguments(args)
+  raw_images = read_images(args)
   model = load_model(args)
   h, w = check_sizes(args, model)
-  reqs = requests(args, model)
-  imgs = image_inputs(args, h, w)
+  reqs = requests(args, model, prompts)
+  imgs = image_inputs(args, raw_images, h, w)
   os.makedirs(args.outdir, exist_ok=True)
   paths, records, all_images = [], [], []
   for start in range(0, len(reqs), args.batch_size):

@@ -13,6 +13,15 @@ and images whose shorter side is below `min_size` are filtered out. `skipped` li
 and `num_skipped` counts them, for the training metrics (`stats()`). Grayscale, palette, CMYK and
 16-bit images are converted to RGB; images with an alpha channel are composited onto white, so
 transparent regions read as background instead of whatever colour the encoder left under them.
+
+Reading is strict about what a file is: the extension decides the one decoder PIL may use
+(`FORMATS`), so a file named .png that holds some other format (TIFF, PSD, EPS ...) is refused
+rather than handed to a decoder nobody meant to expose; and EXIF orientation is applied, so photos
+come out upright as viewers show them. A `.txt` caption that is not UTF-8 skips its image like an
+unreadable file (one warning naming the caption file, counted in `skipped`): guessing an encoding
+would train on garbled text, and one stray file should not stop a scan of millions. A
+`metadata.jsonl` that is not UTF-8 is an error naming the file and line, as a malformed line is,
+since it holds many captions.
 """
 
 import json
@@ -22,28 +31,78 @@ import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# The decoder PIL may use for each file extension (PIL names).
+FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
+IMAGE_EXTENSIONS = tuple(FORMATS)
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000; anything larger is treated as a decompression bomb
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 log = logging.getLogger(__name__)
 
 
+class ImageReadError(ValueError):
+  """An image file that cannot or must not be decoded; the message names the file and why."""
+
+
+class CaptionError(ValueError):
+  """A caption file that cannot be read as text; the message names the file."""
+
+
+def open_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+               formats: dict[str, str] | None = None) -> Image.Image:
+  """Opens `path` with the decoder its extension names, checks its size, decodes it fully and
+  applies its EXIF orientation. Raises ImageReadError (or FileNotFoundError) naming the file.
+
+  formats: extension -> PIL format name (default `FORMATS`).
+  """
+  formats = FORMATS if formats is None else formats
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in formats:
+    raise ImageReadError(f"{path}: extension {ext!r} is not an accepted image type; expected "
+                         f"one of {', '.join(sorted(formats))}")
+  try:
+    with warnings.catch_warnings():
+      # PIL warns (then errors) on big images using a global limit; ours is explicit below.
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      with Image.open(path, formats=[formats[ext]]) as im:
+        w, h = im.size
+        if w * h > max_pixels:
+          raise ImageReadError(f"{path}: {w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}")
+        im.load()  # Full decode: raises OSError on truncated data.
+        return ImageOps.exif_transpose(im)
+  except Image.DecompressionBombError as e:  # Beyond PIL's own hard limit, raised by open().
+    raise ImageReadError(f"{path}: more than max_pixels={max_pixels} pixels ({e})") from None
+  except (FileNotFoundError, ImageReadError):
+    raise
+  except UnidentifiedImageError:
+    raise ImageReadError(f"{path}: not a readable {formats[ext]} file (the decoder its extension "
+                         f"{ext!r} names)") from None
+  except (OSError, ValueError, SyntaxError, EOFError) as e:
+    raise ImageReadError(f"{path}: cannot decode it ({type(e).__name__}: {e})") from None
+
+
+def image_size(path: str, formats: dict[str, str] | None = None) -> tuple[int, int]:
+  """(height, width) as displayed (EXIF orientation applied), from the header only."""
+  formats = FORMATS if formats is None else formats
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in formats:
+    raise ImageReadError(f"{path}: extension {ext!r} is not an accepted image type")
+  with Image.open(path, formats=[formats[ext]]) as im:
+    w, h = im.size
+    if im.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED_ORIENTATIONS:
+      w, h = h, w
+  return h, w
+
+
 def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
   """Decodes an image file fully into uint8 [H, W, 3]; raises on corrupt, truncated, huge files."""
-  with warnings.catch_warnings():
-    # PIL warns (then errors) on big images using a global limit; ours is explicit below.
-    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    with Image.open(path) as im:
-      w, h = im.size
-      if w * h > max_pixels:
-        raise ValueError(f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}")
-      im.load()  # full decode: raises OSError on truncated data
-      return _to_rgb(im)
+  return to_rgb(open_image(path, max_pixels))
 
 
-def _to_rgb(im: Image.Image) -> np.ndarray:
+def to_rgb(im: Image.Image) -> np.ndarray:
   """Any PIL mode -> uint8 [H, W, 3]; alpha is composited onto white."""
   if im.mode in ("I;16", "I;16B", "I;16L", "I"):
     # 16/32-bit grayscale: PIL's convert("RGB") would clip at 255; rescale the 16-bit range.
@@ -119,6 +178,7 @@ class ImageFolderSource:
       if min(hw) < self.min_size:
         self.num_filtered_small += 1
         continue
+      label = None
       if self.labels_from_subfolders:
         cls = self._class_dir(path)
         if cls is None:
@@ -126,28 +186,38 @@ class ImageFolderSource:
           log.warning("ImageFolderSource: skipping %s: not inside a class sub-folder of %s",
                       path, self.root)
           continue
-        self.labels.append(class_ids[cls])
+        label = class_ids[cls]
       if caption_source is not None:
-        caption = (self._read_txt(path) if caption_source == "txt"
-                   else jsonl_captions.get(os.path.normpath(path)))
+        try:
+          caption = (self._read_txt(path) if caption_source == "txt"
+                     else jsonl_captions.get(os.path.normpath(path)))
+        except CaptionError as e:
+          self.skipped.append((path, str(e)))
+          log.warning("ImageFolderSource: skipping %s: %s", path, e)
+          continue
         if caption is None:
           self.num_missing_captions += 1
           caption = ""
         self.captions.append(caption)
+      if label is not None:
+        self.labels.append(label)
       self.files.append(path)
 
     if not self.files:
       raise ValueError(
           f"ImageFolderSource found no usable image under {self.root!r}: {len(candidates)} files "
           f"with extensions {IMAGE_EXTENSIONS}, {len(self.skipped)} unreadable, "
-          f"{self.num_filtered_small} smaller than min_size={self.min_size}")
+          f"{self.num_filtered_small} smaller than min_size={self.min_size}"
+          + (f"; first skipped: {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped
+             else ""))
     if self.num_missing_captions:
       log.warning("ImageFolderSource: %d of %d images under %s have no caption (using '')",
                   self.num_missing_captions, len(self.files), self.root)
 
   @property
   def num_skipped(self) -> int:
-    """Files skipped as unreadable (corrupt, truncated, empty, too many pixels, misplaced)."""
+    """Files skipped as unreadable (corrupt, truncated, empty, too many pixels, misplaced, or a
+    caption that is not UTF-8)."""
     return len(self.skipped)
 
   @property
@@ -175,10 +245,11 @@ class ImageFolderSource:
         image = load_rgb(path, self.max_pixels)
         h, w = image.shape[:2]
       else:
-        with Image.open(path) as im:
-          w, h = im.size
+        h, w = image_size(path)
         if w * h > self.max_pixels:
           return f"{w}x{h} pixels exceeds max_pixels={self.max_pixels}", (0, 0)
+    except ImageReadError as e:  # Its message already names the file; keep only the reason.
+      return str(e).removeprefix(f"{path}: "), (0, 0)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
       return f"{type(e).__name__}: {e}", (0, 0)
     return None, (h, w)
@@ -188,8 +259,13 @@ class ImageFolderSource:
     txt = os.path.splitext(path)[0] + ".txt"
     if not os.path.exists(txt):
       return None
-    with open(txt, encoding="utf-8") as f:
-      return f.read().strip()
+    with open(txt, "rb") as f:
+      data = f.read()
+    try:
+      return data.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+      raise CaptionError(f"caption file {txt} is not UTF-8 (byte 0x{data[e.start]:02x} at offset "
+                         f"{e.start}); re-save it as UTF-8") from None
 
   def _read_jsonl(self) -> dict[str, str]:
     """Normalised absolute image path -> caption, from every metadata.jsonl under root."""
@@ -198,8 +274,13 @@ class ImageFolderSource:
       if "metadata.jsonl" not in filenames:
         continue
       meta = os.path.join(dirpath, "metadata.jsonl")
-      with open(meta, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+      with open(meta, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+          try:
+            line = raw.decode("utf-8")
+          except UnicodeDecodeError as e:
+            raise ValueError(f"{meta}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                             f"{e.start + 1}); expected a UTF-8 JSON Lines file") from None
           if not line.strip():
             continue
           try:

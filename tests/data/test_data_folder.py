@@ -124,3 +124,72 @@ def test_jsonl_captions_and_subfolder_labels(tmp_path):
   (tmp_path / "metadata.jsonl").write_text('{"file": "x.png"}\n')
   with pytest.raises(ValueError, match="metadata.jsonl:1: expected a JSON object"):
     ImageFolderSource(str(tmp_path), caption_source="jsonl")
+
+
+def _save_with_orientation(path, rgb, orientation):
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  Image.fromarray(rgb).save(path, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_exif_orientation_is_applied(tmp_path, verify):
+  """A photo stored sideways with EXIF orientation 6 reads upright (turned 90 degrees clockwise)."""
+  raw = _gradient(12, 20)  # stored 20 wide, 12 high
+  _save_with_orientation(tmp_path / "sideways.png", raw, 6)
+  Image.fromarray(raw).save(tmp_path / "plain.png")
+  from ldm_jax.data import folder
+  assert folder.image_size(str(tmp_path / "sideways.png")) == (20, 12)  # header-only scan
+  src = ImageFolderSource(str(tmp_path), verify=verify)
+  images = {p.rsplit("/", 1)[-1]: src[i]["image"] for i, p in enumerate(src.files)}
+  assert np.array_equal(images["plain.png"], raw)
+  assert images["sideways.png"].shape == (20, 12, 3)
+  assert np.array_equal(images["sideways.png"], np.rot90(raw, k=-1))
+
+
+def test_extension_decides_the_decoder(tmp_path, caplog):
+  """A TIFF (or any other format) named .png is refused, naming the file; real PNGs still load."""
+  rgb = _gradient(16, 16)
+  Image.fromarray(rgb).save(tmp_path / "good.png")
+  Image.fromarray(rgb).save(tmp_path / "tiff_inside.png", format="TIFF")
+  Image.fromarray(rgb).save(tmp_path / "png_inside.jpg", format="PNG")
+  with caplog.at_level(logging.WARNING, logger="ldm_jax.data.folder"):
+    src = ImageFolderSource(str(tmp_path))
+  assert [p.rsplit("/", 1)[-1] for p in src.files] == ["good.png"]
+  reasons = {p.rsplit("/", 1)[-1]: r for p, r in src.skipped}
+  assert "not a readable PNG file" in reasons["tiff_inside.png"]
+  assert "not a readable JPEG file" in reasons["png_inside.jpg"]
+  assert sum("tiff_inside.png" in r.getMessage() for r in caplog.records) == 1
+  from ldm_jax.data import folder
+  with pytest.raises(folder.ImageReadError, match="extension '.tif' is not an accepted"):
+    folder.open_image(str(tmp_path / "x.tif"))
+
+
+def test_non_utf8_caption_skips_its_image_and_names_the_file(tmp_path, caplog):
+  """Policy: the image of a Latin-1 caption is skipped with one warning naming the caption file and
+  counted in num_skipped; every other image keeps its own caption and label."""
+  for cls in ("a", "b"):
+    (tmp_path / cls).mkdir()
+    for j in range(2):
+      Image.fromarray(np.full((8, 8, 3), 40 * j, np.uint8)).save(tmp_path / cls / f"{j}.png")
+      (tmp_path / cls / f"{j}.txt").write_text(f"{cls} {j} caf\u00e9", encoding="utf-8")
+  (tmp_path / "a" / "1.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+  with caplog.at_level(logging.WARNING, logger="ldm_jax.data.folder"):
+    src = ImageFolderSource(str(tmp_path), caption_source="txt", labels_from_subfolders=True)
+  names = [p.split(str(tmp_path) + "/")[1] for p in src.files]
+  assert names == ["a/0.png", "b/0.png", "b/1.png"]
+  assert src.captions == ["a 0 caf\u00e9", "b 0 caf\u00e9", "b 1 caf\u00e9"]
+  assert src.labels == [0, 1, 1]
+  assert src.num_skipped == 1 and src.stats()["data/num_skipped"] == 1
+  (path, reason), = src.skipped
+  assert path.endswith("a/1.png") and str(tmp_path / "a" / "1.txt") in reason and "UTF-8" in reason
+  assert sum(str(tmp_path / "a" / "1.txt") in r.getMessage() for r in caplog.records) == 1
+
+
+def test_non_utf8_metadata_jsonl_names_file_and_line(tmp_path):
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+  (tmp_path / "metadata.jsonl").write_bytes(
+      b'{"file_name": "x.png", "text": "ok"}\n' + '{"file_name": "y.png", "text": "\u00e9"}\n'
+      .encode("latin-1"))
+  with pytest.raises(ValueError, match=r"metadata.jsonl:2: not UTF-8"):
+    ImageFolderSource(str(tmp_path), caption_source="jsonl")
