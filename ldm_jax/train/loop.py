@@ -89,10 +89,11 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
-  if parallel.is_main_process():
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump({k: (float(v) if np.ndim(v) == 0 else v) for k, v in summary.items()}, f,
-                indent=2, sort_keys=True)
+  if parallel.is_main_process():  # Atomic like config.json: sweep.py reads it from live runs.
+    model_io.write_text_atomic(
+        os.path.join(workdir, "summary.json"),
+        json.dumps({k: (float(v) if np.ndim(v) == 0 else v) for k, v in summary.items()},
+                   indent=2, sort_keys=True))
 
 
 def read_metrics(workdir: str) -> dict[int, dict[str, float]]:

@@ -128,7 +128,7 @@ def test_write_text_atomic_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == ["config.json"]  # No temporary file left behind.
 
 
-def test_workdir_config_is_written_atomically(tmp_path, monkeypatch):
+def test_workdir_config_and_summary_are_written_atomically(tmp_path, monkeypatch):
   cfg = shapes_autoencoder.get_config("tiny")
   loop.write_config(str(tmp_path), cfg)
   first = (tmp_path / "config.json").read_text()
@@ -141,6 +141,9 @@ def test_workdir_config_is_written_atomically(tmp_path, monkeypatch):
   loop.write_config(str(tmp_path), cfg)
   assert replaced == [str(tmp_path / "config.json")]
   assert json.loads((tmp_path / "config.json").read_text())["train"]["num_steps"] == 12345
+  loop.write_summary(str(tmp_path), {"step": 3, "loss": np.float32(0.5)})
+  assert replaced[-1] == str(tmp_path / "summary.json")
+  assert json.loads((tmp_path / "summary.json").read_text()) == {"step": 3.0, "loss": 0.5}
 
 
 def test_first_stage_json_is_written_once(tmp_path, caplog):

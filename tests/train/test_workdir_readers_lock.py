@@ -134,10 +134,10 @@ def test_second_trainer_is_refused_with_one_line(runs, tmp_path):
                            f"(pid {os.getpid()} on host "), last
     assert "Traceback" not in out.stderr
     assert sorted(os.listdir(workdir)) == [workdir_lib.LOCK_FILE]  # Nothing else written.
-  # Released: the same command now trains.
-  out = _train([*resume.TINY, "--config.train.num_steps=1", f"--workdir={workdir}"], runs["env"])
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert kill._complete(workdir) == [1]  # pylint: disable=protected-access
+  # The refused run took nothing with it: the lock is free once its holder lets go. (That a
+  # killed train.py frees it is what test_train_kill.py's resumed runs rely on.)
+  with workdir_lib.TrainerLock(str(workdir)):
+    pass
 
 
 def test_lock_in_process_and_after_a_killed_holder(tmp_path):
