@@ -1,7 +1,7 @@
-"""A training workdir from the outside: reading its weights, and the lock of the trainer that owns it.
+"""A training workdir from outside: reading its weights; the lock of the trainer that owns it.
 
 Readers (sampling, evaluation, stage 2 loading its first stage) open the checkpoints read-only
-(`read_checkpoints`): they create, delete and rename nothing, so they are safe while a run is saving.
+(`read_checkpoints`): they create, delete and rename nothing, so they are safe while a run saves.
 
 One trainer per workdir: `TrainerLock` holds an exclusive `flock` on `<workdir>/trainer.lock`. The
 kernel drops the lock when the holding process ends, however it ends (kill -9 included), so a

@@ -32,6 +32,9 @@ from ldm_jax.train import ae_trainer
 from ldm_jax.train import workdir as workdir_lib
 
 REPO = kill.REPO
+# test_train_kill.py's process wrapper (pauses inside Orbax's commit) and checkpoint listings.
+# pylint: disable-next=protected-access
+_Run, _complete, _listing, _env = kill._Run, kill._complete, kill._listing, kill._env
 TIMEOUT = 300
 # Stage 2 on the 16 px stage-1 model of resume.TINY, as in test_train_resume.py.
 LDM = ["--config=configs/shapes_ldm_text.py:tiny", "--config.data.image_size=16",
@@ -52,7 +55,7 @@ def _train(args, env) -> subprocess.CompletedProcess:
 def runs(tmp_path_factory):
   """{'env', 'ae': stage-1 workdir (1 step), 'ldm': stage-2 workdir (1 step), 'ldm_args'}."""
   root = tmp_path_factory.mktemp("live_workdir")
-  env = kill._env(root / "jax_cache")  # pylint: disable=protected-access
+  env = _env(root / "jax_cache")
   ae = root / "ae"
   out = _train([*resume.TINY, "--config.train.num_steps=1", f"--workdir={ae}"], env)
   assert out.returncode == 0, out.stderr[-4000:]
@@ -75,9 +78,8 @@ def test_sampling_a_workdir_mid_save_lets_the_save_finish(runs, tmp_path):
   workdir = tmp_path / "ldm"
   shutil.copytree(runs["ldm"], workdir)
   release = tmp_path / "release"
-  run = kill._Run(workdir, runs["env"], tmp_path / "run.log", pause="commit:2",  # pylint: disable=protected-access
-                  release=release,
-                  args=[*runs["ldm_args"], "--config.train.num_steps=2", f"--workdir={workdir}"])
+  run = _Run(workdir, runs["env"], tmp_path / "run.log", pause="commit:2", release=release,
+             args=[*runs["ldm_args"], "--config.train.num_steps=2", f"--workdir={workdir}"])
   try:
     marker = run.wait_marker("PAUSED commit")
     tmp_dir = pathlib.Path(marker.split(maxsplit=2)[2])
@@ -93,7 +95,7 @@ def test_sampling_a_workdir_mid_save_lets_the_save_finish(runs, tmp_path):
   finally:
     run.close()
   assert "CheckpointSaveError" not in log, log[-3000:]
-  assert kill._complete(workdir) == [1, 2], kill._listing(workdir)  # pylint: disable=protected-access
+  assert _complete(workdir) == [1, 2], _listing(workdir)
   assert not tmp_dir.exists()  # Published as 2 by the trainer itself.
 
 
