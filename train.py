@@ -5,7 +5,8 @@
       --config.first_stage_checkpoint=workdirs/shapes_ae
   python train.py --config configs/cin256_v2.py:tiny --workdir /tmp/cin --config.train.num_steps=2
 
-An existing --workdir resumes from its newest checkpoint. Flags of the form --config.a.b=value
+An existing --workdir resumes from its newest readable checkpoint; a workdir another train.py is
+still training in is refused (exit code 2). Flags of the form --config.a.b=value
 override single config fields.
 """
 

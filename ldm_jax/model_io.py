@@ -12,8 +12,11 @@ workdir takes the model directory and replaces the trained parts with the newest
 """
 
 import json
+import logging
 import math
 import os
+import shutil
+import tempfile
 from typing import Any, Mapping
 
 import jax
@@ -24,6 +27,8 @@ import orbax.checkpoint as ocp
 from ldm_jax.convert import common
 
 MODEL_SUBDIR = "model"
+
+log = logging.getLogger("ldm_jax")
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -139,22 +144,72 @@ def check_against_config(config, params: Mapping[str, Any], what: str) -> dict[s
                             what=what)
 
 
-def save_model(path: str, config, params: Mapping[str, Any]) -> None:
-  """Writes config.json and the parameters; refuses to overwrite an existing model directory."""
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `path` so that readers see the old file or the whole new one, never a part.
+
+  A temporary file in the same directory, flushed to disk, then renamed over `path` (the rename is
+  atomic on POSIX filesystems); on failure the temporary file is removed and `path` is untouched.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  try:  # The rename itself survives a power cut once the directory entry is on disk.
+    dir_fd = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(dir_fd)
+  except OSError:  # Some filesystems cannot fsync a directory; the data file is on disk already.
+    pass
+  finally:
+    os.close(dir_fd)
+
+
+def save_model(path: str, config, params: Mapping[str, Any], *,
+               replace_incomplete: bool = False) -> None:
+  """Writes the parameters, then config.json; refuses to overwrite an existing model directory.
+
+  replace_incomplete: a directory holding params/ but no config.json is what a save interrupted
+  between its two writes leaves; with this set (the trainer, which re-derives the same model)
+  those parameters are removed and written again, else FileExistsError says what was found.
+  """
   path = os.path.abspath(path)
-  if os.path.exists(os.path.join(path, "params")):
-    raise FileExistsError(f"{path} already holds a saved model; choose a new directory.")
+  params_dir = os.path.join(path, "params")
+  leftovers = [os.path.join(path, n) for n in (os.listdir(path) if os.path.isdir(path) else [])
+               if n.startswith("params")]  # params/ and Orbax's params.orbax-checkpoint-tmp-*
+  if leftovers:
+    if os.path.isfile(os.path.join(path, "config.json")):
+      raise FileExistsError(f"{path} already holds a saved model; choose a new directory.")
+    if not replace_incomplete:
+      raise FileExistsError(
+          f"{path} holds parameters without config.json (an interrupted save?): "
+          f"{sorted(os.path.basename(p) for p in leftovers)}; remove them or choose a new "
+          f"directory.")
+    log.warning("%s: parameters without config.json (a save was interrupted): writing the model "
+                "again.", path)
+    for leftover in leftovers:
+      if os.path.isdir(leftover):
+        shutil.rmtree(leftover)
+      else:
+        os.remove(leftover)
   os.makedirs(path, exist_ok=True)
   config = ml_collections.ConfigDict(dict(config))
   params = jax.tree_util.tree_map(np.asarray, dict(params))
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(path, "params"), params)
+    ckptr.save(params_dir, params)
     ckptr.wait_until_finished()
   # config.json last: its presence marks a complete directory.
-  tmp = os.path.join(path, "config.json.tmp")
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, os.path.join(path, "config.json"))
+  write_text_atomic(os.path.join(path, "config.json"),
+                    config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def read_config(path: str) -> ml_collections.ConfigDict:

@@ -10,6 +10,7 @@ One jitted step updates both players, as CompVis's two optimizer_idx passes do:
    on at `disc_start` like the generator's adversarial term.
 """
 
+import json
 import logging
 import os
 from typing import Any
@@ -26,7 +27,6 @@ from ldm_jax.models import build
 from ldm_jax.models import discriminator as disc_lib
 from ldm_jax.models import lpips as lpips_lib
 from ldm_jax.train import ae_losses
-from ldm_jax.train import checkpoint as checkpoint_lib
 from ldm_jax.train import inputs
 from ldm_jax.train import loop
 from ldm_jax.train import optim
@@ -207,13 +207,7 @@ def train(config, workdir: str) -> dict:
                                 min_size=config.mesh.min_shard_size)
   state_shardings = jax.tree.map(lambda a: a.sharding, state)
   checkpointer = loop.make_checkpointer(workdir, config)
-  start_step = 0
-  if checkpointer.latest_step() is not None:
-    state, extra = checkpointer.restore(target_state=state)
-    start_step = int(state.step)
-    if extra and extra.get("data") is not None:
-      pipeline.set_state(extra["data"])
-    log.info("Resumed %s at step %d.", workdir, start_step)
+  state, start_step = loop.resume(checkpointer, state, pipeline, workdir)
   save_first_stage_config(workdir, config)
 
   use_lpips = lpips_params is not None and config.loss.perceptual_weight > 0
@@ -243,27 +237,46 @@ FIRST_STAGE_FILE = "first_stage.json"
 
 
 def save_first_stage_config(workdir: str, config) -> None:
-  if parallel.is_main_process():
-    with open(os.path.join(workdir, FIRST_STAGE_FILE), "w") as f:
-      f.write(config.model.first_stage.to_json_best_effort(indent=2, sort_keys=True))
+  """Writes `first_stage.json` once (atomically); a resumed run keeps the file the checkpoints
+  were made with, since stage 2 and the evaluators may be reading it at any time."""
+  if not parallel.is_main_process():
+    return
+  from ldm_jax import model_io
+  path = os.path.join(workdir, FIRST_STAGE_FILE)
+  text = config.model.first_stage.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.isfile(path):
+    try:
+      with open(path) as f:
+        same = json.load(f) == json.loads(text)
+    except ValueError:  # Unreadable (written by an older, non-atomic writer?): write it anew.
+      same = None
+    if same is not None:
+      if not same:
+        log.warning("%s differs from config.model.first_stage; keeping the file the checkpoints "
+                    "were written with.", path)
+      return
+  model_io.write_text_atomic(path, text)
 
 
 def load_autoencoder(path: str, first_stage_config=None) -> dict[str, Any]:
-  """The first-stage variables {'params': ...} of an autoencoder workdir or a saved model."""
+  """The first-stage variables {'params': ...} of an autoencoder workdir or a saved model.
+
+  Read-only: safe while a trainer is saving into `path`.
+  """
   from ldm_jax import model_io
+  from ldm_jax.train import workdir as workdir_lib
   if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
       os.path.join(path, "params")):
     _, params = model_io.load_saved_model(path)
     return params["first_stage"]
-  ckpt_dir = os.path.join(path, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  ckptr = workdir_lib.read_checkpoints(path)
+  if ckptr is None:
     raise model_io.CheckpointNotFoundError(
         f"{path}: not an autoencoder workdir (no checkpoints/) nor a saved model.")
-  ckptr = checkpoint_lib.Checkpointer(ckpt_dir, async_save=False)
   try:
     if ckptr.latest_step() is None:
-      raise model_io.CheckpointNotFoundError(f"{path}: no complete checkpoint in {ckpt_dir}.")
-    state, _ = ckptr.restore()
+      raise model_io.CheckpointNotFoundError(f"{path}: no complete checkpoint in {ckptr.workdir}.")
+    state, _, _ = ckptr.restore_newest()
   finally:
     ckptr.close()
   return {"params": jax.tree.map(np.asarray, state["params"]["autoencoder"])}
@@ -271,4 +284,4 @@ def load_autoencoder(path: str, first_stage_config=None) -> dict[str, Any]:
 
 def read_first_stage_config(path: str) -> ml_collections.ConfigDict:
   with open(os.path.join(path, FIRST_STAGE_FILE)) as f:
-    return ml_collections.ConfigDict(__import__("json").load(f))
+    return ml_collections.ConfigDict(json.load(f))

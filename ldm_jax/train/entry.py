@@ -1,4 +1,4 @@
-"""The entry point behind train.py: validates the config, then runs the configured stage."""
+"""The entry point behind train.py: validates the config, locks the workdir, runs the stage."""
 
 import logging
 import os
@@ -7,6 +7,8 @@ from ldm_jax import parallel
 from ldm_jax import validate
 from ldm_jax.convert import common
 from ldm_jax.model_io import CheckpointNotFoundError
+from ldm_jax.train import checkpoint as checkpoint_lib
+from ldm_jax.train import workdir as workdir_lib
 
 log = logging.getLogger("ldm_jax.train")
 
@@ -23,12 +25,17 @@ def train(config, workdir: str) -> dict:
     validate.check_config(config)
   except ValueError as e:
     raise UserError(str(e)) from None
-  workdir = os.path.abspath(workdir)
+  if "://" not in workdir:
+    workdir = os.path.abspath(workdir)
   try:
-    if config.stage == "autoencoder":
-      from ldm_jax.train import ae_trainer
-      return ae_trainer.train(config, workdir)
-    from ldm_jax.train import ldm_trainer
-    return ldm_trainer.train(config, workdir)
-  except (CheckpointNotFoundError, common.WeightLoadError, FileNotFoundError) as e:
+    # Held for the whole run, before the first file is written: a second trainer on this
+    # workdir stops here, having changed nothing.
+    with workdir_lib.TrainerLock(workdir):
+      if config.stage == "autoencoder":
+        from ldm_jax.train import ae_trainer
+        return ae_trainer.train(config, workdir)
+      from ldm_jax.train import ldm_trainer
+      return ldm_trainer.train(config, workdir)
+  except (CheckpointNotFoundError, common.WeightLoadError, FileNotFoundError,
+          workdir_lib.WorkdirBusyError, checkpoint_lib.CheckpointRestoreError) as e:
     raise UserError(str(e)) from None

@@ -7,7 +7,7 @@ precision-recall through ldm_jax.evaluate and returns `eval/...` scalars for the
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from ldm_jax import evaluate
 
@@ -48,8 +48,32 @@ def check_eval_config(config) -> None:
                         f"this one is conditioned by {kind!r}")
 
 
-def make_train_hook(config, workdir: str) -> Callable[[Any, int], dict[str, float]]:
-  """`run(model, step) -> {'eval/fid': ...}`: samples and evaluates the model being trained.
+def _checked(images: Iterable[Any], check: Callable[[], None]) -> Iterator[Any]:
+  """`images`, calling `check` (which raises to abandon the phase) before each one."""
+  for image in images:
+    check()
+    yield image
+
+
+class _CheckedExtractor:
+  """The Inception extractor, calling `check` before each image it is given (other attributes,
+  such as the weights' fingerprint that keys the reference cache, are the extractor's own)."""
+
+  def __init__(self, extractor, check: Callable[[], None]):
+    self._extractor, self._check = extractor, check
+
+  def __call__(self, images: Iterable[Any], **kwargs):
+    return self._extractor(_checked(images, self._check), **kwargs)
+
+  def __getattr__(self, name: str):
+    return getattr(self._extractor, name)
+
+
+def make_train_hook(config, workdir: str) -> Callable[..., dict[str, float]]:
+  """`run(model, step, check) -> {'eval/fid': ...}`: samples and evaluates the model being trained.
+
+  `check()` runs between images (sampled, or reference images being featurised) and raises to
+  abandon the evaluation, e.g. `PreemptionGuard.check` on SIGTERM.
 
   The Inception is loaded now, the reference statistics at the first call (then kept); every call
   also writes `<workdir>/eval/step_NNNNNNN.json`.
@@ -67,15 +91,20 @@ def make_train_hook(config, workdir: str) -> Callable[[Any, int], dict[str, floa
     raise FileNotFoundError(str(e).replace("--inception", "config.eval.inception")) from None
   cache: dict[str, evaluate.Reference] = {}
 
-  def run(model, step: int) -> dict[str, float]:
+  def run(model, step: int, check: Callable[[], None] = lambda: None) -> dict[str, float]:
+    checked_extractor = _CheckedExtractor(extractor, check)
     if ev.reference and "ref" not in cache:
       cache["ref"] = evaluate.load_reference(
-          ev.reference, extractor, need_features=ev.pr_k > 0, max_images=ev.max_reference_images,
-          image_size=ev.reference_size, data_dir=ev.data_dir, cache_dir=ev.cache_dir,
-          show_progress=False)
+          ev.reference, checked_extractor, need_features=ev.pr_k > 0,
+          max_images=ev.max_reference_images, image_size=ev.reference_size, data_dir=ev.data_dir,
+          cache_dir=ev.cache_dir, show_progress=False)
     s = dataclasses.replace(settings, prompts=settings.prompts if model.is_text else ())
-    metrics = evaluate.evaluate_model(model, s, extractor, cache.get("ref"), is_splits=ev.is_splits,
-                             pr_k=ev.pr_k, show_progress=False)
+    # The steps of evaluate.evaluate_model, with `check` between images, so a preemption stops
+    # the phase within one sample (or Inception) batch.
+    features = checked_extractor(evaluate.generate(model, s, show_progress=False),
+                                 outputs=("pool", "logits_unbiased"))
+    metrics = evaluate.set_metrics(features, cache.get("ref"), is_splits=ev.is_splits,
+                                   pr_k=ev.pr_k)
     if parallel.is_main_process():
       evaluate.write_result(os.path.join(workdir, "eval", f"step_{step:07d}.json"),
                    {"mode": "train_hook", "step": step, "metrics": metrics,

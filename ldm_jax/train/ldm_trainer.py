@@ -55,7 +55,9 @@ def build_model(config, workdir: str, first_images: np.ndarray) -> ldm_lib.Laten
     cfg.diffusion.scale_factor = scale
     model = ldm_lib.LatentDiffusion(cfg, model.params, compute_dtype=config.train.compute_dtype)
   if parallel.is_main_process():
-    model_io.save_model(model_dir, model.config, model.params)
+    # A crash between the parameters and config.json leaves params/ alone: this start re-derives
+    # the same model (the seed, init_from or first stage, the first batch), so it writes it again.
+    model_io.save_model(model_dir, model.config, model.params, replace_incomplete=True)
   return model
 
 
@@ -113,13 +115,7 @@ def train(config, workdir: str) -> dict:
                                 min_size=config.mesh.min_shard_size)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   checkpointer = loop.make_checkpointer(workdir, config)
-  start_step = 0
-  if checkpointer.latest_step() is not None:
-    state, extra = checkpointer.restore(target_state=state)
-    start_step = int(state.step)
-    if extra and extra.get("data") is not None:
-      pipeline.set_state(extra["data"])
-    log.info("Resumed %s at step %d.", workdir, start_step)
+  state, start_step = loop.resume(checkpointer, state, pipeline, workdir)
 
   loss_fn = ldm_task.make_loss_fn(model, config)
   train_step = step_lib.make_train_step(
@@ -137,7 +133,8 @@ def train(config, workdir: str) -> dict:
     host = pipeline.next()
     return ldm_task.encode_batch(model, host, sub, config, mesh)
 
-  def on_sample(state, step):
+  def on_sample(state, step, check):
+    del check  # One sampling call: the loop checks before it.
     from ldm_jax.train import samples as samples_lib
     trained = state.ema_params if state.ema_params is not None else state.params
     return samples_lib.log_sample_grid(ldm_task.apply_trained(model, trained), config, workdir,
@@ -148,9 +145,9 @@ def train(config, workdir: str) -> dict:
     from ldm_jax.train import eval_hook  # Local: only runs with config.eval need the metrics.
     run_eval = eval_hook.make_train_hook(config, workdir)
 
-  def on_eval(state, step):
+  def on_eval(state, step, check):
     trained = state.ema_params if state.ema_params is not None else state.params
-    return run_eval(ldm_task.apply_trained(model, trained), step)
+    return run_eval(ldm_task.apply_trained(model, trained), step, check)
 
   state, last = loop.run_loop(workdir=workdir, config=config, state=state, start_step=start_step,
                               train_step=train_step, next_batch=next_batch, loader=pipeline,

@@ -3,7 +3,7 @@
 The loop follows MaxText's habits: the step is compiled once before step 1 (its memory analysis is
 logged), metrics are fetched one step late so the host never waits on the device, checkpoints are
 saved asynchronously with the data iterator state beside the model, and SIGTERM (preemption) saves
-and exits cleanly.
+and exits cleanly, also when it arrives during a long sample or evaluation phase (see `run_loop`).
 """
 
 import json
@@ -17,10 +17,12 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from ldm_jax import model_io
 from ldm_jax import parallel
 from ldm_jax.train import checkpoint as checkpoint_lib
 from ldm_jax.train import preemption
 from ldm_jax.train import step as step_lib
+from ldm_jax.train import workdir as workdir_lib
 
 log = logging.getLogger("ldm_jax.train")
 
@@ -81,15 +83,17 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """config.json in the workdir (process 0), for people and for `sweep.py` summaries."""
   if parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    # Atomic: sweep.py and people may read it while a resumed run rewrites it.
+    model_io.write_text_atomic(os.path.join(workdir, "config.json"),
+                               config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
-  if parallel.is_main_process():
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump({k: (float(v) if np.ndim(v) == 0 else v) for k, v in summary.items()}, f,
-                indent=2, sort_keys=True)
+  if parallel.is_main_process():  # Atomic like config.json: sweep.py reads it from live runs.
+    model_io.write_text_atomic(
+        os.path.join(workdir, "summary.json"),
+        json.dumps({k: (float(v) if np.ndim(v) == 0 else v) for k, v in summary.items()},
+                   indent=2, sort_keys=True))
 
 
 def read_metrics(workdir: str) -> dict[int, dict[str, float]]:
@@ -114,10 +118,27 @@ def make_mesh(config) -> jax.sharding.Mesh:
 
 
 def make_checkpointer(workdir: str, config) -> checkpoint_lib.Checkpointer:
-  return checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+  return checkpoint_lib.Checkpointer(os.path.join(workdir, workdir_lib.CHECKPOINT_SUBDIR),
                                      max_to_keep=config.checkpoint.keep,
                                      save_every=config.checkpoint.every,
                                      async_save=config.checkpoint.async_save)
+
+
+def resume(checkpointer: checkpoint_lib.Checkpointer, state: Any, loader: Any,
+           workdir: str) -> tuple[Any, int]:
+  """(state, start step): the newest readable checkpoint restored onto `state`'s shardings (the
+  data iterator too), or `state` and 0 when the workdir has no checkpoint yet.
+
+  An unreadable newest checkpoint is reported and the previous one used (see
+  `Checkpointer.restore_newest`); CheckpointRestoreError when none can be read.
+  """
+  if checkpointer.latest_step() is None:
+    return state, 0
+  state, extra, step = checkpointer.restore_newest(target_state=state)
+  if extra and extra.get("data") is not None and hasattr(loader, "set_state"):
+    loader.set_state(extra["data"])
+  log.info("Resumed %s at step %d (checkpoint %d).", workdir, int(state.step), step)
+  return state, int(state.step)
 
 
 def run_loop(*, workdir: str, config, state: Any, start_step: int,
@@ -129,7 +150,12 @@ def run_loop(*, workdir: str, config, state: Any, start_step: int,
              extra_json: Callable[[], dict] | None = None) -> tuple[Any, dict]:
   """The host loop: step, log one step late, checkpoint, sample, evaluate, stop on preemption.
 
-  on_eval(state, step) -> scalars, every config.eval.every_steps: logged with that step's metrics.
+  on_sample(state, step, check) -> uint8 grid or None, every config.log.sample_every steps.
+  on_eval(state, step, check) -> scalars, every config.eval.every_steps: logged with that step's
+  metrics.
+  Both receive `check`, which raises `preemption.Interrupted` once a preemption signal arrived: they
+  call it between their batches, so SIGTERM during a long phase abandons the phase, saves the
+  step and returns within about one batch instead of after the whole phase.
   Returns the final state and the last metrics (as Python floats).
   """
   total = int(config.train.num_steps)
@@ -178,12 +204,20 @@ def run_loop(*, workdir: str, config, state: Any, start_step: int,
         pending = (step, metrics)
         writer.advance()
         save(step, state)
-        if on_sample and config.log.sample_every and step % config.log.sample_every == 0:
-          grid = on_sample(state, step)  # uint8 [H, W, 3] or None
-          if grid is not None:
-            writer.image(step, "samples", grid)
-        if on_eval and eval_every and step % eval_every == 0:
-          eval_results[step] = on_eval(state, step)
+        try:
+          if on_sample and config.log.sample_every and step % config.log.sample_every == 0:
+            guard.check()
+            grid = on_sample(state, step, guard.check)  # uint8 [H, W, 3] or None
+            if grid is not None:
+              writer.image(step, "samples", grid)
+          if on_eval and eval_every and step % eval_every == 0:
+            guard.check()
+            eval_results[step] = on_eval(state, step, guard.check)
+        except preemption.Interrupted:
+          log.warning("Preemption signal received during sampling or evaluation: abandoning it, "
+                      "saving step %d and exiting.", step)
+          save(step, state, force=True)
+          break
         if guard.should_stop(step):
           log.warning("Preemption signal received: saving step %d and exiting.", step)
           save(step, state, force=True)

@@ -18,6 +18,11 @@ asks JAX's preemption sync service
 (`multihost_utils.reached_preemption_sync_point`), which the coordination
 service arms when `jax.distributed.initialize` runs; a Python handler would
 replace that service's own signal handler, so none is installed then.
+
+Long phases between steps (sample grids, evaluation) call `guard.check()` between their batches;
+it raises `Interrupted` once a signal arrived, so the loop saves within about one batch of the
+signal rather than after the whole phase. In multi-process runs a local signal cannot be agreed on
+mid-phase (the sync point is per step), so there `check` never raises and the step boundary decides.
 """
 
 import signal
@@ -27,6 +32,10 @@ from typing import Iterable, Optional
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+
+
+class Interrupted(Exception):
+  """Raised by `PreemptionGuard.check` inside a long phase once preemption was requested."""
 
 
 class PreemptionGuard:
@@ -74,6 +83,11 @@ class PreemptionGuard:
   def request(self) -> None:
     """Asks the loop to stop as if preempted (e.g. from a time budget)."""
     self._flag.set()
+
+  def check(self) -> None:
+    """Raises Interrupted if this (single) process was asked to stop; cheap, call it often."""
+    if not self.multihost and self._flag.is_set():
+      raise Interrupted('preemption requested')
 
   def should_stop(self, step: int) -> bool:
     """Polled once per step; True when the loop must save and exit.

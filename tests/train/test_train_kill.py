@@ -78,12 +78,13 @@ def _tmp_dirs(workdir, step=None) -> list[str]:
 class _Run:
   """train.py (through this file's wrapper when `pause` is set), stderr kept in a file."""
 
-  def __init__(self, workdir, env, log_path, pause=None, release=None):
+  def __init__(self, workdir, env, log_path, pause=None, release=None, args=None):
+    """args: train.py's flags (default: the tiny stage-1 run of this file in `workdir`)."""
     self.log_path = log_path
     env = dict(env, **({PAUSE_VAR: pause, RELEASE_VAR: str(release)} if pause else {}))
     cmd = [sys.executable, __file__] if pause else [sys.executable, "train.py"]
     self._log = open(log_path, "w")
-    self.proc = subprocess.Popen(cmd + _args(workdir), cwd=REPO, env=env, text=True,
+    self.proc = subprocess.Popen(cmd + (args or _args(workdir)), cwd=REPO, env=env, text=True,
                                  stdout=subprocess.PIPE, stderr=self._log)
     self._watchdog = threading.Timer(TIMEOUT, self.proc.kill)
     self._watchdog.start()
