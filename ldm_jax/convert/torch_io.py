@@ -308,8 +308,8 @@ def split_compvis_state_dict(sd: Mapping[str, np.ndarray], *,
   scale = sd.get("scale_factor")
   if scale is not None and (not isinstance(scale, np.ndarray) or scale.size != 1
                             or scale.dtype.kind not in "iuf"):
-    raise CheckpointError(f"the 'scale_factor' buffer is {brief(scale)} of shape {np.shape(scale)}; "
-                          "expected a single number")
+    raise CheckpointError(f"the 'scale_factor' buffer is {brief(scale)} of shape "
+                          f"{np.shape(scale)}; expected a single number")
   # LitEma names each parameter of `model` (the DiffusionWrapper) with its dots removed.
   ema_name = {("diffusion_model." + k).replace(".", ""): k for k in parts["unet"]}
   if len(ema_name) != len(parts["unet"]):

@@ -10,37 +10,42 @@ record arguments and state, but *calling* it (the `REDUCE` opcode, which is how 
 
 Formats: torch's zip format (`<archive>/data.pkl` + `<archive>/data/<key>` storages + `byteorder`)
 and torch's legacy single-pickle format (magic number, pickles, then the storages appended).
-Tensors come back as numpy arrays with their exact dtype, shape and values (storage offset and strides
-honoured; bf16 / fp8 as `ml_dtypes`). The public entry points live in `ldm_jax.convert.torch_io`.
+Tensors come back as numpy arrays with their exact dtype, shape and values (storage offset and
+strides honoured; bf16 / fp8 as `ml_dtypes`). The public entry points live in
+`ldm_jax.convert.torch_io`.
 
-What a hostile file can and cannot do (the same holds for `torch_io.load_safetensors`):
-  * Arrays are plain numbers. Every array the loader returns has a dtype in `NUMERIC_DTYPES` (bool,
-    int, uint, float, complex, bf16 / fp8): no object, structured, sub-array or string dtypes.
-    numpy's own `__setstate__` never runs on data from the file: `numpy.dtype` and
-    `numpy.core.multiarray._reconstruct` + `BUILD` only record what the pickle declares; once the
-    pickle is read, each array is rebuilt by us from a checked (dtype, shape, bytes) triple, the
-    buffer length equal to shape x itemsize. No numpy dtype object is reachable while unpickling,
-    so `BUILD` on a tensor cannot reach numpy's setstate either.
+What a hostile file can and cannot do (the promises hold for `torch_io.load_safetensors` and
+`load_state_dict` too; `tests/convert/test_torch_io_hostile.py` tests each, and fuzzes them all):
+  * Arrays are plain numbers. Every array returned has a dtype in `NUMERIC_DTYPES` (bool, int,
+    uint, float, complex, bf16 / fp8), in native byte order: no object, structured, sub-array or
+    string dtype. numpy's `__setstate__` never runs on data from the file: `numpy.dtype` and
+    `_reconstruct` + BUILD only record what the pickle declares, and once it is read each array is
+    rebuilt by us from a checked (dtype, shape, bytes) triple (`pickle_numpy`). No numpy dtype
+    object is reachable while unpickling, so BUILD on a tensor cannot reach numpy's setstate.
   * Geometry is checked before numpy sees it: sizes and strides are non-negative ints (at most 64
-    dims), the storage offset and the last element lie inside the storage, element counts are
-    computed without overflow.
-  * Tensors are views, never copies: contiguous ones are views of their storage, the others
-    (transposed, strided, expanded) read-only strided views, so the loader copies no tensor data;
-    `convert.common.strict_load` copies a tensor only after its key and shape matched the model.
-    All arrays are read-only.
-  * What the file may materialise is capped (`LoadBudget`): storages are the file's own bytes, read
-    once (zip members: stored only, sizes matching their headers, together no larger than the
-    file); on top of that, the logical size of non-contiguous views, byte-swapped copies of
-    big-endian data and the objects that allow-listed constructors copy (`set`, `bytearray`,
-    `_codecs.encode`, ...) are charged to a budget of 4 x the file size + 16 MiB. A zero-stride
-    tensor of 2^30 elements over one float, or one string re-encoded a thousand times, is an error.
-    Pickle opcodes themselves build at most a few objects per byte, so memory stays within a bounded
-    multiple of the file size. Unknown globals are charged too (each becomes a class).
+    dims), the element count fits an array, the storage offset and the last element lie inside the
+    storage.
+  * Tensors are read-only views: of their storage (contiguous or strided, expanded, transposed),
+    or of the safetensors file's bytes; only big-endian data is copied (byte-swapped). Nothing is
+    copied by the readers; `convert.common.strict_load` copies a tensor once its key and shape
+    matched the model.
+  * Memory is bounded by the file size (`checkpoint_limits.LoadBudget`). Tensor bytes are the
+    file's own, read once: zip members must be stored uncompressed, with sizes that agree and add
+    up to no more than the file; safetensors ranges may not overlap. Everything else a file can
+    make the reader build is charged to a budget of 4 x the file size + 16 MiB, before it is
+    built: the logical size of strided views (a stride-0 tensor of 2^30 floats over one float), the
+    objects the pickle's opcodes create (an EMPTY_SET is 1 byte and 224 bytes of memory; costs per
+    opcode in `_OPCODE_COST`), copies made by allow-listed constructors (`set`, `bytearray`,
+    `_codecs.encode`, ... of a memoised string), placeholder classes, byte-swapped copies.
+    Before the C unpickler runs, `_prescan` walks the opcodes: a counted length past the data, or
+    a memo index past the pickle's size (which would make CPython allocate a table that large), is
+    an error.
   * Errors: every failure is a `CheckpointError` (or subclass) whose message starts with the file
-    path; Python errors from malformed input (TypeError, RecursionError, OverflowError, MemoryError,
-    zipfile.BadZipFile, pickle.UnpicklingError, ...) are converted at the entry points. Messages
-    describe offending values briefly (`brief`), so a message cannot itself become a memory bomb.
-The fuzz test `tests/convert/test_torch_io_hostile.py` checks these properties on mutated files.
+    path. Anything else raised on malformed input (TypeError, RecursionError, OverflowError,
+    MemoryError, zipfile.BadZipFile, pickle.UnpicklingError, ...) is converted at the entry points
+    (`checkpoint_limits.guard`). Messages describe offending values with `brief`, never a full
+    repr, which a pickle could make gigabytes long. Only regular files are opened (a FIFO would
+    block).
 """
 
 import _compat_pickle
@@ -414,21 +419,40 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
-def _prescan(file: io.BytesIO):
+# Bytes of Python objects each opcode builds beyond the 8-byte reference every opcode may leave
+# on the stack or in a container (measured with tracemalloc on CPython 3.11, 64-bit; strings count
+# their header only, their text being at most 4x the bytes that spell it). Charged by _prescan
+# before anything is built: an EMPTY_SET is one byte of pickle and 224 bytes of memory.
+_OPCODE_COST = {
+    "EMPTY_SET": 216, "FROZENSET": 216, "EMPTY_DICT": 64, "DICT": 64, "EMPTY_LIST": 56,
+    "LIST": 56, "TUPLE": 64, "TUPLE1": 48, "TUPLE2": 56, "TUPLE3": 64, "NEWOBJ": 200,
+    "NEWOBJ_EX": 200, "OBJ": 200, "INST": 200, "REDUCE": 128, "BINPERSID": 64, "PERSID": 64,
+    "BININT": 32, "BININT2": 32, "LONG1": 32, "LONG4": 32, "INT": 32, "LONG": 32, "BINFLOAT": 24,
+    "FLOAT": 24, "BINUNICODE": 48, "SHORT_BINUNICODE": 48, "BINUNICODE8": 48, "UNICODE": 48,
+    "BINSTRING": 48, "SHORT_BINSTRING": 48, "STRING": 48, "BINBYTES": 40, "SHORT_BINBYTES": 40,
+    "BINBYTES8": 40, "BYTEARRAY8": 64, "SETITEM": 32, "SETITEMS": 32, "ADDITEMS": 32,
+}
+
+
+def _prescan(file: io.BytesIO, budget: LoadBudget):
   """Walks the opcodes of the pickle at the file's position, building nothing, then rewinds.
 
   CPython's C unpickler trusts two numbers a pickle gives it: a memo index (LONG_BINPUT 2^32
   makes it allocate and zero a 32 GiB memo table) and the length of a counted string (allocated
   before it is read). pickletools reads every counted argument, so a length past the bytes that
-  are there fails here, and each memo index is checked against the pickle's size.
+  are there fails here; each memo index is checked against the pickle's size, and the objects the
+  opcodes will build are charged to the budget.
   """
-  start, top = file.tell(), -1
+  start, top, cost = file.tell(), -1, 0
   for op, arg, _ in pickletools.genops(file):
+    cost += 8 + _OPCODE_COST.get(op.name, 0)
     if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
       top = max(top, arg)
-  if top > file.tell() - start:
-    raise CheckpointError(f"memo index {top} in a pickle of {file.tell() - start} bytes: the "
-                          "unpickler would allocate a memo table that large")
+  size = file.tell() - start
+  if top > size:
+    raise CheckpointError(f"memo index {top} in a pickle of {size} bytes: the unpickler would "
+                          "allocate a memo table that large")
+  budget.charge(cost, f"a pickle of {size} bytes building ~{cost} bytes of objects")
   file.seek(start)
 
 
@@ -437,7 +461,7 @@ def _unpickle(data: bytes | io.BytesIO, storages, budget: LoadBudget, seen=None)
   checked."""
   file = io.BytesIO(data) if isinstance(data, bytes) else data
   try:
-    _prescan(file)
+    _prescan(file, budget)
     obj = _SafeUnpickler(file, storages, budget, seen).load()
     return pickle_numpy.finish(obj, budget) if budget.pending else obj
   except CheckpointError as e:
@@ -493,7 +517,8 @@ def _load_zip(path: Path) -> Any:
       storages = _ZipStorages(zf, infos, big, path)
       return _unpickle(zf.read(pkls[0]), storages, budget)
     except (zipfile.BadZipFile, EOFError) as e:
-      raise CheckpointError(f"{path}: corrupt zip member ({e}); re-download the checkpoint") from None
+      raise CheckpointError(f"{path}: corrupt zip member ({e}); re-download the "
+                            "checkpoint") from None
 
 
 class _ZipStorages(dict):

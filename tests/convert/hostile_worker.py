@@ -95,10 +95,12 @@ def outcome(fn, path) -> dict:
 _SNIPPETS = [b"R", b"b", b"0", b"2", b"(", b"t", b"l", b"]", b"}", b"e", b"s", b"u", b"a", b"N",
              b"\x85", b"\x86", b"\x87", b")", b"\x88", b"\x89", b"h\x00", b"h\x01", b"q\x00", b"Q",
              b"K\x00", b"K\x01", b"J\xff\xff\xff\xff", b"J\xff\xff\xff\x7f", b"M\xff\xff",
-             b"\x8a\x08" + b"\xff" * 7 + b"\x7f", b"\x8a\x01\x00", b"\x8a\x09" + b"\x00" * 8 + b"\x01",
+             b"\x8a\x08" + b"\xff" * 7 + b"\x7f", b"\x8a\x01\x00",
+             b"\x8a\x09" + b"\x00" * 8 + b"\x01",
              b"G\x7f\xf0\x00\x00\x00\x00\x00\x00", b"X\xff\xff\xff\x7f", b"T\x00\x00\x00\x40",
              b"c__builtin__\nbytearray\n", b"cnumpy\ndtype\n", b"cbuiltins\nset\n",
-             b"ctorch._utils\n_rebuild_tensor_v2\n", b"ctorch\ndevice\n", b"ccollections\nOrderedDict\n",
+             b"ctorch._utils\n_rebuild_tensor_v2\n", b"ctorch\ndevice\n",
+             b"ccollections\nOrderedDict\n",
              b"cnumpy.core.multiarray\n_reconstruct\n", b"cos\nsystem\n", b"c_codecs\nencode\n"]
 _INTS = [0, 1, -1, 2, 255, 256, 2**16, 2**30, 2**31 - 1, 2**32, 2**62, 2**63 - 1, -2**31]
 

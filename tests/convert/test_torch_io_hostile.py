@@ -101,7 +101,8 @@ def _write_safetensors(path, header: dict | list | str, body: bytes = b""):
 
 def test_object_field_dtype_is_refused(tmp_path):
   """A structured dtype with an object field and flags 0 made numpy read 8 file bytes as a
-  PyObject pointer: SIGSEGV. Both spellings (a void dtype, or 'f4' re-stated by BUILD) are refused."""
+  PyObject pointer: SIGSEGV. Both spellings (a void dtype, or 'f4' re-stated by BUILD) are
+  refused."""
   obj_field = (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 8, 0)
   for name in ("V8", "f4"):
     evil = _np_array((1,), _Reduce(np.dtype, (name, False, True), obj_field), b"A" * 8)
@@ -233,6 +234,23 @@ def test_pickle_amplification_is_capped(tmp_path):
   path = _write_ckpt(tmp_path / "encode.ckpt", None, data_pkl=body)
   result = _in_child("load_torch_checkpoint", path)
   assert result["kind"] == "refused" and "memory bomb" in result["detail"], result
+
+
+@pytest.mark.parametrize("case", ["memo_index", "counted_length", "empty_sets"])
+def test_pickle_opcode_bombs_are_refused(tmp_path, case):
+  """Opcodes CPython's unpickler trusts: LONG_BINPUT 2^32 - 16 allocates and zeroes a 64 GiB memo
+  table; BINBYTES8 2^40 allocates before reading; a million EMPTY_SETs (1 byte each) build
+  224 MB."""
+  data_pkl = {
+      "memo_index": b"\x80\x02Nr\xf0\xff\xff\xff.",
+      "counted_length": b"\x80\x04\x8e" + struct.pack("<Q", 1 << 40) + b"xx.",
+      "empty_sets": b"\x80\x04(" + b"\x8f" * (1 << 20) + b"l.",
+  }[case]
+  path = _write_ckpt(tmp_path / f"{case}.ckpt", None, data_pkl=data_pkl)
+  result = _in_child("load_torch_checkpoint", path)
+  assert result["kind"] == "refused", result
+  assert {"memo_index": "memo index", "counted_length": "bytes8",
+          "empty_sets": "memory bomb"}[case] in result["detail"], result
 
 
 def test_strict_load_copies_only_matched_tensors():
