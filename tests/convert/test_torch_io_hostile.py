@@ -267,6 +267,29 @@ def test_strict_load_copies_only_matched_tensors():
     tracemalloc.stop()
 
 
+def test_legacy_attention_fusion_copies_only_fitting_tensors(monkeypatch):
+  """unet_from_diffusers stacks to_q/k/v into qkv before strict_load: only tensors of the layer's
+  own shape are stacked; zero-stride views of 64 MiB are left for strict_load to report,
+  uncopied."""
+  from ldm_jax.convert import unet as convert_unet
+  from ldm_jax.models.unet import Layer
+  layer = Layer(kind="attention", stage="middle", block=1, pos=1, level=0, index=0, channels=4,
+                heads=2)
+  monkeypatch.setattr(convert_unet, "_positions", lambda model: {"m": (layer, "", "mid.attn")})
+  keys = [f"mid.attn.to_{n}.weight" for n in "qkv"]
+  fits = {k: np.full((4, 4), i, np.float32) for i, k in enumerate(keys)}
+  fused = convert_unet._fuse_legacy_qkv(fits, model=None)
+  assert set(fused) == {"mid.attn.qkv.weight"} and fused["mid.attn.qkv.weight"].shape == (12, 4)
+  bomb = {k: np.broadcast_to(np.float32(0), (1 << 12, 1 << 12)) for k in keys}
+  tracemalloc.start()
+  try:
+    left = convert_unet._fuse_legacy_qkv(bomb, model=None)
+    assert tracemalloc.get_traced_memory()[1] < 1 << 20
+  finally:
+    tracemalloc.stop()
+  assert set(left) == set(keys)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Malformed structure: CheckpointError naming the file, never TypeError / RecursionError / ...
 # ---------------------------------------------------------------------------------------------------
