@@ -9,7 +9,8 @@ Entry points:
   read_diffusers_folder(dir)    {component: (config, state_dict)} for a diffusers pipeline folder.
   split_compvis_state_dict(sd)  a LatentDiffusion state dict -> unet / first_stage / cond_stage /
                                 ema / extra sub-dicts and the `scale_factor` buffer.
-Every failure raises CheckpointError (a ValueError) whose message names the file.
+Every failure raises CheckpointError (a ValueError) whose message names the file; what a hostile
+file can and cannot do to these readers is stated in `torch_pickle`'s docstring.
 """
 
 import json
@@ -131,7 +132,7 @@ def _flat_state_dict(obj, path) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a state dict")
   for k, v in obj.items():
     if not isinstance(k, str) or not isinstance(v, np.ndarray):
-      raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, expected a "
+      raise CheckpointError(f"{path}: entry {brief(k)} is a {type(v).__name__}, expected a "
                             "flat {name: tensor} state dict (or one under 'state_dict')")
   return dict(obj)
 

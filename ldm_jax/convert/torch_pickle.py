@@ -123,8 +123,8 @@ class _OpaqueMeta(type):
 
   def __call__(cls, *args, **kwargs):
     raise UnsafeCheckpointError(
-        f"refusing to call '{cls.global_name}': the checkpoint asks to run a function or class "
-        f"that is not on the allow-list of tensor/container globals (possibly malicious)")
+        f"refusing to call '{cls.global_name:.200}': the checkpoint asks to run a function or "
+        "class that is not on the allow-list of tensor/container globals (possibly malicious)")
 
   def __repr__(cls):
     return f"<opaque global {cls.global_name:.200}>"
