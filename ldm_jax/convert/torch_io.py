@@ -253,13 +253,17 @@ def read_diffusers_folder(folder, *, variant: str | None = None,
     else:
       components = [c for c in _DEFAULT_COMPONENTS if (folder / c).is_dir()]
   for name in components:
+    # model_index.json names the components: sub-folders only, never a path out of the folder.
+    if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+      raise CheckpointError(f"{folder}: component {brief(name)} is not a sub-folder name")
     sub = folder / name
     if not sub.is_dir():
       raise CheckpointError(f"{folder}: component '{name}' has no folder {sub}")
     if (sub / "scheduler_config.json").is_file():
       out[name] = (_read_json(sub / "scheduler_config.json"), {})
     elif (sub / "config.json").is_file():
-      out[name] = (_read_json(sub / "config.json"), load_state_dict(_component_weights(sub, variant)))
+      weights = load_state_dict(_component_weights(sub, variant))
+      out[name] = (_read_json(sub / "config.json"), weights)
     elif name.startswith("tokenizer") or name == "feature_extractor":
       out[name] = ({"path": str(sub)}, {})
     else:

@@ -342,6 +342,17 @@ def test_malformed_files_raise_checkpoint_error(tmp_path, case):
   assert str(path) in str(info.value), info.value
 
 
+def test_diffusers_component_names_stay_in_the_folder(tmp_path):
+  (tmp_path / "outside").mkdir()
+  (tmp_path / "outside" / "scheduler_config.json").write_text("{}")
+  folder = tmp_path / "pipe"
+  folder.mkdir()
+  (folder / "model_index.json").write_text(json.dumps({"../outside": ["diffusers", "DDIM"]}))
+  with pytest.raises(CheckpointError, match="not a sub-folder name") as info:
+    torch_io.read_diffusers_folder(folder)
+  assert str(folder) in str(info.value)
+
+
 def test_scale_factor_that_is_not_a_number():
   with pytest.raises(CheckpointError, match="scale_factor"):
     torch_io.split_compvis_state_dict({"scale_factor": np.zeros((2, 2), np.float32)})
