@@ -289,6 +289,11 @@ def _copying(make, name):
   return fn
 
 
+def _defaultdict(budget, factory=None, *args):
+  # The factory (e.g. an opaque `builtins.list`) is never called: a plain dict holds the same data.
+  return _copying(dict, "defaultdict")(budget, *args)
+
+
 def _bytearray(budget, data=b"", encoding=None):
   # bytearray(n) would allocate n zero bytes from a 5-byte int: only copies of data are allowed.
   if isinstance(data, str) and encoding in ("latin1", "latin-1"):
@@ -347,8 +352,7 @@ _ALLOWED.update({name: _Callable(name, fn) for name, fn in {
     "torch.Size": _size, "torch.device": _device, "torch.serialization._get_layout": _layout,
     "collections.OrderedDict": _copying(collections.OrderedDict, "OrderedDict"),
     "collections.Counter": _copying(lambda *a: dict(collections.Counter(*a)), "Counter"),
-    # The factory is never called: a plain dict holds the same data.
-    "collections.defaultdict": _copying(lambda factory=None, *a: dict(*a), "defaultdict"),
+    "collections.defaultdict": _defaultdict,
     "builtins.set": _copying(set, "set"), "builtins.frozenset": _copying(frozenset, "frozenset"),
     "builtins.bytearray": _bytearray, "builtins.bytes": _bytes,
     "_codecs.encode": _codecs_encode, "copyreg._reconstructor": _copyreg_reconstructor,
