@@ -100,9 +100,9 @@ def _write_safetensors(path, header: dict | list | str, body: bytes = b""):
 # ---------------------------------------------------------------------------------------------------
 
 def test_object_field_dtype_is_refused(tmp_path):
-  """A structured dtype with an object field and flags 0 made numpy read 8 file bytes as a
-  PyObject pointer: SIGSEGV. Both spellings (a void dtype, or 'f4' re-stated by BUILD) are
-  refused."""
+  """A structured dtype with an object field and flags 0 would make numpy read 8 file bytes as a
+  PyObject pointer (SIGSEGV on first use). Both spellings (a void dtype, or 'f4' re-stated by
+  BUILD) are refused."""
   obj_field = (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 8, 0)
   for name in ("V8", "f4"):
     evil = _np_array((1,), _Reduce(np.dtype, (name, False, True), obj_field), b"A" * 8)
@@ -114,13 +114,29 @@ def test_object_field_dtype_is_refused(tmp_path):
 
 
 def test_field_offset_past_itemsize_is_refused(tmp_path):
-  """A field at offset 4096 of a 4-byte item read heap memory into the weights, and the conversion
-  'succeeded'."""
+  """A field at offset 4096 of a 4-byte item would read heap memory past the buffer into the
+  weights, silently."""
   state = (3, "<", None, ("a",), {"a": (np.dtype("f4"), 4096)}, 4, 4, 0)
   evil = _np_array((4,), _Reduce(np.dtype, ("f4", False, True), state), b"\x00" * 16)
   path = _write_ckpt(tmp_path / "offset.ckpt", {"state_dict": {"w": evil}})
   result = _in_child("load_state_dict", path)
   assert result["kind"] == "refused" and "only plain numeric dtypes" in result["detail"], result
+
+
+def test_convert_cli_refuses_the_object_dtype_file(tmp_path):
+  """`python -m ldm_jax.convert` on the object-dtype .ckpt: one line naming the file, exit 2."""
+  obj_field = (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 8, 0)
+  evil = _np_array((1,), _Reduce(np.dtype, ("f4", False, True), obj_field), b"A" * 8)
+  path = _write_ckpt(tmp_path / "evil.ckpt", {"state_dict": {"w": evil}})
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  yaml_path = os.path.join(repo, "tests", "convert", "fixtures", "sd_v1_inference.yaml")
+  r = subprocess.run([sys.executable, "-m", "ldm_jax.convert", "--compvis_ckpt", str(path),
+                      "--compvis_yaml", yaml_path, "--out", str(tmp_path / "out")],
+                     capture_output=True, text=True, timeout=300, cwd=repo,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+  assert str(path) in r.stderr and "only plain numeric dtypes" in r.stderr
+  assert not (tmp_path / "out").exists()
 
 
 def test_build_on_a_tensor_cannot_reach_numpy_setstate(tmp_path):
@@ -178,7 +194,7 @@ def test_plain_containers_still_load(tmp_path, zip_format):
 # ---------------------------------------------------------------------------------------------------
 
 def test_zero_stride_bomb_is_refused(tmp_path):
-  """350 bytes declaring 2^30 floats with stride 0 over one float materialised 4 GiB."""
+  """A few hundred bytes declaring 2^30 floats with stride 0 over one float: a 4 GiB copy."""
   bomb = _tensor(_StorageRef("0", 1), 0, (1 << 30,), (0,))
   path = _write_ckpt(tmp_path / "stride0.ckpt", {"w": bomb}, {"0": b"\x00" * 4})
   assert path.stat().st_size < 1000
