@@ -2,14 +2,14 @@
 
     python hostile_worker.py load <function> <file>   one load; prints one JSON outcome line
     python hostile_worker.py fuzz <seed file> <out dir> <seconds> <seed>
-        mutates the seed file again and again (see `mutants`), loads every mutant, prints a JSON
+        mutates the seed file again and again (`mutate_*`), loads every mutant, prints a JSON
         summary; the mutant being loaded is always at <out dir>/mutant.<ext> (its recipe in
         mutant.txt), so when this process crashes the test can keep both for reproduction.
 
 The address space is capped at what the process had after its imports plus CAP_MIB, so a load that
 would materialise more than that fails with MemoryError; the loaders turn it into a CheckpointError
 whose message names MemoryError, which `outcome` counts as a failure, like any exception other than
-a CheckpointError naming the file, or an array that is not plain numbers.
+a CheckpointError naming the file, or an array that is not plain numbers or not read-only.
 """
 
 import io
