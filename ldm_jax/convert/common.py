@@ -72,13 +72,16 @@ def strict_load(template: Mapping[str, Any], state_dict: Mapping[str, np.ndarray
     template: nested dict whose leaves have `.shape` and `.dtype` (e.g. from `jax.eval_shape`).
     state_dict: flat torch-style {key: array}, arrays already numpy.
     key_fn: maps a template path to (torch key, transform). Several paths may read one key.
+      Transforms only re-view their input (transpose, reshape, slice): a tensor is copied once,
+      here, after its key and shape matched the template, so a tensor the model does not need or
+      cannot take (e.g. a 2^30-element zero-stride view from a hostile file) is never copied.
     what: the model's name, used in the error message.
     ignore / ignore_prefixes: torch keys that are allowed to be left over (buffers such as
       `position_ids`).
   Returns:
     A nested dict of C-contiguous numpy arrays with the template's shapes and dtypes (a
-    transposed view would be re-laid-out by every host-to-device transfer: 35 ms per call of the
-    issue-#8 UNet when its parameters were passed as host arrays).
+    transposed view would be re-laid-out by every host-to-device transfer, on every call that
+    passes the parameters as host arrays).
   Raises:
     WeightLoadError listing missing keys, unexpected keys and shape mismatches.
   """

@@ -14,6 +14,7 @@ from ldm_jax.convert import compvis_config
 from ldm_jax.convert import text as text_convert
 from ldm_jax.convert import torch_io
 from ldm_jax.convert import unet as unet_convert
+from ldm_jax.convert.checkpoint_limits import guard
 from ldm_jax.convert.common import WeightLoadError
 from ldm_jax.models import build
 
@@ -58,7 +59,8 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool | None = None,
   if use_ema is None:
     use_ema = any(k.startswith("model_ema.") and not k.endswith(("decay", "num_updates"))
                   for k in sd)
-  parts = torch_io.split_compvis_state_dict(sd, use_ema=use_ema)
+  with guard(ckpt_path):  # its errors (EMA copies, scale_factor) name the file too
+    parts = torch_io.split_compvis_state_dict(sd, use_ema=use_ema)
   diffusion = {k: v for k, v in cfg["diffusion"].items() if k not in _TRAINING_ONLY}
   if diffusion.get("scale_by_std") or diffusion.get("scale_factor") is None:
     if parts["scale_factor"] is None:

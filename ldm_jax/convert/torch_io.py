@@ -9,10 +9,12 @@ Entry points:
   read_diffusers_folder(dir)    {component: (config, state_dict)} for a diffusers pipeline folder.
   split_compvis_state_dict(sd)  a LatentDiffusion state dict -> unet / first_stage / cond_stage /
                                 ema / extra sub-dicts and the `scale_factor` buffer.
-Every failure raises CheckpointError (a ValueError) whose message names the file.
+Every failure raises CheckpointError (a ValueError) whose message names the file; what a hostile
+file can and cannot do to these readers is stated in `torch_pickle`'s docstring.
 """
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,6 +22,7 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
+from ldm_jax.convert.checkpoint_limits import brief, guard, read_file
 from ldm_jax.convert.torch_pickle import (CheckpointError, CheckpointNotFoundError, OpaqueGlobal,
                                           UnsafeCheckpointError, check_file, load_torch_checkpoint,
                                           to_native)
@@ -35,39 +38,88 @@ _SAFETENSORS_DTYPES = {
     "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
     "C64": np.complex64, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }
+# The safetensors library's own header limit; an index file is far smaller still.
+_MAX_HEADER, _MAX_INDEX = 100_000_000, 64 << 20
+
+
+def _parse_json(text: bytes, what: str) -> Any:
+  """JSON `text` parsed strictly: UTF-8, no NaN / Infinity, no duplicate keys, nesting bounded by
+  the interpreter's recursion limit. Raises CheckpointError starting with `what`."""
+  def constant(name):
+    raise CheckpointError(f"{what} holds {name}, which is not a JSON number")
+
+  def unique(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+      raise CheckpointError(f"{what} repeats a key in one object")
+    return dict(pairs)
+
+  try:
+    return json.loads(text.decode("utf-8"), parse_constant=constant, object_pairs_hook=unique)
+  except RecursionError:
+    raise CheckpointError(f"{what} is nested too deeply") from None
+  except ValueError as e:  # UnicodeDecodeError and JSONDecodeError included
+    if isinstance(e, CheckpointError):
+      raise
+    raise CheckpointError(f"{what} is not valid JSON ({brief(str(e), 120)})") from None
+
+
+def _safetensors_entry(name: str, spec, data_size: int) -> tuple[np.dtype, tuple, int, int]:
+  """(dtype, shape, start, end) of one header entry, every field checked."""
+  if not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str) \
+      or spec["dtype"] not in _SAFETENSORS_DTYPES:
+    raise CheckpointError(f"tensor {brief(name)} has header entry {brief(spec)}; expected "
+                          f"{{'dtype': one of {sorted(_SAFETENSORS_DTYPES)}, 'shape', "
+                          "'data_offsets'}")
+  dtype = np.dtype(_SAFETENSORS_DTYPES[spec["dtype"]])
+  shape, offsets = spec.get("shape"), spec.get("data_offsets")
+  if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape) \
+      or len(shape) > 64:
+    raise CheckpointError(f"tensor {brief(name)} has shape {brief(shape)}; expected a list of "
+                          "non-negative ints")
+  if not isinstance(offsets, list) or len(offsets) != 2 or \
+      not all(type(n) is int for n in offsets) or not 0 <= offsets[0] <= offsets[1] <= data_size:
+    raise CheckpointError(f"tensor {brief(name)} has data_offsets {brief(offsets)}; expected "
+                          f"[start, end] with 0 <= start <= end <= {data_size} (the size of the "
+                          "data section): truncated or corrupt")
+  nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+  if nbytes != offsets[1] - offsets[0]:
+    raise CheckpointError(f"tensor {brief(name)} of shape {tuple(shape)} and dtype {dtype} needs "
+                          f"{nbytes} bytes, its data_offsets {offsets} give "
+                          f"{offsets[1] - offsets[0]}: truncated or corrupt")
+  return dtype, tuple(shape), offsets[0], offsets[1]
 
 
 def load_safetensors(path) -> dict[str, np.ndarray]:
-  """Reads a .safetensors file: 8-byte header length, JSON header, then the tensor bytes."""
+  """Reads a .safetensors file: 8-byte header length, JSON header, then the tensor bytes.
+
+  Tensors are read-only views of the file's bytes, read once; byte ranges must not overlap (each
+  byte of the file backs at most one tensor), so nothing is materialised beyond the file.
+  """
   path = check_file(path)
-  size = path.stat().st_size
-  with open(path, "rb") as f:
-    head = f.read(8)
-    n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-    if n < 2 or n > size - 8:
-      raise CheckpointError(f"{path}: not a safetensors file (header length {n}, file {size} B)")
-    try:
-      header = json.loads(f.read(n))
-    except ValueError as e:
-      raise CheckpointError(f"{path}: not a safetensors file (bad JSON header: {e})") from None
+  with guard(path):
+    data = read_file(path)
+    n = struct.unpack_from("<Q", data)[0] if len(data) >= 8 else -1
+    if not 2 <= n <= min(len(data) - 8, _MAX_HEADER):
+      raise CheckpointError(f"{path}: not a safetensors file (header length {n}, file "
+                            f"{len(data)} B)")
+    header = _parse_json(data[8:8 + n], f"{path}: the safetensors header")
+    if not isinstance(header, dict):
+      raise CheckpointError(f"{path}: the safetensors header is {brief(header)}, expected a JSON "
+                            "object {name: {dtype, shape, data_offsets}}")
     header.pop("__metadata__", None)
-    base, out = 8 + n, {}
-    for name, spec in header.items():
-      try:
-        dtype = np.dtype(_SAFETENSORS_DTYPES[spec["dtype"]])
-        shape, (lo, hi) = tuple(int(n) for n in spec["shape"]), map(int, spec["data_offsets"])
-      except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry {spec!r:.200} "
-                              f"(dtypes: {sorted(_SAFETENSORS_DTYPES)})") from None
-      if hi - lo != int(np.prod(shape)) * dtype.itemsize or base + hi > size or lo < 0:
-        raise CheckpointError(f"{path}: tensor '{name}' (bytes {lo}..{hi}, shape {shape}) does not "
-                              f"fit the file of {size} bytes: truncated or corrupt")
-      raw = np.empty(hi - lo, np.uint8)
-      f.seek(base + lo)
-      if f.readinto(memoryview(raw)) != raw.size:
-        raise CheckpointError(f"{path}: tensor '{name}' is truncated")
+    base, data_size = 8 + n, len(data) - 8 - n
+    entries = {name: _safetensors_entry(name, spec, data_size) for name, spec in header.items()}
+    ranges = sorted((lo, hi, name) for name, (_, _, lo, hi) in entries.items() if hi > lo)
+    for (_, end, first), (start, _, second) in zip(ranges, ranges[1:]):
+      if start < end:
+        raise CheckpointError(f"{path}: tensors {brief(first)} and {brief(second)} overlap in the "
+                              "data section; each byte may back one tensor only")
+    out = {}
+    for name, (dtype, shape, lo, hi) in entries.items():
+      raw = np.frombuffer(data, np.uint8, hi - lo, base + lo)
       out[name] = to_native(raw, dtype, big_endian=False).reshape(shape)
-  return out
+    return out
 
 
 _TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -80,7 +132,7 @@ def _flat_state_dict(obj, path) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a state dict")
   for k, v in obj.items():
     if not isinstance(k, str) or not isinstance(v, np.ndarray):
-      raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, expected a "
+      raise CheckpointError(f"{path}: entry {brief(k)} is a {type(v).__name__}, expected a "
                             "flat {name: tensor} state dict (or one under 'state_dict')")
   return dict(obj)
 
@@ -88,9 +140,16 @@ def _flat_state_dict(obj, path) -> dict[str, np.ndarray]:
 def load_state_dict(path) -> dict[str, np.ndarray]:
   """Flat {name: array} from .ckpt/.pt/.pth/.bin, .safetensors or a sharded *.index.json."""
   path = check_file(path)
+  with guard(path):
+    name = path.name.lower()
+    if name.endswith(".index.json") or (name.endswith(".json") and ".index." in name):
+      return _load_sharded(path)
+    return _load_weights(path)
+
+
+def _load_weights(path: Path) -> dict[str, np.ndarray]:
+  """One weights file (never an index, so shards cannot refer to other indexes or themselves)."""
   name = path.name.lower()
-  if name.endswith(".index.json") or (name.endswith(".json") and ".index." in name):
-    return _load_sharded(path)
   if name.endswith(".safetensors"):
     return load_safetensors(path)
   if name.endswith(_TORCH_SUFFIXES):
@@ -100,15 +159,25 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
 
 
 def _load_sharded(index_path: Path) -> dict[str, np.ndarray]:
-  try:
-    weight_map = json.loads(index_path.read_text())["weight_map"]
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f"{index_path}: not a sharded-weights index ({e!r})") from None
+  index = _parse_json(read_file(index_path, _MAX_INDEX), f"{index_path}: the index")
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    raise CheckpointError(f"{index_path}: not a sharded-weights index (expected a JSON object "
+                          "with a 'weight_map' {tensor name: shard file name})")
   out: dict[str, np.ndarray] = {}
   for shard in sorted(set(weight_map.values())):
-    if not isinstance(shard, str) or Path(shard).name != shard:  # shards sit beside the index
-      raise CheckpointError(f"{index_path}: shard {shard!r} is not a file name in this folder")
-    out.update(load_state_dict(index_path.parent / shard))
+    # Shards sit beside the index and are weights files: no paths, no index files (itself or
+    # another), so loading cannot recurse or leave the folder.
+    if Path(shard).name != shard or shard in (".", "..") or \
+        not shard.lower().endswith(_TORCH_SUFFIXES + (".safetensors",)):
+      raise CheckpointError(f"{index_path}: shard {brief(shard)} is not the name of a "
+                            ".safetensors / .bin file in this folder")
+    shard_path = check_file(index_path.parent / shard)
+    for key, value in _load_weights(shard_path).items():
+      if key in out:
+        raise CheckpointError(f"{index_path}: tensor {brief(key)} is in more than one shard "
+                              f"(again in {shard})")
+      out[key] = value
   missing = sorted(set(weight_map) - set(out))
   if missing:
     raise CheckpointError(f"{index_path}: {len(missing)} tensors listed in the index are missing "
@@ -149,10 +218,11 @@ def _component_weights(folder: Path, variant: str | None) -> Path:
 
 
 def _read_json(path: Path) -> dict:
-  try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f"{path}: unreadable JSON ({e})") from None
+  with guard(path):
+    config = _parse_json(read_file(path, _MAX_INDEX), f"{path}:")
+  if not isinstance(config, dict):
+    raise CheckpointError(f"{path}: holds {brief(config)}, expected a JSON object")
+  return config
 
 
 def read_diffusers_folder(folder, *, variant: str | None = None,
@@ -183,13 +253,17 @@ def read_diffusers_folder(folder, *, variant: str | None = None,
     else:
       components = [c for c in _DEFAULT_COMPONENTS if (folder / c).is_dir()]
   for name in components:
+    # model_index.json names the components: sub-folders only, never a path out of the folder.
+    if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+      raise CheckpointError(f"{folder}: component {brief(name)} is not a sub-folder name")
     sub = folder / name
     if not sub.is_dir():
       raise CheckpointError(f"{folder}: component '{name}' has no folder {sub}")
     if (sub / "scheduler_config.json").is_file():
       out[name] = (_read_json(sub / "scheduler_config.json"), {})
     elif (sub / "config.json").is_file():
-      out[name] = (_read_json(sub / "config.json"), load_state_dict(_component_weights(sub, variant)))
+      weights = load_state_dict(_component_weights(sub, variant))
+      out[name] = (_read_json(sub / "config.json"), weights)
     elif name.startswith("tokenizer") or name == "feature_extractor":
       out[name] = ({"path": str(sub)}, {})
     else:
@@ -237,6 +311,10 @@ def split_compvis_state_dict(sd: Mapping[str, np.ndarray], *,
       elif key != "scale_factor":
         extra[key] = value
   scale = sd.get("scale_factor")
+  if scale is not None and (not isinstance(scale, np.ndarray) or scale.size != 1
+                            or scale.dtype.kind not in "iuf"):
+    raise CheckpointError(f"the 'scale_factor' buffer is {brief(scale)} of shape "
+                          f"{np.shape(scale)}; expected a single number")
   # LitEma names each parameter of `model` (the DiffusionWrapper) with its dots removed.
   ema_name = {("diffusion_model." + k).replace(".", ""): k for k in parts["unet"]}
   if len(ema_name) != len(parts["unet"]):

@@ -10,34 +10,71 @@ record arguments and state, but *calling* it (the `REDUCE` opcode, which is how 
 
 Formats: torch's zip format (`<archive>/data.pkl` + `<archive>/data/<key>` storages + `byteorder`)
 and torch's legacy single-pickle format (magic number, pickles, then the storages appended).
-Tensors come back as numpy arrays with their exact dtype, shape and values (storage offset and strides
-honoured; bf16 / fp8 as `ml_dtypes`); contiguous tensors share memory with their storage like torch's
-do, non-contiguous ones are copied. The public entry points live in `ldm_jax.convert.torch_io`.
+Tensors come back as numpy arrays with their exact dtype, shape and values (storage offset and
+strides honoured; bf16 / fp8 as `ml_dtypes`). The public entry points live in
+`ldm_jax.convert.torch_io`.
+
+What a hostile file can and cannot do (the promises hold for `torch_io.load_safetensors` and
+`load_state_dict` too; `tests/convert/test_torch_io_hostile.py` tests each, and fuzzes them all):
+  * Arrays are plain numbers. Every array returned has a dtype in `NUMERIC_DTYPES` (bool, int,
+    uint, float, complex, bf16 / fp8), in native byte order: no object, structured, sub-array or
+    string dtype. numpy's `__setstate__` never runs on data from the file: `numpy.dtype` and
+    `_reconstruct` + BUILD only record what the pickle declares, and once it is read each array is
+    rebuilt by us from a checked (dtype, shape, bytes) triple (`pickle_numpy`). No numpy dtype
+    object is reachable while unpickling, so BUILD on a tensor cannot reach numpy's setstate.
+  * Geometry is checked before numpy sees it: sizes and strides are non-negative ints (at most 64
+    dims), the element count fits an array, the storage offset and the last element lie inside the
+    storage.
+  * Tensors are read-only views: of their storage (contiguous or strided, expanded, transposed),
+    or of the safetensors file's bytes; only big-endian data is copied (byte-swapped). Nothing is
+    copied by the readers; `convert.common.strict_load` copies a tensor once its key and shape
+    matched the model.
+  * Memory is bounded by the file size (`checkpoint_limits.LoadBudget`). Tensor bytes are the
+    file's own, read once: zip members must be stored uncompressed, with sizes that agree and add
+    up to no more than the file; safetensors ranges may not overlap. Everything else a file can
+    make the reader build is charged to a budget of 4 x the file size + 16 MiB, before it is
+    built: the logical size of strided views (a stride-0 tensor of 2^30 floats over one float), the
+    objects the pickle's opcodes create (an EMPTY_SET is 1 byte and 224 bytes of memory; costs per
+    opcode in `_OPCODE_COST`), copies made by allow-listed constructors (`set`, `bytearray`,
+    `_codecs.encode`, ... of a memoised string), placeholder classes, byte-swapped copies.
+    Before the C unpickler runs, `_prescan` walks the opcodes: a counted length past the data, or
+    a memo index past the pickle's size (which would make CPython allocate a table that large), is
+    an error.
+  * Errors: every failure is a `CheckpointError` (or subclass) whose message starts with the file
+    path. Anything else raised on malformed input (TypeError, RecursionError, OverflowError,
+    MemoryError, zipfile.BadZipFile, pickle.UnpicklingError, ...) is converted at the entry points
+    (`checkpoint_limits.guard`). Messages describe offending values with `brief`, never a full
+    repr, which a pickle could make gigabytes long. Only regular files are opened (a FIFO would
+    block).
 """
 
 import _compat_pickle
 import collections
+import io
+import math
 import pickle
+import pickletools
 import struct
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Any, Mapping
 
 import ml_dtypes
 import numpy as np
 
+from ldm_jax.convert import pickle_numpy
+from ldm_jax.convert.checkpoint_limits import (NUMERIC_DTYPES, CheckpointError,
+                                               CheckpointNotFoundError, Frozen, LoadBudget,
+                                               Sentinel, UnsafeCheckpointError, brief, check_file,
+                                               check_int, check_ints, check_shape, guard,
+                                               is_numeric, named, read_file)
 
-class CheckpointError(ValueError):
-  """A checkpoint file is missing, malformed or of an unsupported kind."""
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "UnsafeCheckpointError", "OpaqueGlobal",
+           "NUMERIC_DTYPES", "is_numeric", "check_file", "guard", "load_torch_checkpoint",
+           "to_native"]
 
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-  """The checkpoint path does not exist."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-  """The pickle asks to call a global that is not on the allow-list."""
+# Charged per unknown global (each becomes a class object) and per element a constructor copies.
+_CLASS_COST, _ITEM_COST = 4096, 64
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -65,7 +102,7 @@ _STORAGE_DTYPES = {
 
 
 def to_native(buf: np.ndarray, dtype: np.dtype, big_endian: bool) -> np.ndarray:
-  """Raw bytes [n * itemsize] -> 1-D array of `dtype`, byte-swapping big-endian data."""
+  """Raw bytes [n * itemsize] -> 1-D array of `dtype`, byte-swapping big-endian data (a copy)."""
   dtype = np.dtype(dtype)
   if len(buf) % dtype.itemsize:
     raise CheckpointError(f"storage of {len(buf)} bytes is not a whole number of {dtype} items")
@@ -73,6 +110,7 @@ def to_native(buf: np.ndarray, dtype: np.dtype, big_endian: bool) -> np.ndarray:
     # Complex numbers swap each component; ml_dtypes types swap via their unsigned twin.
     unit = dtype.itemsize // 2 if dtype.kind == "c" else dtype.itemsize
     buf = buf.view(f"<u{unit}").byteswap().view(np.uint8)
+    buf.flags.writeable = False
   return buf.view(dtype)
 
 
@@ -85,11 +123,11 @@ class _OpaqueMeta(type):
 
   def __call__(cls, *args, **kwargs):
     raise UnsafeCheckpointError(
-        f"refusing to call '{cls.global_name}': the checkpoint asks to run a function or class "
-        f"that is not on the allow-list of tensor/container globals (possibly malicious)")
+        f"refusing to call '{cls.global_name:.200}': the checkpoint asks to run a function or "
+        "class that is not on the allow-list of tensor/container globals (possibly malicious)")
 
   def __repr__(cls):
-    return f"<opaque global {cls.global_name}>"
+    return f"<opaque global {cls.global_name:.200}>"
 
 
 class OpaqueGlobal(metaclass=_OpaqueMeta):
@@ -106,7 +144,7 @@ class OpaqueGlobal(metaclass=_OpaqueMeta):
     self.opaque_state = state
 
   def __repr__(self):
-    return f"<opaque {type(self).global_name} instance>"
+    return f"<opaque {type(self).global_name:.200} instance>"
 
 
 def _opaque(name: str) -> type:
@@ -119,41 +157,22 @@ def _opaque(name: str) -> type:
 # Safe re-implementations of the allowed globals
 # ---------------------------------------------------------------------------------------------------
 
-class _Frozen:
-  """Base of the objects find_class hands out. They are shared by every load, so a pickle's BUILD
-  opcode (which calls __setstate__, else writes attributes) must not be able to modify them."""
-  __slots__ = ()
+class _Callable(Frozen):
+  """An allow-listed global implemented by `fn(budget, *args)`; find_class hands out a copy bound
+  to the budget of the current load."""
+  __slots__ = ("name", "fn", "budget")
 
-  def __setstate__(self, state):
-    raise UnsafeCheckpointError(f"refusing to modify the allow-listed global {self!r}")
-
-
-class _Callable(_Frozen):
-  """An allow-listed global implemented by `fn`."""
-  __slots__ = ("name", "fn")
-
-  def __init__(self, name: str, fn):
-    self.name, self.fn = name, fn
+  def __init__(self, name: str, fn, budget: LoadBudget | None = None):
+    self.name, self.fn, self.budget = name, fn, budget
 
   def __call__(self, *args, **kwargs):
-    return self.fn(*args, **kwargs)
+    return self.fn(self.budget, *args, **kwargs)
 
   def __repr__(self):
     return self.name
 
 
-class _Sentinel(_Frozen):
-  """A global that may only appear as an argument (numpy.ndarray, builtins.object)."""
-  __slots__ = ("name",)
-
-  def __init__(self, name: str):
-    self.name = name
-
-  def __repr__(self):
-    return self.name
-
-
-class _StorageType(_Frozen):
+class _StorageType(Frozen):
   """Stands for torch.<X>Storage / torch.storage.UntypedStorage in persistent ids."""
   __slots__ = ("name", "dtype")
 
@@ -165,20 +184,24 @@ class _StorageType(_Frozen):
 
 
 class _Storage:
-  """A loaded storage: its raw bytes, viewed with a dtype on demand (each view made once)."""
+  """A loaded storage: its raw bytes (read-only), viewed with a dtype on demand (each view made
+  once per dtype; big-endian data is byte-swapped then, a copy charged to the budget)."""
 
   def __init__(self, raw: np.ndarray, big_endian: bool):
+    raw.flags.writeable = False
     self.raw, self.big_endian = raw, big_endian
     self._views: dict[np.dtype, np.ndarray] = {}
 
-  def view(self, dtype) -> np.ndarray:
+  def view(self, dtype, budget: LoadBudget) -> np.ndarray:
     dtype = np.dtype(dtype)
     if dtype not in self._views:
+      if self.big_endian and dtype.itemsize > 1:
+        budget.charge(self.raw.size, "byte-swapping a big-endian storage")
       self._views[dtype] = to_native(self.raw, dtype, self.big_endian)
     return self._views[dtype]
 
 
-class _TypedStorage(_Frozen):
+class _TypedStorage(Frozen):
   """What a persistent id resolves to: a storage and the dtype its storage class names."""
   __slots__ = ("storage", "dtype")
 
@@ -186,108 +209,139 @@ class _TypedStorage(_Frozen):
     self.storage, self.dtype = storage, dtype
 
 
-def _rebuild(storage, offset, size, stride, dtype=None) -> np.ndarray:
-  """(storage, storage_offset, size, stride) -> numpy array, bounds-checked (as_strided is not)."""
+def _rebuild(budget, storage, offset, size, stride, dtype=None) -> np.ndarray:
+  """(storage, storage_offset, size, stride) -> read-only numpy view, bounds-checked (as_strided is
+  not). Views that are not contiguous are charged to the budget by their logical size: a copy of
+  them (by a caller) would materialise that much."""
   if storage is None:  # first pass of the legacy reader: storages are not read yet
     return None
   if not isinstance(storage, _TypedStorage):
-    raise CheckpointError(f"tensor data is a {type(storage).__name__}, expected a storage")
-  flat = storage.storage.view(storage.dtype if dtype is None else dtype)  # [numel]
-  size, stride, offset = tuple(int(s) for s in size), tuple(int(s) for s in stride), int(offset)
-  if len(size) != len(stride) or min(size + stride + (offset,), default=0) < 0:
-    raise CheckpointError(f"bad tensor geometry: size {size}, stride {stride}, offset {offset}")
-  if 0 in size:
-    return np.zeros(size, flat.dtype)
+    raise CheckpointError(f"tensor data is {brief(storage)}, expected a storage")
+  size, stride = check_shape(size, "tensor size"), check_ints(stride, "tensor stride")
+  offset = check_int(offset, "tensor storage offset")
+  if len(size) != len(stride):
+    raise CheckpointError(f"tensor size {size} and stride {stride} differ in length")
+  flat = storage.storage.view(storage.dtype if dtype is None else dtype, budget)  # [numel]
+  itemsize, numel = flat.dtype.itemsize, math.prod(size)
+  if numel == 0:
+    empty = np.zeros(size, flat.dtype)
+    empty.flags.writeable = False
+    return empty
+  # A dimension of size 1 is never stepped over, so its stride (which torch leaves arbitrary) is
+  # irrelevant: zeroing it keeps the byte strides handed to numpy small.
+  stride = tuple(0 if n == 1 else s for n, s in zip(size, stride))
   last = offset + sum((n - 1) * s for n, s in zip(size, stride))
   if last >= flat.size:
     raise CheckpointError(f"tensor (size {size}, stride {stride}, offset {offset}) reads past its "
                           f"storage of {flat.size} items: the file is corrupt")
-  itemsize = flat.dtype.itemsize
-  view = np.lib.stride_tricks.as_strided(flat[offset:], size, tuple(s * itemsize for s in stride))
-  # Contiguous tensors stay views of the shared storage (as in torch); others become copies so that
-  # no aliasing (e.g. zero strides from expand()) leaks into caller code.
-  return view if view.flags.c_contiguous else np.ascontiguousarray(view)
+  view = np.lib.stride_tricks.as_strided(flat[offset:], size, tuple(s * itemsize for s in stride),
+                                         writeable=False)
+  if not view.flags.c_contiguous:
+    budget.charge(numel * itemsize, f"a strided view of size {size}, stride {stride}")
+  return view
 
 
-def _rebuild_tensor(storage, offset, size, stride):
-  return _rebuild(storage, offset, size, stride)
+def _rebuild_tensor(budget, storage, offset, size, stride):
+  return _rebuild(budget, storage, offset, size, stride)
 
 
-def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None,
+def _rebuild_tensor_v2(budget, storage, offset, size, stride, requires_grad=False, hooks=None,
                        metadata=None):
-  return _rebuild(storage, offset, size, stride)
+  return _rebuild(budget, storage, offset, size, stride)
 
 
-def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
-  if dtype not in _DTYPE_NAMES:
-    raise CheckpointError(f"tensor dtype {dtype!r} is not supported; expected one of "
+def _rebuild_tensor_v3(budget, storage, offset, size, stride, requires_grad, hooks, dtype,
+                       metadata=None):
+  if not isinstance(dtype, str) or dtype not in _DTYPE_NAMES:
+    raise CheckpointError(f"tensor dtype {brief(dtype)} is not supported; expected one of "
                           f"{sorted(_DTYPE_NAMES)}")
-  return _rebuild(storage, offset, size, stride, _DTYPE_NAMES[dtype])
+  return _rebuild(budget, storage, offset, size, stride, _DTYPE_NAMES[dtype])
 
 
-def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
+def _rebuild_parameter(budget, data, requires_grad=False, hooks=None, state=None):
   return data
 
 
-def _rebuild_from_type_v2(func, new_type, args, state):
+def _rebuild_from_type_v2(budget, func, new_type, args, state):
   # `func` is itself an object the pickle resolved through find_class, so it is either one of ours
   # or an opaque placeholder that raises when called.
+  if not isinstance(args, tuple):
+    raise CheckpointError(f"_rebuild_from_type_v2 arguments are {brief(args)}, expected a tuple")
   return func(*args)
 
 
-def _codecs_encode(text, encoding="latin1"):
+def _codecs_encode(budget, text, encoding="latin1"):
   # Protocol 2 pickles bytes as _codecs.encode(str, 'latin1'); nothing else is needed.
   if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-    raise UnsafeCheckpointError(f"refusing _codecs.encode({type(text).__name__}, {encoding!r})")
+    raise UnsafeCheckpointError(f"refusing _codecs.encode({brief(text)}, {brief(encoding)})")
+  budget.charge(len(text), "_codecs.encode")
   return text.encode("latin1")
 
 
-def _defaultdict(factory=None, *args):
-  return dict(*args)  # the factory is never called: a plain dict holds the same data
+def _copying(make, name):
+  """An allow-listed constructor that copies its (sized) arguments: charged per element."""
+  def fn(budget, *args):
+    for a in args:
+      if not isinstance(a, (str, bytes, bytearray, list, tuple, dict, set, frozenset)):
+        raise UnsafeCheckpointError(f"refusing {name}({brief(a)}): expected plain data")
+      budget.charge(_ITEM_COST * len(a), name)
+    return make(*args)
+  return fn
 
 
-def _np_dtype(name, align=False, copy=False):
-  if not isinstance(name, str):
-    raise UnsafeCheckpointError(f"refusing numpy.dtype({type(name).__name__})")
-  # Always a copy: the BUILD that follows would otherwise rewrite numpy's shared builtin dtype.
-  return np.dtype(name, bool(align), True)
+def _defaultdict(budget, factory=None, *args):
+  # The factory (e.g. an opaque `builtins.list`) is never called: a plain dict holds the same data.
+  return _copying(dict, "defaultdict")(budget, *args)
 
 
-def _np_scalar(dtype, data=None):
-  if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
-    raise UnsafeCheckpointError("refusing numpy scalar of object dtype")
-  return np.frombuffer(data, dtype)[0]
+def _bytearray(budget, data=b"", encoding=None):
+  # bytearray(n) would allocate n zero bytes from a 5-byte int: only copies of data are allowed.
+  if isinstance(data, str) and encoding in ("latin1", "latin-1"):
+    data = data.encode("latin1")
+  if not isinstance(data, bytes):
+    raise UnsafeCheckpointError(f"refusing bytearray({brief(data)}, {brief(encoding)})")
+  budget.charge(len(data), "bytearray")
+  return bytearray(data)
 
 
-_NDARRAY = _Sentinel("numpy.ndarray")  # allowed only as the class argument of _reconstruct
-_OBJECT = _Sentinel("builtins.object")  # allowed only as the base argument of _reconstructor
+def _bytes(budget, *args):
+  # Protocol 2 pickles b"" as bytes(); any argument could ask for a size or a copy.
+  if args:
+    raise UnsafeCheckpointError(f"refusing bytes({brief(args)}): only bytes() is needed")
+  return b""
 
 
-def _np_reconstruct(cls, shape, typecode):
-  if cls is not _NDARRAY:
-    raise UnsafeCheckpointError("numpy _reconstruct of a class other than numpy.ndarray")
-  return np.ndarray.__new__(np.ndarray, (0,), np.uint8)  # filled in by BUILD (__setstate__)
+def _size(budget, dims=()):
+  return check_shape(dims, "torch.Size")
 
 
-def _copyreg_reconstructor(cls, base, state):
+def _device(budget, kind, index=None):
+  if not isinstance(kind, str) or len(kind) > 64 or not (index is None or type(index) is int):
+    raise CheckpointError(f"torch.device({brief(kind)}, {brief(index)}) is not a device")
+  return kind if index is None else f"{kind}:{index}"
+
+
+def _layout(budget, name):
+  if not isinstance(name, str) or len(name) > 64:
+    raise CheckpointError(f"torch layout {brief(name)} is not a layout name")
+  return name
+
+
+def _copyreg_reconstructor(budget, cls, base, state):
   if isinstance(cls, _OpaqueMeta) and base is _OBJECT and state is None:
     return OpaqueGlobal.__new__(cls)
-  raise UnsafeCheckpointError(f"refusing copyreg._reconstructor({cls!r}, {base!r})")
+  raise UnsafeCheckpointError(f"refusing copyreg._reconstructor({brief(cls)}, {brief(base)})")
 
 
-def _counter(*args):
-  return dict(collections.Counter(*args))
+_OBJECT = Sentinel("builtins.object")  # allowed only as the base argument of _reconstructor
 
-
-# Immutable builtins and types handed out as they are; our functions wrapped as _Callable.
+# Immutable values handed out as they are; everything callable is a _Callable of ours.
 _ALLOWED: dict[str, Any] = {
-    "torch.Size": tuple, "torch.device": str, "torch.serialization._get_layout": str,
     "torch.Tensor": "torch.Tensor", "torch.nn.parameter.Parameter": "torch.nn.Parameter",
-    "collections.OrderedDict": collections.OrderedDict,  # the C type: its attributes are fixed
-    "builtins.set": set, "builtins.frozenset": frozenset, "builtins.bytearray": bytearray,
-    "builtins.complex": complex, "builtins.slice": slice, "builtins.object": _OBJECT,
-    "numpy.ndarray": _NDARRAY,
+    "builtins.complex": complex, "builtins.slice": slice,  # fixed-size results from numbers
+    "builtins.object": _OBJECT, "numpy.ndarray": pickle_numpy.NDARRAY,
 }
+_ALLOWED.update(pickle_numpy.ML_DTYPE_GLOBALS)
 _ALLOWED.update({name: _Callable(name, fn) for name, fn in {
     "torch._utils._rebuild_tensor": _rebuild_tensor,
     "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
@@ -295,12 +349,18 @@ _ALLOWED.update({name: _Callable(name, fn) for name, fn in {
     "torch._utils._rebuild_parameter": _rebuild_parameter,
     "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
     "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
-    "collections.Counter": _counter, "collections.defaultdict": _defaultdict,
+    "torch.Size": _size, "torch.device": _device, "torch.serialization._get_layout": _layout,
+    "collections.OrderedDict": _copying(collections.OrderedDict, "OrderedDict"),
+    "collections.Counter": _copying(lambda *a: dict(collections.Counter(*a)), "Counter"),
+    "collections.defaultdict": _defaultdict,
+    "builtins.set": _copying(set, "set"), "builtins.frozenset": _copying(frozenset, "frozenset"),
+    "builtins.bytearray": _bytearray, "builtins.bytes": _bytes,
     "_codecs.encode": _codecs_encode, "copyreg._reconstructor": _copyreg_reconstructor,
-    "numpy.dtype": _np_dtype,
-    "numpy.core.multiarray.scalar": _np_scalar, "numpy._core.multiarray.scalar": _np_scalar,
-    "numpy.core.multiarray._reconstruct": _np_reconstruct,
-    "numpy._core.multiarray._reconstruct": _np_reconstruct,
+    "numpy.dtype": pickle_numpy.np_dtype,
+    "numpy.core.multiarray.scalar": pickle_numpy.np_scalar,
+    "numpy._core.multiarray.scalar": pickle_numpy.np_scalar,
+    "numpy.core.multiarray._reconstruct": pickle_numpy.np_reconstruct,
+    "numpy._core.multiarray._reconstruct": pickle_numpy.np_reconstruct,
 }.items()})
 _ALLOWED.update({f"torch.{k}": _StorageType(k, v) for k, v in _STORAGE_DTYPES.items()})
 _ALLOWED["torch.storage.UntypedStorage"] = _ALLOWED["torch.UntypedStorage"]
@@ -312,11 +372,12 @@ _ALLOWED.update({name: name for name in _DTYPE_NAMES})
 class _SafeUnpickler(pickle.Unpickler):
   """Unpickler resolving only allow-listed globals; storages come from `storages[key]`."""
 
-  def __init__(self, file, storages: Mapping[str, _Storage] | None, what: str):
+  def __init__(self, file, storages: Mapping[str, _Storage] | None, budget: LoadBudget,
+               seen: dict | None = None):
     super().__init__(file)
-    self.storages, self.what = storages, what
-    self.seen: dict[str, np.dtype] = {}  # storage key -> dtype, for the legacy reader
-    self.opaque: dict[str, type] = {}  # one placeholder class per unknown global name
+    self.storages, self.budget, self.what = storages, budget, budget.what
+    self.seen = {} if seen is None else seen  # storage key -> dtype, for the legacy reader
+    self.resolved: dict[str, Any] = {}  # per load: bound callables and placeholder classes
 
   def find_class(self, module, name):
     # Protocol-2 pickles carry Python 2 names (__builtin__.eval, commands.Popen); the stock
@@ -325,21 +386,27 @@ class _SafeUnpickler(pickle.Unpickler):
       module, name = _compat_pickle.NAME_MAPPING[(module, name)]
     module = _compat_pickle.IMPORT_MAPPING.get(module, module)
     full = f"{module}.{name}"
-    if full in _ALLOWED:
-      return _ALLOWED[full]
-    if full not in self.opaque:
-      self.opaque[full] = _opaque(full)
-    return self.opaque[full]
+    if full not in self.resolved:
+      found = _ALLOWED.get(full)
+      if isinstance(found, _Callable):
+        found = _Callable(found.name, found.fn, self.budget)
+      elif found is None and full not in _ALLOWED:
+        self.budget.charge(_CLASS_COST, f"unknown global {brief(full)}")
+        found = _opaque(full)
+      self.resolved[full] = found
+    return self.resolved[full]
 
   def persistent_load(self, pid):
-    if not isinstance(pid, tuple) or not pid or pid[0] not in ("storage", b"storage"):
-      raise CheckpointError(f"{self.what}: unsupported persistent id {pid!r:.80} (only tensor "
+    if type(pid) is not tuple or len(pid) not in (5, 6) or pid[0] not in ("storage", b"storage"):
+      raise CheckpointError(f"{self.what}: unsupported persistent id {brief(pid)} (only tensor "
                             "storages are supported, not pickled modules)")
     if len(pid) > 5 and pid[5] is not None:  # legacy storage views: torch stopped writing them
       raise CheckpointError(f"{self.what}: storage views (legacy view_metadata) are not supported")
-    storage_type, key = pid[1], str(pid[2])
+    storage_type, key = pid[1], pid[2]
     if not isinstance(storage_type, _StorageType):
-      raise CheckpointError(f"{self.what}: unknown storage type {storage_type!r}")
+      raise CheckpointError(f"{self.what}: unknown storage type {brief(storage_type)}")
+    if not isinstance(key, str) or len(key) > 256:
+      raise CheckpointError(f"{self.what}: storage key {brief(key)} is not a short string")
     self.seen[key] = storage_type.dtype
     if self.storages is None:  # legacy first pass
       return None
@@ -356,31 +423,72 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
-def check_file(path) -> Path:
-  """`path` as a Path, or CheckpointError if it is missing or a directory."""
-  path = Path(path)
-  if not path.exists():
-    raise CheckpointNotFoundError(f"{path}: no such checkpoint file")
-  if path.is_dir():
-    raise CheckpointError(f"{path}: is a directory; for a diffusers folder use "
-                          "read_diffusers_folder(), otherwise pass a checkpoint file")
-  return path
+# Bytes of Python objects each opcode builds beyond the 8-byte reference every opcode may leave
+# on the stack or in a container (measured with tracemalloc on CPython 3.11, 64-bit; strings count
+# their header only, their text being at most 4x the bytes that spell it). Charged by _prescan
+# before anything is built: an EMPTY_SET is one byte of pickle and 224 bytes of memory.
+_OPCODE_COST = {
+    "EMPTY_SET": 216, "FROZENSET": 216, "EMPTY_DICT": 64, "DICT": 64, "EMPTY_LIST": 56,
+    "LIST": 56, "TUPLE": 64, "TUPLE1": 48, "TUPLE2": 56, "TUPLE3": 64, "NEWOBJ": 200,
+    "NEWOBJ_EX": 200, "OBJ": 200, "INST": 200, "REDUCE": 128, "BINPERSID": 64, "PERSID": 64,
+    "BININT": 32, "BININT2": 32, "LONG1": 32, "LONG4": 32, "INT": 32, "LONG": 32, "BINFLOAT": 24,
+    "FLOAT": 24, "BINUNICODE": 48, "SHORT_BINUNICODE": 48, "BINUNICODE8": 48, "UNICODE": 48,
+    "BINSTRING": 48, "SHORT_BINSTRING": 48, "STRING": 48, "BINBYTES": 40, "SHORT_BINBYTES": 40,
+    "BINBYTES8": 40, "BYTEARRAY8": 64, "SETITEM": 32, "SETITEMS": 32, "ADDITEMS": 32,
+}
 
 
-def _unpickle(file, storages, what, seen=None):
+def _prescan(file: io.BytesIO, budget: LoadBudget):
+  """Walks the opcodes of the pickle at the file's position, building nothing, then rewinds.
+
+  CPython's C unpickler trusts two numbers a pickle gives it: a memo index (LONG_BINPUT 2^32
+  makes it allocate and zero a 32 GiB memo table) and the length of a counted string (allocated
+  before it is read). pickletools reads every counted argument, so a length past the bytes that
+  are there fails here; each memo index is checked against the pickle's size, and the objects the
+  opcodes will build are charged to the budget.
+  """
+  start, top, cost = file.tell(), -1, 0
+  for op, arg, _ in pickletools.genops(file):
+    cost += 8 + _OPCODE_COST.get(op.name, 0)
+    if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+      top = max(top, arg)
+  size = file.tell() - start
+  if top > size:
+    raise CheckpointError(f"memo index {top} in a pickle of {size} bytes: the unpickler would "
+                          "allocate a memo table that large")
+  budget.charge(cost, f"a pickle of {size} bytes building ~{cost} bytes of objects")
+  file.seek(start)
+
+
+def _unpickle(data: bytes | io.BytesIO, storages, budget: LoadBudget, seen=None):
+  """One pickle from `data` (in memory, checked by _prescan first), numpy objects rebuilt and
+  checked."""
+  file = io.BytesIO(data) if isinstance(data, bytes) else data
   try:
-    unpickler = _SafeUnpickler(file, storages, what)
-    unpickler.seen = seen if seen is not None else {}
-    return unpickler.load()
-  except UnsafeCheckpointError as e:
-    raise UnsafeCheckpointError(f"{what}: {e}") from None
-  except CheckpointError:
-    raise
+    _prescan(file, budget)
+    obj = _SafeUnpickler(file, storages, budget, seen).load()
+    return pickle_numpy.finish(obj, budget) if budget.pending else obj
+  except CheckpointError as e:
+    raise type(e)(named(budget.what, e)) from None
   except Exception as e:  # malformed pickles raise anything from EOFError to TypeError
-    raise CheckpointError(f"{what}: cannot unpickle ({type(e).__name__}: {e})") from None
+    raise CheckpointError(f"{budget.what}: cannot unpickle ({type(e).__name__}: "
+                          f"{brief(str(e), 200)})") from None
+
+
+def _stored_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, size: int, path: Path):
+  """Refuses a zip member torch would not have written: compressed (a deflated member can expand
+  ~1000x), encrypted, or whose sizes disagree or run past the file."""
+  if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+    raise CheckpointError(f"{path}: zip member {brief(info.filename)} is compressed or encrypted; "
+                          "torch stores checkpoint members uncompressed")
+  if info.compress_size != info.file_size or info.header_offset + info.file_size > size:
+    raise CheckpointError(f"{path}: zip member {brief(info.filename)} declares {info.file_size} "
+                          f"bytes ({info.compress_size} stored) in a file of {size}: corrupt")
 
 
 def _load_zip(path: Path) -> Any:
+  size = path.stat().st_size
+  budget = LoadBudget(str(path), size)
   try:
     zf = zipfile.ZipFile(path)
   except (zipfile.BadZipFile, OSError) as e:
@@ -393,16 +501,28 @@ def _load_zip(path: Path) -> Any:
       raise CheckpointError(f"{path}: is a TorchScript archive, not a checkpoint")
     if len(pkls) != 1:
       raise CheckpointError(f"{path}: zip archive without a single '<archive>/data.pkl' "
-                            f"(found {pkls}); not a torch checkpoint")
+                            f"(found {brief(pkls)}); not a torch checkpoint")
     prefix = pkls[0][:-len("data.pkl")]
+    infos = {i.filename[len(prefix) + 5:]: i for i in zf.infolist()
+             if i.filename.startswith(prefix + "data/")}
+    used = [zf.getinfo(pkls[0])] + list(infos.values())
+    if prefix + "byteorder" in names:
+      used.append(zf.getinfo(prefix + "byteorder"))
+    for info in used:
+      _stored_member(zf, info, size, path)
+    # Stored members are byte ranges of the file; more of them than the file holds means several
+    # directory entries point at the same bytes, which would be read (and kept) once each.
+    total = sum(i.file_size for i in used)
+    if total > size:
+      raise CheckpointError(f"{path}: zip members add up to {total} bytes, more than the file's "
+                            f"{size}: entries overlap")
     try:
       big = prefix + "byteorder" in names and zf.read(prefix + "byteorder") == b"big"
-      infos = {i.filename[len(prefix) + 5:]: i for i in zf.infolist()
-               if i.filename.startswith(prefix + "data/")}
       storages = _ZipStorages(zf, infos, big, path)
-      return _unpickle(zf.open(pkls[0]), storages, str(path))
-    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
-      raise CheckpointError(f"{path}: corrupt zip member ({e}); re-download the checkpoint") from None
+      return _unpickle(zf.read(pkls[0]), storages, budget)
+    except (zipfile.BadZipFile, EOFError) as e:
+      raise CheckpointError(f"{path}: corrupt zip member ({e}); re-download the "
+                            "checkpoint") from None
 
 
 class _ZipStorages(dict):
@@ -428,53 +548,56 @@ class _ZipStorages(dict):
 
 
 def _load_legacy(path: Path) -> Any:
-  size = path.stat().st_size
-  with open(path, "rb") as f:
-    what = str(path)
-    if _unpickle(f, None, what) != _LEGACY_MAGIC:
-      raise CheckpointError(f"{path}: not a torch checkpoint (bad magic number)")
-    _unpickle(f, None, what)  # protocol version
-    sys_info = _unpickle(f, None, what)
-    big = isinstance(sys_info, dict) and not sys_info.get("little_endian", True)
-    start = f.tell()
-    # Pass 1: walk the main pickle only to learn each storage's dtype and reach the data section.
-    dtypes: dict[str, np.dtype] = {}
-    _unpickle(f, None, what, seen=dtypes)
-    keys = _unpickle(f, None, what)
-    storages = {}
-    for key in keys:
-      head = f.read(8)
-      if len(head) != 8:
-        raise CheckpointError(f"{path}: truncated legacy checkpoint (storage {key})")
-      dtype = np.dtype(dtypes.get(str(key), np.uint8))
-      nbytes = struct.unpack("<q", head)[0] * dtype.itemsize
-      if not 0 <= nbytes <= size - f.tell():  # checked before allocating
-        raise CheckpointError(f"{path}: truncated legacy checkpoint (storage {key})")
-      raw = np.frombuffer(bytearray(f.read(nbytes)), np.uint8)
-      if raw.size != nbytes:
-        raise CheckpointError(f"{path}: truncated legacy checkpoint (storage {key})")
-      storages[str(key)] = _Storage(raw, big)
-    f.seek(start)
-    return _unpickle(f, storages, what)  # pass 2, with the data
+  what = str(path)
+  data = read_file(path)  # storages are views of these bytes: nothing is copied
+  f = io.BytesIO(data)
+  budget = LoadBudget(what, len(data))
+  if _unpickle(f, None, budget) != _LEGACY_MAGIC:
+    raise CheckpointError(f"{path}: not a torch checkpoint (bad magic number)")
+  _unpickle(f, None, budget)  # protocol version
+  sys_info = _unpickle(f, None, budget)
+  big = isinstance(sys_info, dict) and sys_info.get("little_endian", True) is False
+  start = f.tell()
+  # Pass 1: walk the main pickle only to learn each storage's dtype and reach the data section.
+  dtypes: dict[str, np.dtype] = {}
+  _unpickle(f, None, budget, seen=dtypes)
+  keys = _unpickle(f, None, budget)
+  if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+    raise CheckpointError(f"{path}: legacy storage list is {brief(keys)}; expected a list of "
+                          "storage keys (strings)")
+  storages, pos = {}, f.tell()
+  for key in keys:
+    if len(data) - pos < 8:
+      raise CheckpointError(f"{path}: truncated legacy checkpoint (storage {brief(key)})")
+    numel = struct.unpack_from("<q", data, pos)[0]
+    nbytes = numel * np.dtype(dtypes.get(key, np.uint8)).itemsize
+    pos += 8
+    if not 0 <= nbytes <= len(data) - pos:
+      raise CheckpointError(f"{path}: storage {brief(key)} declares {numel} items, more than the "
+                            f"{len(data) - pos} bytes left: truncated legacy checkpoint")
+    storages[key] = _Storage(np.frombuffer(data, np.uint8, nbytes, pos), big)
+    pos += nbytes
+  f.seek(start)
+  # Pass 2, with the data; pass 1's objects are gone, so its charges are forgotten.
+  return _unpickle(f, storages, LoadBudget(what, len(data)))
 
 
 def load_torch_checkpoint(path) -> Any:
-  """Loads a `torch.save` file (zip or legacy format) with tensors as numpy arrays.
+  """Loads a `torch.save` file (zip or legacy format) with tensors as read-only numpy arrays.
 
   Only tensor rebuilders, storages, dtypes, `OrderedDict`, `torch.Size` and plain builtins are
   resolved; other globals load as `OpaqueGlobal` placeholders and calling one raises
-  `UnsafeCheckpointError`. Raises CheckpointError naming `path` for anything malformed.
+  `UnsafeCheckpointError`. Raises CheckpointError naming `path` for anything malformed (see the
+  module docstring for what is accepted and capped).
   """
   path = check_file(path)
-  with open(path, "rb") as f:
-    head = f.read(4)
-  if head == _ZIP_MAGIC:
-    return _load_zip(path)
-  if head[:1] == b"\x80":  # a pickle protocol marker: the legacy format
-    return _load_legacy(path)
-  if head[:2] == b"\x1f\x8b" or head.startswith(b"stor"):
-    raise CheckpointError(f"{path}: compressed or pre-0.4 tar checkpoints are not supported")
-  raise CheckpointError(f"{path}: not a torch checkpoint (starts with {head!r})")
-
-
-# ---------------------------------------------------------------------------------------------------
+  with guard(path):
+    with open(path, "rb") as f:
+      head = f.read(4)
+    if head == _ZIP_MAGIC:
+      return _load_zip(path)
+    if head[:1] == b"\x80":  # a pickle protocol marker: the legacy format
+      return _load_legacy(path)
+    if head[:2] == b"\x1f\x8b" or head.startswith(b"stor"):
+      raise CheckpointError(f"{path}: compressed or pre-0.4 tar checkpoints are not supported")
+    raise CheckpointError(f"{path}: not a torch checkpoint (starts with {head!r})")

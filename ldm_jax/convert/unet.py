@@ -12,6 +12,7 @@ layer sits at which CompVis / diffusers position. Arrays must already be numpy
 (e.g. `t.float().numpy()`).
 """
 
+import math
 from typing import Any, Mapping
 
 import jax
@@ -186,8 +187,13 @@ def _fuse_legacy_qkv(state_dict, model) -> dict:
       keys = [f"{prefix}.to_{n}.{leaf}" for n in "qkv"]
       if not all(k in sd for k in keys):
         continue  # reported by strict_load as missing qkv + unexpected leftovers
-      parts = [np.asarray(sd.pop(k)) for k in keys]  # each [C, C] or [C]
-      c = parts[0].shape[0]
+      parts = [np.asarray(sd[k]) for k in keys]  # each [C, C] or [C]
+      c = layer.channels
+      if any(p.shape != parts[0].shape for p in parts) or parts[0].shape[:1] != (c,) or \
+          math.prod(parts[0].shape[1:]) > c:
+        continue  # left unfused, unread: strict_load reports them; nothing is copied
+      for k in keys:
+        del sd[k]
       per_head = [p.reshape(layer.heads, c // layer.heads, *p.shape[1:]) for p in parts]
       fused = np.stack(per_head, axis=1)  # [heads, 3, ch, (C)]
       sd[f"{prefix}.qkv.{leaf}"] = fused.reshape(3 * c, *parts[0].shape[1:])

@@ -152,8 +152,9 @@ def test_missing_tensor_and_wrong_yaml_fail_loudly(built):
     assert "out.2.bias" in str(info.value)
   # Only the raw UNet weight removed: its EMA copy is left without a weight to replace.
   orphan = _save_without(built, "orphan_ema.ckpt", UNET_OUT_BIAS)
-  with pytest.raises(ValueError, match=UNET_OUT_BIAS_EMA[len("model_ema."):]):
+  with pytest.raises(ValueError, match=UNET_OUT_BIAS_EMA[len("model_ema."):]) as info:
     ldm_lib.LatentDiffusion.from_compvis(orphan, built["yaml"], tokenizer_path=tok)
+  assert str(orphan) in str(info.value)  # the message names the checkpoint
   wide_yaml = tiny_sd.write_yaml(os.path.join(root, "wide.yaml"), built["text_dir"],
                                  model_channels=64)
   with pytest.raises(WeightLoadError, match="shape mismatches") as info:
