@@ -115,6 +115,19 @@ def requests(args, model) -> list[dict[str, Any]]:
   return out
 
 
+def resolve_sampling(args, model) -> None:
+  """Fills --sampler / --steps / --guidance left out with the model's recommended settings (else
+  the library defaults) and prints what will be used; an explicit flag always wins."""
+  from ldm_jax import ldm as ldm_lib
+  cli_name = {v: k for k, v in SAMPLER_NAMES.items()}
+  chosen = model.sampling_settings(
+      sampler=SAMPLER_NAMES[args.sampler] if args.sampler else None, steps=args.steps,
+      guidance=args.guidance)
+  args.sampler, args.steps, args.guidance = (cli_name[chosen["sampler"]], chosen["steps"],
+                                             chosen["guidance"])
+  print(f"Sampling with {ldm_lib.describe_sampling(dict(chosen, sampler=args.sampler))}")
+
+
 def check_sizes(args, model) -> tuple[int, int]:
   stride = model.downsample_factor * 2 ** (len(model.config.unet.channel_mult) - 1)
   default = int(model.config.diffusion.image_size) * model.downsample_factor
@@ -166,6 +179,7 @@ def run(args) -> list[str]:
   from ldm_jax import ldm as ldm_lib
   from ldm_jax import sampling
   model = load_model(args)
+  resolve_sampling(args, model)
   h, w = check_sizes(args, model)
   reqs = requests(args, model)
   imgs = image_inputs(args, h, w)
