@@ -29,13 +29,15 @@ def parse_args(argv):
   what.add_argument("--height", type=int, help="output height in pixels (multiple of the stride)")
   what.add_argument("--width", type=int, help="output width in pixels (multiple of the stride)")
   how = p.add_argument_group("sampler")
-  how.add_argument("--sampler", default="ddim",
-                   choices=["ddim", "plms", "ddpm", "dpmpp_2m", "euler_a"])
-  how.add_argument("--steps", type=int, default=50)
+  # --sampler / --steps / --guidance default to the model's recommended settings (its config).
+  how.add_argument("--sampler", choices=["ddim", "plms", "ddpm", "dpmpp_2m", "euler_a"],
+                   help="default: the model's recommendation, else ddim")
+  how.add_argument("--steps", type=int, help="default: the model's recommendation, else 50")
   how.add_argument("--eta", type=sample_cli.finite_float, default=0.0,
                    help="DDIM noise (0 = deterministic; ddim only)")
-  how.add_argument("--guidance", type=sample_cli.finite_float, default=1.0,
-                   help="classifier-free guidance scale")
+  how.add_argument("--guidance", type=sample_cli.finite_float,
+                   help="classifier-free guidance scale; default: the model's recommendation, "
+                        "else 1.0 (none)")
   how.add_argument("--guidance_rescale", type=sample_cli.finite_float, default=0.0,
                    help="in [0, 1]")
   how.add_argument("--seed", type=int, default=0, help="sample i uses seed + i; below 2**32")

@@ -1,12 +1,24 @@
 """Training-quality benchmark on the built-in shapes dataset (a benchmark, not a test).
 
-Reports, for existing workdirs (the quickstart's by default), or after training them:
-  * the KL-f4 autoencoder's reconstruction PSNR on 256 shapes images it never saw (another seed);
+Two modes.
+
+Quickstart workdirs (the default): for existing workdirs, or after training them, reports
+  * the KL-f4 autoencoder's reconstruction PSNR on 256 shapes images it never saw (another seed),
+    and how often the shapes detector still reads colour / shape / position correctly after the
+    round trip (the ceiling any LDM on these latents can reach);
   * the loss of the text- and class-conditional LDMs at their start and end (mean of the first and
     last 10% of logged steps), from each workdir's metrics.jsonl, and the wall time of each run.
 
+Robustness (`--seeds 0,1,2`): trains the quickstart recipe (autoencoder + text LDM) once per
+training seed under `--root`, samples each model with its own recommended settings (those saved in
+its config, as `sample.py --prompt` does) and grades with the shapes detector
+  * the 16 README prompts (configs/shapes_prompts.txt), one sample each, and
+  * every colour x shape x position prompt (6 x 3 x 5 = 90), two sampling seeds each;
+then prints one row per training seed and the min / median over seeds, and writes `seeds.json`.
+
   python benchmarks/shapes_training.py                      # quickstart workdirs (train if missing)
   python benchmarks/shapes_training.py --class_ldm          # also train configs/shapes_ldm_class.py
+  python benchmarks/shapes_training.py --seeds 0,1,2 --root workdirs/shapes_seeds
 """
 
 import argparse
@@ -21,6 +33,14 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from ldm_jax.evaluate_shapes import METRICS  # noqa: E402  (after the repository is on the path)
+
+AE_CONFIG = os.path.join(ROOT, "configs/shapes_autoencoder.py")
+TEXT_CONFIG = os.path.join(ROOT, "configs/shapes_ldm_text.py")
+README_PROMPTS = os.path.join(ROOT, "configs/shapes_prompts.txt")
+# The robustness goal of the quickstart recipe: the worst training seed on the 90 prompts.
+GOAL_90 = {"color": 0.90, "shape": 0.90, "position": 0.95, "all": 0.85}
+
 
 def train_if_missing(config: str, workdir: str, *flags: str) -> float | None:
   """Runs train.py unless `workdir` already has a summary; returns the wall time it took."""
@@ -32,21 +52,28 @@ def train_if_missing(config: str, workdir: str, *flags: str) -> float | None:
   return time.time() - t0
 
 
-def autoencoder_psnr(workdir: str, config_path: str, n: int = 256) -> float:
-  import jax
-  import jax.numpy as jnp
-  from ldm_jax.data import shapes
-  from ldm_jax.models import build
-  from ldm_jax.train import ae_trainer
+def load_config(config_path: str):
   import importlib.util
   spec = importlib.util.spec_from_file_location("cfg", config_path)
   cfg = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cfg)
-  config = cfg.get_config()
+  return cfg.get_config()
+
+
+def autoencoder_quality(workdir: str, config_path: str, n: int = 256) -> dict:
+  """PSNR and detector agreement of autoencoder round trips on `n` held-out shapes images."""
+  import jax
+  import jax.numpy as jnp
+  from ldm_jax import ldm as ldm_lib
+  from ldm_jax.data import shapes
+  from ldm_jax.data import shapes_detect
+  from ldm_jax.models import build
+  from ldm_jax.train import ae_trainer
+  config = load_config(config_path)
   ae = build.build_first_stage(config.model.first_stage)
   variables = ae_trainer.load_autoencoder(workdir)
-  images = np.stack([shapes.render_shapes(12345, i, size=config.data.image_size)["image"]
-                     for i in range(n)]).astype(np.float32) / 127.5 - 1.0
+  examples = [shapes.render_shapes(12345, i, size=config.data.image_size) for i in range(n)]
+  images = np.stack([ex["image"] for ex in examples]).astype(np.float32) / 127.5 - 1.0
 
   @jax.jit
   def reconstruct(x):
@@ -54,7 +81,17 @@ def autoencoder_psnr(workdir: str, config_path: str, n: int = 256) -> float:
 
   recon = np.concatenate([np.asarray(reconstruct(jnp.asarray(images[i:i + 32])))
                           for i in range(0, n, 32)])
-  return float(ae_trainer.psnr(jnp.asarray(images), jnp.asarray(recon)))
+  hits = {k: [] for k in METRICS}
+  for ex, img in zip(examples, ldm_lib.to_uint8(recon)):
+    want = shapes_detect.parse_caption(ex["caption"])[0]
+    found = shapes_detect.detect_shapes(img)
+    got = (found[0]["color"], found[0]["shape"], found[0]["position"]) if found else (None,) * 3
+    for k, a, b in zip(METRICS, want, got):
+      hits[k].append(a == b)
+    hits["all"].append(tuple(got) == tuple(want) and len(found) == 1)
+  out = {"psnr_db": float(ae_trainer.psnr(jnp.asarray(images), jnp.asarray(recon)))}
+  out.update({f"detector_{k}": float(np.mean(v)) for k, v in hits.items()})
+  return out
 
 
 def loss_start_end(workdir: str) -> tuple[float, float, int]:
@@ -67,6 +104,68 @@ def loss_start_end(workdir: str) -> tuple[float, float, int]:
   return start, end, steps[-1]
 
 
+def sample_and_grade(checkpoint: str, prompt_file: str, outdir: str, num_samples: int,
+                     *flags: str) -> dict:
+  """sample.py with the model's own sampling settings (plus `flags`), then the detector's grades."""
+  from ldm_jax import evaluate_shapes
+  if not os.path.exists(os.path.join(outdir, "samples.json")):
+    subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--checkpoint", checkpoint,
+                    "--prompt_file", prompt_file, "--num_samples", str(num_samples),
+                    "--batch_size", "90", "--outdir", outdir, "--no_progress", *flags],
+                   check=True, cwd=ROOT)
+  result = evaluate_shapes.grade(outdir)
+  with open(os.path.join(outdir, "match.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  return result["summary"]
+
+
+def run_seed(seed: int, root: str, ldm_flags: list[str], sample_flags: list[str]) -> dict:
+  """Trains (or reuses) one seed's autoencoder and text LDM and grades both prompt sets."""
+  from ldm_jax import evaluate_shapes
+  base = os.path.join(root, f"seed{seed}")
+  ae_dir, ldm_dir = os.path.join(base, "ae"), os.path.join(base, "ldm")
+  row = {"seed": seed}
+  row["autoencoder_seconds"] = train_if_missing(AE_CONFIG, ae_dir, f"--config.seed={seed}")
+  row["ldm_seconds"] = train_if_missing(TEXT_CONFIG, ldm_dir, f"--config.seed={seed}",
+                                        f"--config.first_stage_checkpoint={ae_dir}", *ldm_flags)
+  row["autoencoder"] = autoencoder_quality(ae_dir, AE_CONFIG)
+  row["ldm_loss_start"], row["ldm_loss_end"], row["ldm_steps"] = loss_start_end(ldm_dir)
+  prompts_90 = os.path.join(base, "prompts_90.txt")
+  with open(prompts_90, "w") as f:
+    f.write("\n".join(evaluate_shapes.every_prompt()) + "\n")
+  row["readme_16"] = sample_and_grade(ldm_dir, README_PROMPTS, os.path.join(base, "readme_16"), 1,
+                                      *sample_flags)
+  row["all_90x2"] = sample_and_grade(ldm_dir, prompts_90, os.path.join(base, "all_90x2"), 2,
+                                     *sample_flags)
+  return row
+
+
+def fmt(summary: dict) -> str:
+  return " ".join(f"{k} {summary[k]:4.0%}" for k in METRICS)
+
+
+def robustness(args) -> dict:
+  seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+  rows = [run_seed(s, args.root, args.ldm_flag or [], args.sample_flag or []) for s in seeds]
+  report = {"seeds": rows, "ldm_flags": args.ldm_flag or [], "sample_flags": args.sample_flag or []}
+  for name in ("readme_16", "all_90x2"):
+    report[f"{name}_min"] = {k: min(r[name][k] for r in rows) for k in METRICS}
+    report[f"{name}_median"] = {k: float(np.median([r[name][k] for r in rows])) for k in METRICS}
+  report["goal_met"] = all(report["all_90x2_min"][k] >= v for k, v in GOAL_90.items())
+  for r in rows:
+    secs = sum(r[k] or 0.0 for k in ("autoencoder_seconds", "ldm_seconds"))
+    print(f"seed {r['seed']}: 16 README prompts: {fmt(r['readme_16'])} | 90 prompts x 2: "
+          f"{fmt(r['all_90x2'])} | AE round trip all {r['autoencoder']['detector_all']:.0%} | "
+          f"train {secs:.0f} s")
+  for name, label in (("readme_16", "16 README prompts"), ("all_90x2", "90 prompts x 2")):
+    print(f"{label}: min {fmt(report[name + '_min'])} | median {fmt(report[name + '_median'])}")
+  print("goal (worst seed, 90 prompts: colour/shape >= 90%, position >= 95%, all >= 85%): "
+        + ("met" if report["goal_met"] else "NOT met"))
+  with open(os.path.join(args.root, "seeds.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  return report
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--ae_workdir", default=os.path.join(ROOT, "workdirs/shapes_ae"))
@@ -74,20 +173,30 @@ def main():
   p.add_argument("--class_workdir", default=os.path.join(ROOT, "workdirs/shapes_ldm_class"))
   p.add_argument("--class_ldm", action="store_true", help="also train/report the class LDM")
   p.add_argument("--class_steps", type=int, default=0, help="override its num_steps (0: config)")
+  p.add_argument("--seeds", default="", help="robustness mode: comma-separated training seeds")
+  p.add_argument("--root", default=os.path.join(ROOT, "workdirs/shapes_seeds"),
+                 help="robustness mode: one seed<N>/ folder per training seed")
+  p.add_argument("--ldm_flag", action="append",
+                 help="robustness mode: extra train.py flag for the LDM (repeatable)")
+  p.add_argument("--sample_flag", action="append",
+                 help="robustness mode: extra sample.py flag, e.g. --sample_flag=--guidance=5")
   args = p.parse_args()
+  if args.seeds:
+    os.makedirs(args.root, exist_ok=True)
+    robustness(args)
+    return
   results = {}
-  ae_cfg = os.path.join(ROOT, "configs/shapes_autoencoder.py")
-  results["autoencoder_train_seconds"] = train_if_missing(ae_cfg, args.ae_workdir)
-  results["autoencoder_psnr_db"] = autoencoder_psnr(args.ae_workdir, ae_cfg)
-  runs = [("text", "configs/shapes_ldm_text.py", args.text_workdir)]
+  results["autoencoder_train_seconds"] = train_if_missing(AE_CONFIG, args.ae_workdir)
+  results.update({f"autoencoder_{k}": v
+                  for k, v in autoencoder_quality(args.ae_workdir, AE_CONFIG).items()})
+  runs = [("text", TEXT_CONFIG, args.text_workdir)]
   if args.class_ldm:
-    runs.append(("class", "configs/shapes_ldm_class.py", args.class_workdir))
+    runs.append(("class", os.path.join(ROOT, "configs/shapes_ldm_class.py"), args.class_workdir))
   for name, cfg, workdir in runs:
     flags = [f"--config.first_stage_checkpoint={args.ae_workdir}"]
     if name == "class" and args.class_steps:
       flags.append(f"--config.train.num_steps={args.class_steps}")
-    results[f"{name}_ldm_train_seconds"] = train_if_missing(os.path.join(ROOT, cfg), workdir,
-                                                            *flags)
+    results[f"{name}_ldm_train_seconds"] = train_if_missing(cfg, workdir, *flags)
     start, end, last = loss_start_end(workdir)
     results[f"{name}_ldm_loss_start"], results[f"{name}_ldm_loss_end"] = start, end
     results[f"{name}_ldm_steps"] = last

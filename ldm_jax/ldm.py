@@ -26,6 +26,10 @@ from ldm_jax.models import word_tokenizer
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
 WORD_TOKENIZERS = ("shapes", "wordlevel")
 SAMPLERS = ("ddim", "plms", "ddpm", "dpmpp_2m", "euler_ancestral")
+# What a model without recommended sampling settings (config section `sampling`) is sampled with.
+# Guidance 1.0 is no classifier-free guidance: the only safe choice for a model that may have been
+# trained without condition dropout.
+SAMPLING_DEFAULTS = {"sampler": "ddim", "steps": 50, "guidance": 1.0}
 
 
 @dataclasses.dataclass
@@ -68,6 +72,7 @@ class LatentDiffusion:
     if diffusion.conditioning_key not in CONDITIONING_KEYS:
       raise ValueError(f"model.diffusion.conditioning_key={diffusion.conditioning_key!r}; "
                        f"expected one of {CONDITIONING_KEYS}.")
+    check_sampling_config(config.get("sampling", {}), int(diffusion.timesteps))
     self.config = config
     self.params = dict(params)
     self.compute_dtype = compute_dtype
@@ -119,6 +124,25 @@ class LatentDiffusion:
                          "tokenizer directory (nothing is downloaded).")
       self._tokenizer = tokenizers_lib.load_tokenizer(tok_cfg.get("kind", self.cond_kind), path)
     return self._tokenizer
+
+  def sampling_settings(self, *, sampler: str | None = None, steps: int | None = None,
+                        guidance: float | None = None) -> dict[str, Any]:
+    """The sampler, steps and guidance scale to sample with, each from the first place that has it:
+    the argument, the model's recommendation (config section `sampling`), SAMPLING_DEFAULTS.
+
+    Returns {'sampler', 'steps', 'guidance', 'source': {name: 'given' | 'model' | 'default'}}.
+    """
+    recommended = dict(self.config.get("sampling", {}) or {})
+    out: dict[str, Any] = {"source": {}}
+    for name, given in (("sampler", sampler), ("steps", steps), ("guidance", guidance)):
+      if given is not None:
+        out[name], out["source"][name] = given, "given"
+      elif name in recommended:
+        out[name], out["source"][name] = recommended[name], "model"
+      else:
+        out[name], out["source"][name] = SAMPLING_DEFAULTS[name], "default"
+    out["steps"], out["guidance"] = int(out["steps"]), float(out["guidance"])
+    return out
 
   # ----------------------------------------------------------------------------------------------
   # First stage.
@@ -221,21 +245,26 @@ class LatentDiffusion:
 
   def sample(self, *, prompts: Sequence[str] | None = None, labels: Sequence[int] | None = None,
              images: jax.Array | None = None, num_samples: int | None = None,
-             height: int | None = None, width: int | None = None, sampler: str = "ddim",
-             steps: int = 50, eta: float = 0.0, guidance: float = 1.0,
+             height: int | None = None, width: int | None = None, sampler: str | None = None,
+             steps: int | None = None, eta: float = 0.0, guidance: float | None = None,
              guidance_rescale: float = 0.0, seed: int = 0, x_T: jax.Array | None = None,
              init_image: jax.Array | None = None, strength: float | None = None,
              mask: jax.Array | None = None, progress: bool = False,
              decode_tile: int | None = None) -> np.ndarray:
     """Generates images; returns float32 [B, H, W, 3] in [-1, 1] (use `to_uint8`).
 
+    sampler / steps / guidance: None takes the model's recommended settings (`sampling_settings`);
+    the settings not given are printed, so a notebook shows what it sampled with.
     init_image + strength: img2img. init_image + mask (1 = keep, pixel resolution): inpainting by
     latent masking. images: the concat condition (low-res image, masked image, semantic map).
     """
     from ldm_jax import sampling  # Local: sampling imports this module.
+    s = self.sampling_settings(sampler=sampler, steps=steps, guidance=guidance)
+    if any(v != "given" for v in s["source"].values()):
+      print(f"LatentDiffusion.sample: {describe_sampling(s)}")
     return sampling.sample(self, prompts=prompts, labels=labels, images=images,
-                           num_samples=num_samples, height=height, width=width, sampler=sampler,
-                           steps=steps, eta=eta, guidance=guidance,
+                           num_samples=num_samples, height=height, width=width,
+                           sampler=s["sampler"], steps=s["steps"], eta=eta, guidance=s["guidance"],
                            guidance_rescale=guidance_rescale, seed=seed, x_T=x_T,
                            init_image=init_image, strength=strength, mask=mask, progress=progress,
                            decode_tile=decode_tile)
@@ -277,6 +306,36 @@ class LatentDiffusion:
     from ldm_jax.convert import pipeline
     config, params = pipeline.load_diffusers(folder)
     return cls(config, params, **kwargs)
+
+
+def check_sampling_config(section: Mapping[str, Any], timesteps: int) -> None:
+  """Refuses a `sampling` section a sampler could not run with, naming the field and value."""
+  unknown = sorted(set(section) - set(SAMPLING_DEFAULTS))
+  if unknown:
+    raise ValueError(f"model.sampling.{unknown[0]}: unknown setting; expected only "
+                     f"{sorted(SAMPLING_DEFAULTS)}.")
+  if "sampler" in section and section["sampler"] not in SAMPLERS:
+    raise ValueError(f"model.sampling.sampler={section['sampler']!r}: expected one of "
+                     f"{list(SAMPLERS)}.")
+  steps = section.get("steps", 1)
+  if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= timesteps:
+    raise ValueError(f"model.sampling.steps={steps!r}: expected an integer in [1, {timesteps}].")
+  guidance = section.get("guidance", 1.0)
+  if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance >= 0:
+    raise ValueError(f"model.sampling.guidance={guidance!r}: expected a number >= 0.")
+
+
+def describe_sampling(settings: Mapping[str, Any]) -> str:
+  """One line naming the settings of `sampling_settings` and where the ones not given came from."""
+  text = (f"sampler {settings['sampler']}, {settings['steps']} steps, guidance "
+          f"{settings['guidance']:g}")
+  origin = {"model": "the model's recommended settings", "default": "the library defaults"}
+  notes = []
+  for source, words in origin.items():
+    names = [k for k, v in settings["source"].items() if v == source]
+    if names:
+      notes.append(f"{', '.join(names)} from {words}")
+  return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -161,20 +161,18 @@ def read_prompts(args) -> list[str]:
   return prompts
 
 
-def check_arguments(args) -> list[str]:
-  """Checks every flag that needs no model, before anything is loaded; returns the prompts.
-
-  NaN and inf are refused by the parser (`finite_float`); this checks ranges and combinations.
-  """
+def check_sampling(args) -> None:
+  """Ranges and combinations of the sampler flags; a flag left out (None, to be filled from the
+  model's recommended settings) is checked once `resolve_sampling` has filled it."""
   from ldm_jax.diffusion import samplers_base
-  if args.steps < 1:
+  if args.steps is not None and args.steps < 1:
     raise UserError(f"--steps={args.steps}: expected >= 1.")
   if args.eta < 0:
     raise UserError(f"--eta={args.eta}: expected >= 0 (0 = deterministic DDIM).")
-  if args.eta != 0 and args.sampler != "ddim":
+  if args.eta != 0 and args.sampler not in (None, "ddim"):
     raise UserError(f"--eta={args.eta} with --sampler={args.sampler}: eta is a DDIM setting; "
                     f"expected --eta 0 or --sampler ddim.")
-  if args.guidance < 0:
+  if args.guidance is not None and args.guidance < 0:
     raise UserError(f"--guidance={args.guidance}: expected >= 0.")
   if not 0.0 <= args.guidance_rescale <= 1.0:
     raise UserError(f"--guidance_rescale={args.guidance_rescale}: expected 0 <= rescale <= 1.")
@@ -183,12 +181,21 @@ def check_arguments(args) -> list[str]:
       raise UserError("--strength needs --init_image.")
     if not 0.0 < args.strength <= 1.0:
       raise UserError(f"--strength={args.strength}: expected 0 < strength <= 1.")
-    try:
-      samplers_base.img2img_skip(args.steps, args.strength)
-    except ValueError:
-      raise UserError(f"--strength={args.strength} with --steps={args.steps} runs no denoising "
-                      f"step: expected --strength >= {1.0 / args.steps:.4g} (1 / steps), or more "
-                      f"--steps.") from None
+    if args.steps is not None:
+      try:
+        samplers_base.img2img_skip(args.steps, args.strength)
+      except ValueError:
+        raise UserError(f"--strength={args.strength} with --steps={args.steps} runs no denoising "
+                        f"step: expected --strength >= {1.0 / args.steps:.4g} (1 / steps), or "
+                        f"more --steps.") from None
+
+
+def check_arguments(args) -> list[str]:
+  """Checks every flag that needs no model, before anything is loaded; returns the prompts.
+
+  NaN and inf are refused by the parser (`finite_float`); this checks ranges and combinations.
+  """
+  check_sampling(args)
   if args.mask and not args.init_image:
     raise UserError("--mask needs --init_image.")
   for name in ("height", "width"):
@@ -249,6 +256,19 @@ def takes_condition_image(model) -> bool:
           or model.cond_kind == "spatial_rescaler")
 
 
+def resolve_sampling(args, model) -> None:
+  """Fills --sampler / --steps / --guidance left out with the model's recommended settings (else
+  the library defaults) and prints what will be used; an explicit flag always wins."""
+  from ldm_jax import ldm as ldm_lib
+  cli_name = {v: k for k, v in SAMPLER_NAMES.items()}
+  chosen = model.sampling_settings(
+      sampler=SAMPLER_NAMES[args.sampler] if args.sampler else None, steps=args.steps,
+      guidance=args.guidance)
+  args.sampler, args.steps, args.guidance = (cli_name[chosen["sampler"]], chosen["steps"],
+                                             chosen["guidance"])
+  print(f"Sampling with {ldm_lib.describe_sampling(dict(chosen, sampler=args.sampler))}")
+
+
 def check_sizes(args, model) -> tuple[int, int]:
   """The output size (flags or the model's default), checked against the model's stride."""
   stride = model.downsample_factor * 2 ** (len(model.config.unet.channel_mult) - 1)
@@ -305,6 +325,8 @@ def run(args) -> list[str]:
   prompts = check_arguments(args)
   raw_images = read_images(args)
   model = load_model(args)
+  resolve_sampling(args, model)
+  check_sampling(args)  # again, with the settings the model recommended
   h, w = check_sizes(args, model)
   reqs = requests(args, model, prompts)
   imgs = image_inputs(args, raw_images, h, w)

@@ -79,18 +79,21 @@ def latent_mask(mask: np.ndarray, h: int, w: int) -> jax.Array:
 
 
 def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=None, tokens=None,
-           num_samples=None, height=None, width=None, sampler="ddim", steps=50, eta=0.0,
-           guidance=1.0, guidance_rescale=0.0, seed=0, seeds=None, x_T=None, init_image=None,
+           num_samples=None, height=None, width=None, sampler=None, steps=None, eta=0.0,
+           guidance=None, guidance_rescale=0.0, seed=0, seeds=None, x_T=None, init_image=None,
            strength=None, mask=None, progress=False, decode=True,
            decode_tile=None, paste_known=True, mesh=None, as_numpy=True) -> np.ndarray:
   """See `LatentDiffusion.sample`; returns float32 images [B, H, W, 3] in [-1, 1] (or latents).
 
+  sampler / steps / guidance: None takes the model's recommended setting (`sampling_settings`).
   seeds: one per sample (default seed, seed+1, ...): x_T of sample i comes from seeds[i] alone.
   paste_known: inpainting returns the input's pixels exactly where mask == 1.
   mesh: shard the batch over the mesh's (data, fsdp) axes (parameters replicated), so each device
     samples only its slice; the batch must divide by those axes.
   as_numpy: False returns the device array (sharded like the batch when a mesh is given).
   """
+  chosen = model.sampling_settings(sampler=sampler, steps=steps, guidance=guidance)
+  sampler, steps, guidance = chosen["sampler"], chosen["steps"], chosen["guidance"]
   f = model.downsample_factor
   batch = next((len(x) for x in (prompts, tokens, labels, seeds, images, init_image)
                 if x is not None), num_samples or 1)

@@ -23,6 +23,18 @@ _TRAINING_ONLY = ("given_betas", "loss_type", "l_simple_weight", "original_elbo_
                   "v_posterior", "learn_logvar", "logvar_init", "use_ema", "num_timesteps_cond",
                   "model_target")
 
+# The guidance scale the original front ends default to, by text encoder: Stable Diffusion's
+# txt2img script and the diffusers pipelines 7.5 (CLIP / OpenCLIP), CompVis's LDM txt2img script
+# 5.0 (its BERT). Other models keep the library default (no guidance).
+RECOMMENDED_GUIDANCE = {"clip": 7.5, "openclip": 7.5, "ldm_bert": 5.0, "bert": 5.0}
+
+
+def recommended_sampling(cond_kind: str) -> dict[str, Any]:
+  """The `sampling` section of an imported model's config (see LatentDiffusion.sampling_settings)."""
+  if cond_kind in RECOMMENDED_GUIDANCE:
+    return {"sampler": "ddim", "steps": 50, "guidance": RECOMMENDED_GUIDANCE[cond_kind]}
+  return {}
+
 
 def _cond_params(kind: str, sd: Mapping[str, Any], module, yaml_kwargs: Mapping[str, Any]):
   if kind in ("none", "identity"):
@@ -73,8 +85,9 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool | None = None,
   cond = dict(cfg["cond_stage"])
   if tokenizer_path and "tokenizer" in cond:
     cond["tokenizer"] = dict(cond["tokenizer"], path=tokenizer_path)
-  config = ml_collections.ConfigDict(dict(first_stage=cfg["first_stage"], unet=cfg["unet"],
-                                          cond_stage=cond, diffusion=diffusion))
+  config = ml_collections.ConfigDict(dict(
+      first_stage=cfg["first_stage"], unet=cfg["unet"], cond_stage=cond, diffusion=diffusion,
+      sampling=recommended_sampling(cond.get("kind", "none"))))
   fs = build.build_first_stage(config.first_stage)
   unet = build.build_unet(config.unet)
   cs = build.build_cond_stage(cond)
@@ -151,7 +164,8 @@ def load_diffusers(folder: str) -> tuple[ml_collections.ConfigDict, dict[str, An
       unet={k: v for k, v in unet_kwargs.items()},
       cond_stage=cond,
       diffusion=_scheduler_to_diffusion(sched, vae_cfg, dict(unet_cfg),
-                                        unet_kwargs.get("context_dim"))))
+                                        unet_kwargs.get("context_dim")),
+      sampling=recommended_sampling(cond["kind"])))
   fs = build.build_first_stage(config.first_stage)
   unet = build.build_unet(config.unet)
   params = {"first_stage": {"params": ae_convert.autoencoder_from_diffusers(vae_sd, fs)},
