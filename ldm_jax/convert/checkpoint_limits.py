@@ -4,10 +4,13 @@ The readers (`torch_pickle`, `pickle_numpy`, `torch_io`) take untrusted bytes; t
 the pieces that keep them honest: `CheckpointError` and its subclasses (the only exceptions they
 raise), `LoadBudget` (what one file may materialise), `brief` (describes a value without a full
 repr, which a pickle could make gigabytes long), strict int checks, the `guard` that converts
-anything else at the entry points, and `NUMERIC_DTYPES`, the dtypes an array may come back with.
+anything else at the entry points, `prescan_pickle` (walks a pickle's opcodes before it is
+unpickled), and `NUMERIC_DTYPES`, the dtypes an array may come back with.
 """
 
+import io
 import math
+import pickletools
 from pathlib import Path
 
 import ml_dtypes
@@ -183,3 +186,40 @@ def read_file(path: Path, limit: int | None = None) -> bytes:
   if len(data) != size:
     raise CheckpointError(f"{path}: changed size while being read")
   return data
+
+
+# Bytes of Python objects each opcode builds beyond the 8-byte reference every opcode may leave
+# on the stack or in a container (measured with tracemalloc on CPython 3.11, 64-bit; strings count
+# their header only, their text being at most 4x the bytes that spell it). Charged by prescan_pickle
+# before anything is built: an EMPTY_SET is one byte of pickle and 224 bytes of memory.
+_OPCODE_COST = {
+    "EMPTY_SET": 216, "FROZENSET": 216, "EMPTY_DICT": 64, "DICT": 64, "EMPTY_LIST": 56,
+    "LIST": 56, "TUPLE": 64, "TUPLE1": 48, "TUPLE2": 56, "TUPLE3": 64, "NEWOBJ": 200,
+    "NEWOBJ_EX": 200, "OBJ": 200, "INST": 200, "REDUCE": 128, "BINPERSID": 64, "PERSID": 64,
+    "BININT": 32, "BININT2": 32, "LONG1": 32, "LONG4": 32, "INT": 32, "LONG": 32, "BINFLOAT": 24,
+    "FLOAT": 24, "BINUNICODE": 48, "SHORT_BINUNICODE": 48, "BINUNICODE8": 48, "UNICODE": 48,
+    "BINSTRING": 48, "SHORT_BINSTRING": 48, "STRING": 48, "BINBYTES": 40, "SHORT_BINBYTES": 40,
+    "BINBYTES8": 40, "BYTEARRAY8": 64, "SETITEM": 32, "SETITEMS": 32, "ADDITEMS": 32,
+}
+
+
+def prescan_pickle(file: io.BytesIO, budget: "LoadBudget"):
+  """Walks the opcodes of the pickle at the file's position, building nothing, then rewinds.
+
+  CPython's C unpickler trusts two numbers a pickle gives it: a memo index (LONG_BINPUT 2^32
+  makes it allocate and zero a 32 GiB memo table) and the length of a counted string (allocated
+  before it is read). pickletools reads every counted argument, so a length past the bytes that
+  are there fails here; each memo index is checked against the pickle's size, and the objects the
+  opcodes will build are charged to the budget.
+  """
+  start, top, cost = file.tell(), -1, 0
+  for op, arg, _ in pickletools.genops(file):
+    cost += 8 + _OPCODE_COST.get(op.name, 0)
+    if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+      top = max(top, arg)
+  size = file.tell() - start
+  if top > size:
+    raise CheckpointError(f"memo index {top} in a pickle of {size} bytes: the unpickler would "
+                          "allocate a memo table that large")
+  budget.charge(cost, f"a pickle of {size} bytes building ~{cost} bytes of objects")
+  file.seek(start)

@@ -37,7 +37,7 @@ What a hostile file can and cannot do (the promises hold for `torch_io.load_safe
     objects the pickle's opcodes create (an EMPTY_SET is 1 byte and 224 bytes of memory; costs per
     opcode in `_OPCODE_COST`), copies made by allow-listed constructors (`set`, `bytearray`,
     `_codecs.encode`, ... of a memoised string), placeholder classes, byte-swapped copies.
-    Before the C unpickler runs, `_prescan` walks the opcodes: a counted length past the data, or
+    Before the C unpickler runs, `prescan_pickle` walks the opcodes: a counted length past the data, or
     a memo index past the pickle's size (which would make CPython allocate a table that large), is
     an error.
   * Errors: every failure is a `CheckpointError` (or subclass) whose message starts with the file
@@ -53,7 +53,6 @@ import collections
 import io
 import math
 import pickle
-import pickletools
 import struct
 import zipfile
 from pathlib import Path
@@ -67,7 +66,8 @@ from ldm_jax.convert.checkpoint_limits import (NUMERIC_DTYPES, CheckpointError,
                                                CheckpointNotFoundError, Frozen, LoadBudget,
                                                Sentinel, UnsafeCheckpointError, brief, check_file,
                                                check_int, check_ints, check_shape, guard,
-                                               is_numeric, named, read_file)
+                                               is_numeric, named, prescan_pickle,
+                                               read_file)
 
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "UnsafeCheckpointError", "OpaqueGlobal",
            "NUMERIC_DTYPES", "is_numeric", "check_file", "guard", "load_torch_checkpoint",
@@ -423,49 +423,12 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
-# Bytes of Python objects each opcode builds beyond the 8-byte reference every opcode may leave
-# on the stack or in a container (measured with tracemalloc on CPython 3.11, 64-bit; strings count
-# their header only, their text being at most 4x the bytes that spell it). Charged by _prescan
-# before anything is built: an EMPTY_SET is one byte of pickle and 224 bytes of memory.
-_OPCODE_COST = {
-    "EMPTY_SET": 216, "FROZENSET": 216, "EMPTY_DICT": 64, "DICT": 64, "EMPTY_LIST": 56,
-    "LIST": 56, "TUPLE": 64, "TUPLE1": 48, "TUPLE2": 56, "TUPLE3": 64, "NEWOBJ": 200,
-    "NEWOBJ_EX": 200, "OBJ": 200, "INST": 200, "REDUCE": 128, "BINPERSID": 64, "PERSID": 64,
-    "BININT": 32, "BININT2": 32, "LONG1": 32, "LONG4": 32, "INT": 32, "LONG": 32, "BINFLOAT": 24,
-    "FLOAT": 24, "BINUNICODE": 48, "SHORT_BINUNICODE": 48, "BINUNICODE8": 48, "UNICODE": 48,
-    "BINSTRING": 48, "SHORT_BINSTRING": 48, "STRING": 48, "BINBYTES": 40, "SHORT_BINBYTES": 40,
-    "BINBYTES8": 40, "BYTEARRAY8": 64, "SETITEM": 32, "SETITEMS": 32, "ADDITEMS": 32,
-}
-
-
-def _prescan(file: io.BytesIO, budget: LoadBudget):
-  """Walks the opcodes of the pickle at the file's position, building nothing, then rewinds.
-
-  CPython's C unpickler trusts two numbers a pickle gives it: a memo index (LONG_BINPUT 2^32
-  makes it allocate and zero a 32 GiB memo table) and the length of a counted string (allocated
-  before it is read). pickletools reads every counted argument, so a length past the bytes that
-  are there fails here; each memo index is checked against the pickle's size, and the objects the
-  opcodes will build are charged to the budget.
-  """
-  start, top, cost = file.tell(), -1, 0
-  for op, arg, _ in pickletools.genops(file):
-    cost += 8 + _OPCODE_COST.get(op.name, 0)
-    if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-      top = max(top, arg)
-  size = file.tell() - start
-  if top > size:
-    raise CheckpointError(f"memo index {top} in a pickle of {size} bytes: the unpickler would "
-                          "allocate a memo table that large")
-  budget.charge(cost, f"a pickle of {size} bytes building ~{cost} bytes of objects")
-  file.seek(start)
-
-
 def _unpickle(data: bytes | io.BytesIO, storages, budget: LoadBudget, seen=None):
-  """One pickle from `data` (in memory, checked by _prescan first), numpy objects rebuilt and
+  """One pickle from `data` (in memory, checked by prescan_pickle first), numpy objects rebuilt and
   checked."""
   file = io.BytesIO(data) if isinstance(data, bytes) else data
   try:
-    _prescan(file, budget)
+    prescan_pickle(file, budget)
     obj = _SafeUnpickler(file, storages, budget, seen).load()
     return pickle_numpy.finish(obj, budget) if budget.pending else obj
   except CheckpointError as e:
