@@ -39,7 +39,11 @@ def main(argv) -> int:
   except flags.Error as e:
     print(f"ldm_jax.aot: error: {e}", file=sys.stderr)
     return 2
-  logging.getLogger("ldm_jax").setLevel(logging.INFO)
+  # Progress on stderr (an SD-size compile takes minutes); the report goes to stdout.
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("ldm_jax.aot: %(message)s"))
+  logging.getLogger("ldm_jax.aot").addHandler(handler)
+  logging.getLogger("ldm_jax.aot").setLevel(logging.INFO)
   if FLAGS.config is None or not FLAGS.topology:
     print("ldm_jax.aot: error: --config and --topology are required, e.g. --config "
           "configs/shapes_ldm_text.py:tiny --topology v5e:2x2", file=sys.stderr)

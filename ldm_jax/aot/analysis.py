@@ -8,12 +8,14 @@ sample_loop with sampling) its compile time, per-chip state bytes, XLA's memory 
 the derived figures (`report.figures`) and, for a train step that does not fit, advice.
 """
 
+import logging
 from typing import Any, Callable
 
 from ldm_jax import validate
 from ldm_jax.aot import programs, report, topology
 from ldm_jax.train import loop
 
+log = logging.getLogger("ldm_jax.aot")
 
 class AotError(ValueError):
   """A mistake in the flags or the config: one line, exit code 2."""
@@ -52,7 +54,9 @@ def analyse(config, topology_name: str, *, batch_per_chip: int = 0, train: bool 
          "programs": []}
 
   def one(program, *, repeats_of=None, repeats=1):
+    log.info("%s: tracing and compiling for %s ...", program.name, topology_name)
     compiled, lower_seconds, seconds = programs.compile_program(program)
+    log.info("%s: traced in %.1f s, compiled in %.1f s", program.name, lower_seconds, seconds)
     if on_compiled is not None:
       on_compiled(program.name, compiled)
     mem, costs = report.memory(compiled), report.cost(compiled)
@@ -89,6 +93,7 @@ def analyse(config, topology_name: str, *, batch_per_chip: int = 0, train: bool 
 
 def _build(builder, config, mesh, **kwargs) -> programs.Program:
   """builder(config, mesh, **kwargs), with the model's own config errors as AotError."""
+  log.info("%s: building abstract state and inputs ...", builder.__name__)
   try:
     return builder(config, mesh, **kwargs)
   except (ValueError, KeyError) as e:
