@@ -97,7 +97,7 @@ def _gib(n) -> str:
 
 def table_rows(results: list[dict]) -> list[str]:
   lines = ["| row | chips | batch/chip | remat | state GiB/chip (params+opt+EMA) | temp GiB | "
-           "total GiB / HBM | fits | FLOPs/chip | est. time (source) | img/s/chip (at most) | "
+           "used GiB / HBM | fits | FLOPs/chip | est. time (source) | img/s/chip (at most) | "
            "trace + compile s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for meta in results:
@@ -117,7 +117,7 @@ def table_rows(results: list[dict]) -> list[str]:
       lines.append(
           f"| {meta['row']}: {p['name']} | {aot['num_chips']} {aot['chip']} | "
           f"{p.get('batch_per_chip', '')} | {aot['remat']} | {_gib(state) if state else '-'} | "
-          f"{_gib(mem.get('temp_size_in_bytes', 0))} | {_gib(mem['total'])} / "
+          f"{_gib(mem.get('temp_size_in_bytes', 0))} | {_gib(fig.get('used_bytes', mem['total']))} / "
           f"{_gib(fig['hbm_bytes'])} | {'yes' if fig['fits'] else 'NO'} | "
           f"{fig.get('flops', 0):.3g} | {seconds} | {ips} | "
           f"{p['lower_seconds']:.0f} + {p['compile_seconds']:.0f} |")

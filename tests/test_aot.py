@@ -14,7 +14,7 @@ import pytest
 
 from configs import sd_v1_finetune
 from ldm_jax import ldm as ldm_lib
-from ldm_jax.aot import analysis
+from ldm_jax.aot import analysis, report, topology
 from ldm_jax.kernels import flash_attention
 
 LATENT = 32  # 256 px through the tiny KL-f8: 1024 latent tokens, attention at full resolution.
@@ -72,6 +72,34 @@ def test_state_bytes_follow_the_parameter_shapes(compiled):
   assert state["params"] == unet_bytes  # the CLIP tower is frozen: not trained, not in the state
   assert state["ema_params"] == unet_bytes
   assert 2 * unet_bytes <= state["opt_state"] <= 2 * unet_bytes + 1024  # mu, nu (+ counters)
+  frozen = sum(int(np.prod(x.shape)) * 4
+               for x in jax.tree.leaves((params["first_stage"], params["cond_stage"])))
+  assert step["figures"]["resident_bytes"] == frozen
+  assert step["figures"]["used_bytes"] == step["memory"]["total"] + frozen
+
+
+def test_advice_says_by_how_much_and_which_knobs():
+  c = tiny_sd()
+  c.train.remat, c.train.compute_dtype = False, "float32"
+  chip = topology.CHIPS["v5e"]
+  gib = topology.GIB
+  mem = {"total": 18 * gib, "temp_size_in_bytes": 10 * gib}
+  fig = report.figures(chip=chip, num_chips=4, images=16, mem=mem, costs={},
+                       resident_bytes=gib)
+  assert not fig["fits"] and fig["used_bytes"] == 19 * gib
+  tips = report.advice(c, chip=chip, num_chips=4, figures=fig, mem=mem,
+                       states={"params": gib, "opt_state": 2 * gib, "ema_params": gib},
+                       batch_per_chip=4)
+  text = "\n".join(tips)
+  assert "3.00 GiB over" in tips[0]
+  for knob in ("--batch_per_chip=2", "remat=True", "mesh.fsdp=4", "bfloat16", "use_ema=False",
+               "latent_cache"):
+    assert knob in text, knob
+  assert "saves about 3.00 GiB" in text  # 4 GiB of state split 4 ways
+  mem["total"] = 10 * gib
+  assert report.advice(c, chip=chip, num_chips=4, mem=mem, states={}, batch_per_chip=4,
+                       figures=report.figures(chip=chip, num_chips=4, images=16, mem=mem,
+                                              costs={})) == []
 
 
 def test_memory_and_cost_analyses_are_reported(compiled):

@@ -1,4 +1,4 @@
-"""Compiles a config's train step (and sampling loop) for a TPU topology and prints per-chip figures.
+"""Compiles a config's train step (and sampling loop) for a TPU topology; prints per-chip figures.
 
   python -m ldm_jax.aot --config configs/sd_v1_finetune.py --topology v5e:2x4 \
       [--config.mesh.fsdp=8] [--batch_per_chip=4] [--sample] [--json out.json]
@@ -42,8 +42,10 @@ def main(argv) -> int:
   # Progress on stderr (an SD-size compile takes minutes); the report goes to stdout.
   handler = logging.StreamHandler(sys.stderr)
   handler.setFormatter(logging.Formatter("ldm_jax.aot: %(message)s"))
-  logging.getLogger("ldm_jax.aot").addHandler(handler)
-  logging.getLogger("ldm_jax.aot").setLevel(logging.INFO)
+  log = logging.getLogger("ldm_jax.aot")
+  log.addHandler(handler)
+  log.setLevel(logging.INFO)
+  log.propagate = False  # absl's root handler would print each line again.
   if FLAGS.config is None or not FLAGS.topology:
     print("ldm_jax.aot: error: --config and --topology are required, e.g. --config "
           "configs/shapes_ldm_text.py:tiny --topology v5e:2x2", file=sys.stderr)

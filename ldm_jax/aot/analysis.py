@@ -1,4 +1,4 @@
-"""Compile a config's programs for a TPU topology and analyse them: the work of `python -m ldm_jax.aot`.
+"""Compiles a config's programs for a TPU topology and analyses them (`python -m ldm_jax.aot`).
 
     out = analyse(config, "v5e:2x2", batch_per_chip=2, train=True, sample=True,
                   sample_batch_per_chip=8, sample_steps=50, guidance=7.5)
@@ -55,26 +55,30 @@ def analyse(config, topology_name: str, *, batch_per_chip: int = 0, train: bool 
 
   def one(program, *, repeats_of=None, repeats=1):
     log.info("%s: tracing and compiling for %s ...", program.name, topology_name)
-    compiled, lower_seconds, seconds = programs.compile_program(program)
-    log.info("%s: traced in %.1f s, compiled in %.1f s", program.name, lower_seconds, seconds)
+    compiled, seconds = programs.compile_program(program)
+    log.info("%s: traced in %.1f s, compiled in %.1f s (%.1f CPU s)", program.name,
+             seconds["trace"], seconds["compile"], seconds["compile_cpu"])
     if on_compiled is not None:
       on_compiled(program.name, compiled)
     mem, costs = report.memory(compiled), report.cost(compiled)
-    result = {"name": program.name, "images": program.images, "lower_seconds": lower_seconds,
-              "compile_seconds": seconds,
+    result = {"name": program.name, "images": program.images, "lower_seconds": seconds["trace"],
+              "compile_seconds": seconds["compile"], "lower_cpu_seconds": seconds["trace_cpu"],
+              "compile_cpu_seconds": seconds["compile_cpu"],
               "state_bytes": report.state_bytes(program.state), "memory": mem, "cost": costs}
     if repeats_of is not None:  # Time and FLOPs from another program, run `repeats` times.
       costs = repeats_of["cost"]
       result["cost_from"] = f"{repeats_of['name']} x {repeats}"
     result["figures"] = report.figures(chip=chip, num_chips=n, images=program.images, mem=mem,
-                                       costs=costs, repeats=repeats)
+                                       costs=costs, repeats=repeats,
+                                       resident_bytes=program.resident_bytes)
     return result, compiled
 
   if train:
     build = programs.ae_train_step if config.stage == "autoencoder" else programs.ldm_train_step
     result, _ = one(_build(build, config, mesh))
     result["batch_per_chip"] = config.data.batch_size // shards
-    result["advice"] = report.advice(config, chip=chip, num_chips=n, mem=result["memory"],
+    result["advice"] = report.advice(config, chip=chip, num_chips=n, figures=result["figures"],
+                                     mem=result["memory"],
                                      states=result["state_bytes"],
                                      batch_per_chip=result["batch_per_chip"])
     out["programs"].append(result)

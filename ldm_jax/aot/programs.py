@@ -6,8 +6,9 @@
 
 Each program is the trainer's own function (`ldm_trainer.make_step`, `ae_trainer.make_step` +
 `jit_step`, `diffusion.samplers.sample` behind `sampling.UNetDenoiser`) lowered on
-`jax.ShapeDtypeStruct`s that carry the shardings a run would give them (`parallel.abstract_sharded`):
-no parameter is ever allocated, so SD-size models compile on a laptop.
+`jax.ShapeDtypeStruct`s that carry the shardings a run would give them
+(`parallel.abstract_sharded`): no parameter is ever allocated, so SD-size models compile on a
+laptop.
 """
 
 import copy
@@ -34,13 +35,15 @@ class Program:
 
   images: images one call processes (the global batch); state: the abstract train state whose
   per-chip parameter / optimizer / EMA bytes are reported (None for sampling, whose arguments
-  are the UNet parameters and the conditioning).
+  are the UNet parameters and the conditioning); resident_bytes: what else a run keeps on each
+  chip between calls (stage 2's frozen encoders, which encode each batch outside the step).
   """
   name: str
   fn: Callable[..., Any]
   args: tuple
   images: int
   state: Any = None
+  resident_bytes: int = 0
 
 
 class _ZeroTokens:
@@ -117,8 +120,13 @@ def ldm_train_step(config, mesh) -> Program:
                                    config)
 
   batch = jax.eval_shape(encode, model.params)
+  frozen = {"first_stage": model.params["first_stage"]}
+  if not ldm_task.trains_cond_stage(model, config):
+    frozen["cond_stage"] = model.params["cond_stage"]
+  resident = sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(frozen))
   return Program("train_step", step, (state, _place(batch, parallel.batch_sharding(mesh))),
-                 images=n, state=state)
+                 images=n, state=state, resident_bytes=resident)
 
 
 def ae_train_step(config, mesh) -> Program:
@@ -233,9 +241,14 @@ def sample_step(config, mesh, *, batch_per_chip: int, guidance: float = 7.5) -> 
 
 
 def compile_program(program: Program):
-  """(compiled, seconds to trace and lower, seconds for XLA to compile)."""
-  start = time.perf_counter()
+  """(compiled, {trace, compile, trace_cpu, compile_cpu} seconds).
+
+  CPU seconds are this process's (all threads): on a shared machine they say more about the
+  compiler's work than wall time does.
+  """
+  wall, cpu = time.perf_counter(), time.process_time()
   lowered = program.fn.lower(*program.args)
-  mid = time.perf_counter()
+  wall2, cpu2 = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
-  return compiled, mid - start, time.perf_counter() - mid
+  return compiled, {"trace": wall2 - wall, "compile": time.perf_counter() - wall2,
+                    "trace_cpu": cpu2 - cpu, "compile_cpu": time.process_time() - cpu2}

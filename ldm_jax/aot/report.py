@@ -72,7 +72,7 @@ def cost(compiled) -> dict[str, float]:
 
 
 def figures(*, chip: topology.Chip, num_chips: int, images: int, mem: dict, costs: dict,
-            repeats: int = 1) -> dict[str, float]:
+            repeats: int = 1, resident_bytes: int = 0) -> dict[str, float]:
   """Fit and speed of one call: HBM use, estimated seconds, images/s/chip and MFU.
 
   The time is XLA's cost-model `optimal_seconds` when it prices the program; otherwise (libtpu
@@ -81,9 +81,12 @@ def figures(*, chip: topology.Chip, num_chips: int, images: int, mem: dict, cost
   images/s/chip and MFU are upper bounds. `time_source` says which was used.
   repeats: how many times `costs` (one call of a smaller program, e.g. one sampler step) runs in
   the call, as XLA's cost analysis counts a loop body once.
+  resident_bytes: held on the chip besides the program's own buffers; counted in the fit.
   """
-  out: dict[str, Any] = {"hbm_bytes": chip.hbm_bytes, "fits": mem["total"] <= chip.hbm_bytes,
-                         "hbm_fraction": mem["total"] / chip.hbm_bytes}
+  used = mem["total"] + resident_bytes
+  out: dict[str, Any] = {"hbm_bytes": chip.hbm_bytes, "used_bytes": used,
+                         "resident_bytes": resident_bytes, "fits": used <= chip.hbm_bytes,
+                         "hbm_fraction": used / chip.hbm_bytes}
   flops = costs.get("flops", 0.0) * repeats
   moved = costs.get("bytes_accessed", 0.0) * repeats
   if flops > 0:
@@ -104,14 +107,14 @@ def figures(*, chip: topology.Chip, num_chips: int, images: int, mem: dict, cost
   return out
 
 
-def advice(config, *, chip: topology.Chip, num_chips: int, mem: dict, states: dict,
-           batch_per_chip: int) -> list[str]:
+def advice(config, *, chip: topology.Chip, num_chips: int, figures: dict, mem: dict,
+           states: dict, batch_per_chip: int) -> list[str]:
   """When a train step does not fit: by how much, and the config knobs that would help."""
-  over = mem["total"] - chip.hbm_bytes
+  used, resident = figures["used_bytes"], figures.get("resident_bytes", 0)
+  over = used - chip.hbm_bytes
   if over <= 0:
     return []
-  tips = [f"needs {gib(mem['total'])} of the {chip.name}'s {gib(chip.hbm_bytes)} HBM: "
-          f"{gib(over)} over."]
+  tips = [f"needs {gib(used)} of the {chip.name}'s {gib(chip.hbm_bytes)} HBM: {gib(over)} over."]
   temp = mem.get("temp_size_in_bytes", 0)
   if batch_per_chip > 1 and temp:
     tips.append(f"batch: activations ({gib(temp)}) scale with the batch per chip "
@@ -129,9 +132,9 @@ def advice(config, *, chip: topology.Chip, num_chips: int, mem: dict, states: di
     tips.append("bf16: --config.train.compute_dtype=bfloat16 halves activation memory.")
   if config.train.get("use_ema") and states.get("ema_params"):
     tips.append(f"EMA: --config.train.use_ema=False frees {gib(states['ema_params'])} per chip.")
-  if config.stage != "autoencoder" and config.data.get("source") != "latent_cache":
-    tips.append("precomputed latents / text embeddings (data.source='latent_cache') keep the "
-                "frozen encoders off the chip between steps.")
+  if resident:
+    tips.append(f"precomputed latents / text embeddings (data.source='latent_cache') would keep "
+                f"the frozen encoders ({gib(resident)}) off the chip.")
   return tips
 
 
@@ -143,10 +146,11 @@ def format_program(result: dict) -> list[str]:
   """Text lines for one program's result (see `ldm_jax.aot.__main__`)."""
   lines = [f"== {result['name']}: {result['images']} images per call "
            f"({result.get('batch_per_chip', '?')} per chip); traced in "
-           f"{result['lower_seconds']:.1f} s, compiled in {result['compile_seconds']:.1f} s"]
+           f"{result['lower_seconds']:.1f} s, compiled in {result['compile_seconds']:.1f} s "
+           f"({result['compile_cpu_seconds']:.1f} CPU s)"]
   for name, n in result.get("state_bytes", {}).items():
     if name in STATE_LABELS:
-      lines.append(f"  {STATE_LABELS[name] + ' per chip':28s} {gib(n)}")
+      lines.append(f"  {STATE_LABELS[name] + ' per chip':32s} {gib(n)}")
   mem = result["memory"]
   for key, label in (("argument_size_in_bytes", "arguments"), ("output_size_in_bytes", "outputs"),
                      ("alias_size_in_bytes", "aliased (donated)"),
@@ -154,27 +158,30 @@ def format_program(result: dict) -> list[str]:
                      ("generated_code_size_in_bytes", "generated code"),
                      ("peak_memory_in_bytes", "peak")):
     if key in mem:
-      lines.append(f"  {label:28s} {gib(mem[key])}")
+      lines.append(f"  {label:32s} {gib(mem[key])}")
   fig = result["figures"]
   verdict = "fits" if fig["fits"] else "does NOT fit"
-  lines.append(f"  {'total per chip':28s} {gib(mem['total'])} of {gib(fig['hbm_bytes'])} HBM "
+  lines.append(f"  {'total of the program':32s} {gib(mem['total'])}")
+  if fig.get("resident_bytes"):
+    lines.append(f"  {'+ frozen encoders (outside it)':32s} {gib(fig['resident_bytes'])}")
+  lines.append(f"  {'per chip':32s} {gib(fig['used_bytes'])} of {gib(fig['hbm_bytes'])} HBM "
                f"({100 * fig['hbm_fraction']:.0f}%): {verdict}")
   if "cost_from" in result:
-    lines.append(f"  {'FLOPs and time from':28s} {result['cost_from']}")
+    lines.append(f"  {'FLOPs and time from':32s} {result['cost_from']}")
   if "flops" in fig:
-    lines.append(f"  {'FLOPs per chip':28s} {fig['flops']:.3e} "
+    lines.append(f"  {'FLOPs per chip':32s} {fig['flops']:.3e} "
                  f"({1e3 * fig['seconds_at_peak']:.2f} ms at bf16 peak)")
   if "bytes_accessed" in fig:
-    lines.append(f"  {'HBM bytes accessed per chip':28s} {gib(fig['bytes_accessed'])} "
+    lines.append(f"  {'HBM bytes accessed per chip':32s} {gib(fig['bytes_accessed'])} "
                  f"({1e3 * fig['seconds_at_hbm_bandwidth']:.2f} ms at HBM bandwidth)")
   if "seconds" in fig:
     source = {"xla_cost_model": "XLA cost-model time",
               "roofline": "roofline time (no XLA time)"}[fig["time_source"]]
-    lines.append(f"  {source:28s} {1e3 * fig['seconds']:.2f} ms (a lower bound)")
+    lines.append(f"  {source:32s} {1e3 * fig['seconds']:.2f} ms (a lower bound)")
     if "images_per_second_per_chip" in fig:
-      lines.append(f"  {'images/s/chip (at most)':28s} {fig['images_per_second_per_chip']:.2f}")
+      lines.append(f"  {'images/s/chip (at most)':32s} {fig['images_per_second_per_chip']:.2f}")
     if "mfu" in fig:
-      lines.append(f"  {'MFU at that time':28s} {100 * fig['mfu']:.1f}%")
+      lines.append(f"  {'MFU at that time':32s} {100 * fig['mfu']:.1f}%")
   else:
     lines.append("  XLA reported neither a time nor FLOPs for this program.")
   for tip in result.get("advice", []):
