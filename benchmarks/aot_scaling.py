@@ -98,13 +98,15 @@ def _gib(n) -> str:
 def table_rows(results: list[dict]) -> list[str]:
   lines = ["| row | chips | batch/chip | remat | state GiB/chip (params+opt+EMA) | temp GiB | "
            "used GiB / HBM | fits | FLOPs/chip | est. time (source) | img/s/chip (at most) | "
-           "trace + compile s |",
+           "trace + compile s wall (compile CPU s) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for meta in results:
     aot = meta.get("aot")
     if aot is None:
-      why = (f"did not finish in {meta['timed_out_after_seconds']:.0f} s"
+      why = (f"did not finish in {meta['timed_out_after_seconds']:.0f} s wall"
              if "timed_out_after_seconds" in meta else f"failed: {meta.get('error')}")
+      if meta.get("note"):
+        why += f" ({meta['note']})"
       lines.append(f"| {meta['row']} | | | | | | | | | {why} | | |")
       continue
     for p in aot["programs"]:
@@ -120,7 +122,8 @@ def table_rows(results: list[dict]) -> list[str]:
           f"{_gib(mem.get('temp_size_in_bytes', 0))} | {_gib(fig.get('used_bytes', mem['total']))} / "
           f"{_gib(fig['hbm_bytes'])} | {'yes' if fig['fits'] else 'NO'} | "
           f"{fig.get('flops', 0):.3g} | {seconds} | {ips} | "
-          f"{p['lower_seconds']:.0f} + {p['compile_seconds']:.0f} |")
+          f"{p['lower_seconds']:.0f} + {p['compile_seconds']:.0f} "
+          f"({p.get('compile_cpu_seconds', float('nan')):.0f} CPU) |")
   return lines
 
 

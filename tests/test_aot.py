@@ -129,11 +129,14 @@ def test_bad_topology_and_mesh_are_user_errors():
     analysis.analyse(c, "v5e:2x2")
 
 
-def test_cli_error_is_one_line_and_exit_code_2():
-  proc = subprocess.run(
-      [sys.executable, "-m", "ldm_jax.aot", "--config", "configs/sd_v1_finetune.py:tiny",
-       "--topology", "v5e:3x3x3x3"], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("args, named", [
+    (["--config", "configs/sd_v1_finetune.py:tiny", "--topology", "v5e:3x3x3x3"], "v5e:3x3x3x3"),
+    (["--config", "configs/no_such_config.py", "--topology", "v5e:2x2"], "no_such_config.py"),
+])
+def test_cli_error_is_one_line_and_exit_code_2(args, named):
+  proc = subprocess.run([sys.executable, "-m", "ldm_jax.aot", *args], capture_output=True,
+                        text=True, timeout=120)
   assert proc.returncode == 2
   errors = [l for l in proc.stderr.splitlines() if l.startswith("ldm_jax.aot: error:")]
-  assert len(errors) == 1 and "v5e:3x3x3x3" in errors[0], proc.stderr[-2000:]
+  assert len(errors) == 1 and named in errors[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr

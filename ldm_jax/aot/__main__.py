@@ -36,8 +36,18 @@ flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
 def main(argv) -> int:
   try:
     FLAGS(argv)
-  except flags.Error as e:
-    print(f"ldm_jax.aot: error: {e}", file=sys.stderr)
+    config = FLAGS.config
+    if config is not None:  # The file is loaded (and overridden) on first use: here.
+      config = config.copy_and_resolve_references()
+  except (KeyError, AttributeError) as e:
+    print(f"ldm_jax.aot: error: a --config.* override names no field of the config: {e}",
+          file=sys.stderr)
+    return 2
+  except (flags.Error, OSError, ValueError, TypeError) as e:
+    # A missing file, an unknown variant, a bad value: the loader's last line (its messages may
+    # carry a traceback), on one line.
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    print(f"ldm_jax.aot: error: {lines[-1] if lines else type(e).__name__}", file=sys.stderr)
     return 2
   # Progress on stderr (an SD-size compile takes minutes); the report goes to stdout.
   handler = logging.StreamHandler(sys.stderr)
@@ -46,13 +56,13 @@ def main(argv) -> int:
   log.addHandler(handler)
   log.setLevel(logging.INFO)
   log.propagate = False  # absl's root handler would print each line again.
-  if FLAGS.config is None or not FLAGS.topology:
+  if config is None or not FLAGS.topology:
     print("ldm_jax.aot: error: --config and --topology are required, e.g. --config "
           "configs/shapes_ldm_text.py:tiny --topology v5e:2x2", file=sys.stderr)
     return 2
   from ldm_jax.aot import analysis, report
   try:
-    out = analysis.analyse(FLAGS.config, FLAGS.topology, batch_per_chip=FLAGS.batch_per_chip,
+    out = analysis.analyse(config, FLAGS.topology, batch_per_chip=FLAGS.batch_per_chip,
               train=FLAGS.train, sample=FLAGS.sample,
               sample_batch_per_chip=FLAGS.sample_batch_per_chip, sample_steps=FLAGS.sample_steps,
               guidance=FLAGS.guidance)
