@@ -168,9 +168,22 @@ def init_sharded(init_fn: Callable[..., Any], *args: Any, mesh: Mesh,
   its device. Get the shardings back with
   `jax.tree.map(lambda x: x.sharding, out)`.
   """
+  shardings = jax.tree.map(lambda a: a.sharding,
+                           abstract_sharded(init_fn, *args, mesh=mesh, min_size=min_size))
+  return jax.jit(init_fn, out_shardings=shardings)(*args)
+
+
+def abstract_sharded(init_fn: Callable[..., Any], *args: Any, mesh: Mesh,
+                     min_size: int = DEFAULT_MIN_SHARD_SIZE) -> Any:
+  """What `init_sharded` would return, as ShapeDtypeStructs carrying their shardings.
+
+  Nothing is allocated: `args` may themselves be ShapeDtypeStructs. Ahead-of-time compilation
+  lowers a step on these, so its state is laid out exactly as a training run's.
+  """
   abstract = jax.eval_shape(init_fn, *args)
   shardings = infer_param_shardings(abstract, mesh, min_size)
-  return jax.jit(init_fn, out_shardings=shardings)(*args)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
 
 
 def _multiprocess_env() -> bool:

@@ -62,9 +62,10 @@ def check_unet(prefix: str, unet, latent_size: int | None) -> None:
           f"{latent_size} is not divisible by {2 ** (levels - 1)}")
 
 
-def check_mesh(mesh) -> None:
+def check_mesh(mesh, num_devices: int | None = None) -> None:
+  """num_devices: the devices the run will use (default: this process's JAX, all hosts)."""
   sizes = {k: mesh.get(k, 1) for k in ("data", "fsdp", "tensor")}
-  n = jax.device_count()
+  n = jax.device_count() if num_devices is None else int(num_devices)
   limit = int(mesh.get("num_devices", 0))
   if limit:
     if limit < 0 or limit > n:
@@ -82,8 +83,12 @@ def check_mesh(mesh) -> None:
     _fail("mesh", sizes, f"the axes must multiply to the {n} devices in use")
 
 
-def check_config(config) -> None:
-  """Raises ValueError naming the first impossible field of an experiment config."""
+def check_config(config, num_devices: int | None = None) -> None:
+  """Raises ValueError naming the first impossible field of an experiment config.
+
+  num_devices: the devices the mesh must cover (default: `jax.device_count()`); ahead-of-time
+  compilation checks against the target topology's.
+  """
   _check_choice("stage", config.stage, ("autoencoder", "ldm"))
   _check_choice("data.source", config.data.source, ("shapes", "folder", "tfds", "latent_cache"))
   if config.data.batch_size < 1:
@@ -94,7 +99,7 @@ def check_config(config) -> None:
   _check_choice("train.nonfinite", config.train.nonfinite, ("stop", "skip"))
   if not 0.0 <= config.train.cond_drop_prob < 1.0:
     _fail("train.cond_drop_prob", config.train.cond_drop_prob, "expected in [0, 1)")
-  check_mesh(config.mesh)
+  check_mesh(config.mesh, num_devices)
   model = config.model
   check_autoencoder("model.first_stage", model.first_stage, config.data.image_size)
   if config.stage == "ldm":

@@ -96,8 +96,10 @@ def sample(denoise: Callable, schedule: Schedule, x_T: jnp.ndarray, cond: Any, r
       and not isinstance(schedule.alphas_cumprod, jax.core.Tracer)):
     # At alphas_cumprod == 0 (zero terminal SNR) x0 = (x - eps) / 0: an eps model says nothing
     # about x0 there. (dpmpp_2m and euler_ancestral step from 2^-24 instead, like diffusers.)
-    ts = sampler_timesteps(sampler, T, steps, grid)
-    if float(jnp.min(schedule.alphas_cumprod[ts])) == 0.0:
+    with jax.ensure_compile_time_eval():  # A host-side check, also when `sample` is traced.
+      terminal = float(jnp.min(schedule.alphas_cumprod[sampler_timesteps(sampler, T, steps,
+                                                                         grid)]))
+    if terminal == 0.0:
       raise ValueError(f"parameterization='eps' with sampler={sampler!r}, grid={grid!r}: the grid "
                        f'reaches a timestep with alphas_cumprod == 0 (zero terminal SNR); '
                        f"expected a 'v' or 'x0' model there")

@@ -185,6 +185,20 @@ def init_state(ae, disc, opt_g, opt_d, first_images, rng, learn_logvar=False) ->
                  rng=r_state)
 
 
+# The optimizers and the jitted step, shared with ahead-of-time compilation (ldm_jax.aot).
+def make_optimizers(config):
+  """(generator optimizer, discriminator optimizer), CompVis's lr scaled by the batch."""
+  lr = config.loss.base_learning_rate * config.data.batch_size * config.train.grad_accum_steps
+  return optim.make_gan_optimizer(learning_rate=lr), optim.make_gan_optimizer(learning_rate=lr)
+
+
+def jit_step(step_fn, mesh, state_shardings):
+  """`make_step`'s step jitted: state donated, batch split over the mesh, LPIPS replicated."""
+  replicated = parallel.replicated(mesh)
+  return jax.jit(step_fn, in_shardings=(state_shardings, parallel.batch_sharding(mesh), replicated),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
 def train(config, workdir: str) -> dict:
   parallel.maybe_initialize_distributed()
   loop.write_config(workdir, config)
@@ -192,9 +206,7 @@ def train(config, workdir: str) -> dict:
   ae = build.build_first_stage(config.model.first_stage, config.train.compute_dtype)
   disc = make_discriminator(config)
   lpips_params = load_lpips(config)
-  lr = config.loss.base_learning_rate * config.data.batch_size * config.train.grad_accum_steps
-  opt_g = optim.make_gan_optimizer(learning_rate=lr)
-  opt_d = optim.make_gan_optimizer(learning_rate=lr)
+  opt_g, opt_d = make_optimizers(config)
   pipeline = inputs.make_pipeline(config, mesh=mesh)
 
   first_images = np.asarray(pipeline.peek()["image"], np.float32)
@@ -212,11 +224,8 @@ def train(config, workdir: str) -> dict:
 
   use_lpips = lpips_params is not None and config.loss.perceptual_weight > 0
   step_fn = make_step(ae, disc, config, opt_g, opt_d, use_lpips)
-  batch_sharding = parallel.batch_sharding(mesh)
-  replicated = parallel.replicated(mesh)
-  lp = jax.device_put(lpips_params, replicated) if use_lpips else None
-  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, replicated),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  lp = jax.device_put(lpips_params, parallel.replicated(mesh)) if use_lpips else None
+  jitted = jit_step(step_fn, mesh, state_shardings)
 
   def train_step(state, batch):
     return jitted(state, batch, lp)

@@ -140,6 +140,10 @@ def make_loss_fn(model: ldm_lib.LatentDiffusion, config):
   null = ({k: jnp.asarray(v) for k, v in null_inputs(model).items()} if drop_prob > 0 else {})
   train_cs = trains_cond_stage(model, config)
   frozen_cs = None if train_cs else model.params.get("cond_stage")
+  # A frozen text encoder's empty-prompt context is the same every step: computed once here, so
+  # the step neither reruns the encoder nor carries its weights as constants.
+  null_context = (frozen_null_context(model) if drop_prob > 0 and model.is_text and not train_cs
+                  else None)
 
   def conditioning(params, batch, rng) -> ldm_lib.Conditioning:
     b = batch["z"].shape[0]
@@ -156,8 +160,7 @@ def make_loss_fn(model: ldm_lib.LatentDiffusion, config):
     elif "context" in batch:
       context = batch["context"]
       if drop is not None:
-        empty = cond_stage.apply(frozen_cs, null["tokens"][None])  # [1, L, D]
-        context = jnp.where(drop[:, None, None], empty.astype(context.dtype), context)
+        context = jnp.where(drop[:, None, None], null_context.astype(context.dtype), context)
       cond.context = context
     elif "label" in batch:
       labels = batch["label"]
@@ -187,6 +190,21 @@ def make_loss_fn(model: ldm_lib.LatentDiffusion, config):
         min_snr_gamma=config.train.min_snr_gamma or None)
 
   return loss_fn
+
+
+def frozen_null_context(model: ldm_lib.LatentDiffusion) -> jax.Array:
+  """The frozen text encoder's context for the empty prompt, [1, L, D].
+
+  With abstract parameters (ahead-of-time compilation, `jax.ShapeDtypeStruct` leaves) only its
+  shape and dtype can matter, and zeros of them are returned.
+  """
+  tokens = jnp.asarray(null_inputs(model)["tokens"])[None]  # [1, L]
+  encode = jax.jit(lambda variables: ldm_lib.cond_stage_fn(model.cond_stage, variables, tokens))
+  variables = model.params["cond_stage"]
+  if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(variables)):
+    out = jax.eval_shape(encode, variables)
+    return jnp.zeros(out.shape, out.dtype)
+  return encode(variables)
 
 
 def apply_trained(model: ldm_lib.LatentDiffusion, trained: Mapping[str, Any]

@@ -74,6 +74,54 @@ def load_first_stage(path: str, model: ldm_lib.LatentDiffusion):
   return variables
 
 
+# ------------------------------------------------------------------------------------------------
+# The step and its state, shared with ahead-of-time compilation (ldm_jax.aot), which builds them
+# from abstract parameters.
+# ------------------------------------------------------------------------------------------------
+def make_optimizer(config):
+  """(AdamW with the config's schedule, that schedule as a function of the update count)."""
+  lr = config.train.learning_rate
+  if config.train.scale_lr_by_batch:
+    lr = optim.scale_lr_by_batch(lr, config.data.batch_size, config.train.grad_accum_steps)
+  optimizer = optim.make_optimizer(
+      learning_rate=lr, warmup_steps=config.train.warmup_steps, schedule=config.train.schedule,
+      total_steps=config.train.num_steps, weight_decay=config.train.weight_decay,
+      b1=config.train.b1, b2=config.train.b2,
+      grad_clip_norm=config.train.grad_clip_norm or None,
+      grad_accum_steps=config.train.grad_accum_steps)
+  lr_fn = optim.learning_rate_fn(learning_rate=lr, warmup_steps=config.train.warmup_steps,
+                                 schedule=config.train.schedule,
+                                 total_steps=config.train.num_steps)
+  return optimizer, lr_fn
+
+
+def training_model(model: ldm_lib.LatentDiffusion, config) -> ldm_lib.LatentDiffusion:
+  """The model as the step runs it: UNet blocks rematerialised when config.train.remat."""
+  if not config.train.remat:
+    return model
+  cfg = model.config
+  cfg.unet.remat = True
+  return ldm_lib.LatentDiffusion(cfg, model.params, compute_dtype=config.train.compute_dtype,
+                                 tokenizer=model._tokenizer)
+
+
+def init_state_fn(config, optimizer):
+  """init_state(trainable params, rng) -> the fresh TrainState (AdamW moments, EMA)."""
+  def init_state(trainable, rng):
+    return state_lib.create_train_state(trainable, optimizer, rng, use_ema=config.train.use_ema)
+  return init_state
+
+
+def make_step(model: ldm_lib.LatentDiffusion, config, optimizer, lr_fn, mesh, state_shardings):
+  """The jitted, donating `(state, batch) -> (state, metrics)` over the latent diffusion loss."""
+  return step_lib.make_train_step(
+      ldm_task.make_loss_fn(model, config), optimizer,
+      ema_decay=config.train.ema_decay if config.train.use_ema else None,
+      nonfinite=config.train.nonfinite, learning_rate_fn=lr_fn,
+      grad_accum_steps=config.train.grad_accum_steps, mesh=mesh,
+      state_shardings=state_shardings)
+
+
 def train(config, workdir: str) -> dict:
   parallel.maybe_initialize_distributed()
   loop.write_config(workdir, config)
@@ -88,41 +136,17 @@ def train(config, workdir: str) -> dict:
   model = build_model(config, workdir, first.get("image"))
 
   # --- Optimiser and state, born sharded. ---
-  global_batch = config.data.batch_size
-  lr = config.train.learning_rate
-  if config.train.scale_lr_by_batch:
-    lr = optim.scale_lr_by_batch(lr, global_batch, config.train.grad_accum_steps)
-  optimizer = optim.make_optimizer(
-      learning_rate=lr, warmup_steps=config.train.warmup_steps, schedule=config.train.schedule,
-      total_steps=config.train.num_steps, weight_decay=config.train.weight_decay,
-      b1=config.train.b1, b2=config.train.b2,
-      grad_clip_norm=config.train.grad_clip_norm or None,
-      grad_accum_steps=config.train.grad_accum_steps)
-  lr_fn = optim.learning_rate_fn(learning_rate=lr, warmup_steps=config.train.warmup_steps,
-                                 schedule=config.train.schedule,
-                                 total_steps=config.train.num_steps)
-  if config.train.remat:
-    cfg = model.config
-    cfg.unet.remat = True
-    model = ldm_lib.LatentDiffusion(cfg, model.params, compute_dtype=config.train.compute_dtype)
-  trainable = ldm_task.trainable_params(model, config)
-
-  def init_state(rng):
-    return state_lib.create_train_state(trainable, optimizer, rng,
-                                        use_ema=config.train.use_ema)
-
-  state = parallel.init_sharded(init_state, jax.random.PRNGKey(config.seed + 1), mesh=mesh,
+  optimizer, lr_fn = make_optimizer(config)
+  model = training_model(model, config)
+  state = parallel.init_sharded(init_state_fn(config, optimizer),
+                                ldm_task.trainable_params(model, config),
+                                jax.random.PRNGKey(config.seed + 1), mesh=mesh,
                                 min_size=config.mesh.min_shard_size)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   checkpointer = loop.make_checkpointer(workdir, config)
   state, start_step = loop.resume(checkpointer, state, pipeline, workdir)
 
-  loss_fn = ldm_task.make_loss_fn(model, config)
-  train_step = step_lib.make_train_step(
-      loss_fn, optimizer, ema_decay=config.train.ema_decay if config.train.use_ema else None,
-      nonfinite=config.train.nonfinite, learning_rate_fn=lr_fn,
-      grad_accum_steps=config.train.grad_accum_steps, mesh=mesh,
-      state_shardings=state_shardings)
+  train_step = make_step(model, config, optimizer, lr_fn, mesh, state_shardings)
 
   # The encoder's key is a function of the step, so a resumed run encodes as an unbroken one.
   encode_rng, batch_step = jax.random.PRNGKey(config.seed + 2), start_step

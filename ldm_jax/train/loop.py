@@ -109,12 +109,14 @@ def read_metrics(workdir: str) -> dict[int, dict[str, float]]:
   return out
 
 
-def make_mesh(config) -> jax.sharding.Mesh:
+def make_mesh(config, devices=None) -> jax.sharding.Mesh:
+  """The config's mesh over `devices` (default: this run's, `jax.devices()`)."""
   axes = {"data": config.mesh.data, "fsdp": config.mesh.fsdp}
   if config.mesh.get("tensor", 1) != 1:
     axes["tensor"] = config.mesh.tensor
+  devices = list(jax.devices() if devices is None else devices)
   n = int(config.mesh.get("num_devices", 0))
-  return parallel.make_mesh(axes, devices=jax.devices()[:n] if n else None)
+  return parallel.make_mesh(axes, devices=devices[:n] if n else devices)
 
 
 def make_checkpointer(workdir: str, config) -> checkpoint_lib.Checkpointer:

@@ -1,0 +1,104 @@
+"""Compiles a config's programs for a TPU topology and analyses them (`python -m ldm_jax.aot`).
+
+    out = analyse(config, "v5e:2x2", batch_per_chip=2, train=True, sample=True,
+                  sample_batch_per_chip=8, sample_steps=50, guidance=7.5)
+
+`out` is JSON-able: the topology and mesh, and per program (train_step; sample_step and
+sample_loop with sampling) its compile time, per-chip state bytes, XLA's memory and cost analyses,
+the derived figures (`report.figures`) and, for a train step that does not fit, advice.
+"""
+
+import logging
+from typing import Any, Callable
+
+from ldm_jax import validate
+from ldm_jax.aot import programs, report, topology
+from ldm_jax.train import loop
+
+log = logging.getLogger("ldm_jax.aot")
+
+class AotError(ValueError):
+  """A mistake in the flags or the config: one line, exit code 2."""
+
+
+def analyse(config, topology_name: str, *, batch_per_chip: int = 0, train: bool = True,
+            sample: bool = False, sample_batch_per_chip: int = 8, sample_steps: int = 50,
+            guidance: float = 7.5, on_compiled: Callable[[str, Any], None] | None = None) -> dict:
+  """Compiles and analyses the programs; returns the JSON-able report.
+
+  batch_per_chip: sets config.data.batch_size to it times the chips (0 keeps the config's).
+  on_compiled(name, compiled): sees each compiled program (e.g. to inspect its HLO).
+  Raises AotError for an unknown topology or a config that cannot run on it.
+  """
+  try:
+    chip, devices = topology.tpu_devices(topology_name)
+  except topology.TopologyError as e:
+    raise AotError(str(e)) from None
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    if batch_per_chip:
+      config.data.batch_size = int(batch_per_chip) * len(devices)
+  try:
+    validate.check_config(config, num_devices=len(devices))
+    mesh = loop.make_mesh(config, devices)
+  except ValueError as e:
+    raise AotError(f"--config: {e}") from None
+  n = int(mesh.devices.size)
+  shards = n // int(mesh.shape.get("tensor", 1))
+  if config.data.batch_size % shards:
+    raise AotError(f"--config.data.batch_size={config.data.batch_size}: expected a multiple of "
+                   f"the {shards} batch shards of {topology_name} (or set --batch_per_chip).")
+  out = {"topology": topology_name, "chip": chip.name, "num_chips": n,
+         "mesh": {k: int(v) for k, v in mesh.shape.items()},
+         "compute_dtype": config.train.compute_dtype, "remat": bool(config.train.remat),
+         "programs": []}
+
+  def one(program, *, repeats_of=None, repeats=1):
+    log.info("%s: tracing and compiling for %s ...", program.name, topology_name)
+    compiled, seconds = programs.compile_program(program)
+    log.info("%s: traced in %.1f s, compiled in %.1f s (%.1f CPU s)", program.name,
+             seconds["trace"], seconds["compile"], seconds["compile_cpu"])
+    if on_compiled is not None:
+      on_compiled(program.name, compiled)
+    mem, costs = report.memory(compiled), report.cost(compiled)
+    result = {"name": program.name, "images": program.images, "lower_seconds": seconds["trace"],
+              "compile_seconds": seconds["compile"], "lower_cpu_seconds": seconds["trace_cpu"],
+              "compile_cpu_seconds": seconds["compile_cpu"],
+              "state_bytes": report.state_bytes(program.state), "memory": mem, "cost": costs}
+    if repeats_of is not None:  # Time and FLOPs from another program, run `repeats` times.
+      costs = repeats_of["cost"]
+      result["cost_from"] = f"{repeats_of['name']} x {repeats}"
+    result["figures"] = report.figures(chip=chip, num_chips=n, images=program.images, mem=mem,
+                                       costs=costs, repeats=repeats,
+                                       resident_bytes=program.resident_bytes)
+    return result, compiled
+
+  if train:
+    build = programs.ae_train_step if config.stage == "autoencoder" else programs.ldm_train_step
+    result, _ = one(_build(build, config, mesh))
+    result["batch_per_chip"] = config.data.batch_size // shards
+    result["advice"] = report.advice(config, chip=chip, num_chips=n, figures=result["figures"],
+                                     mem=result["memory"],
+                                     states=result["state_bytes"],
+                                     batch_per_chip=result["batch_per_chip"])
+    out["programs"].append(result)
+  if sample:
+    if config.stage == "autoencoder":
+      raise AotError("--sample: an autoencoder config has no sampling loop.")
+    kw = dict(batch_per_chip=sample_batch_per_chip, guidance=guidance)
+    step, _ = one(_build(programs.sample_step, config, mesh, **kw))
+    loop_result, _ = one(_build(programs.sample_loop, config, mesh, steps=sample_steps, **kw),
+                         repeats_of=step, repeats=sample_steps)
+    for result in (step, loop_result):
+      result["batch_per_chip"] = sample_batch_per_chip
+    out["programs"] += [step, loop_result]
+  return out
+
+
+def _build(builder, config, mesh, **kwargs) -> programs.Program:
+  """builder(config, mesh, **kwargs), with the model's own config errors as AotError."""
+  log.info("%s: building abstract state and inputs ...", builder.__name__)
+  try:
+    return builder(config, mesh, **kwargs)
+  except (ValueError, KeyError) as e:
+    raise AotError(f"--config: {e}") from None

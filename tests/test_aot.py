@@ -1,0 +1,142 @@
+"""Ahead-of-time compilation for a TPU topology (ldm_jax.aot), on this CPU host through libtpu.
+
+One module-scoped compile of a miniature Stable Diffusion (frozen CLIP-style text encoder, bf16,
+remat, empty-prompt dropout) for v5e:2x2: its train step, one guided sampler step and the 50-step
+DDIM loop, through `analysis.analyse`, the function behind `python -m ldm_jax.aot`.
+"""
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import sd_v1_finetune
+from ldm_jax import ldm as ldm_lib
+from ldm_jax.aot import analysis, report, topology
+from ldm_jax.kernels import flash_attention
+
+LATENT = 32  # 256 px through the tiny KL-f8: 1024 latent tokens, attention at full resolution.
+HEADS = 8
+
+
+def tiny_sd():
+  c = sd_v1_finetune.get_config("tiny")
+  c.data.image_size = LATENT * 8
+  c.model.diffusion.image_size = LATENT
+  return c
+
+
+@pytest.fixture(scope="module")
+def compiled(tpu_v5e_devices):
+  del tpu_v5e_devices  # libtpu is there; analyse asks it for the same topology.
+  texts = {}
+  out = analysis.analyse(tiny_sd(), "v5e:2x2", batch_per_chip=1, sample=True,
+                         sample_batch_per_chip=1, sample_steps=50, guidance=7.5,
+                         on_compiled=lambda name, c: texts.__setitem__(name, c.as_text()))
+  return out, texts
+
+
+def test_cpu_would_block_this_attention():
+  """The CPU form of these attention layers loops over blocks (so the TPU checks below can
+  fail): one image's self-attention gradient exceeds the CPU's gradient block."""
+  assert HEADS * (LATENT * LATENT) ** 2 > flash_attention.CPU_ATTENTION_GRAD_BLOCK
+  assert tiny_sd().model.unet.num_heads == HEADS
+
+
+def test_train_step_is_the_tpu_program_without_cpu_kernels(compiled):
+  out, texts = compiled
+  assert (out["chip"], out["num_chips"], out["mesh"]) == ("v5e", 4, {"data": 4, "fsdp": 1})
+  assert [p["name"] for p in out["programs"]] == ["train_step", "sample_step", "sample_loop"]
+  assert "while" not in texts["train_step"]  # no blocked CPU attention, forward or backward
+  assert texts["train_step"].count("bf16") > 0  # compute_dtype=bfloat16 reached the program
+
+
+def test_sampling_loop_holds_one_loop(compiled):
+  """The sampler is one while loop; blocked CPU attention would nest more inside it."""
+  _, texts = compiled
+  assert "while" not in texts["sample_step"]
+  assert texts["sample_loop"].count(" while(") == 1
+
+
+def test_state_bytes_follow_the_parameter_shapes(compiled):
+  """Parameters, AdamW moments and EMA per chip, against the UNet's own parameter count
+  (fsdp=1: each chip holds all of them, in float32)."""
+  out, _ = compiled
+  step = out["programs"][0]
+  c = tiny_sd()
+  params = jax.eval_shape(lambda r: ldm_lib.init_params(c.model, r), jax.random.PRNGKey(0))
+  unet_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(params["unet"]))
+  state = step["state_bytes"]
+  assert state["params"] == unet_bytes  # the CLIP tower is frozen: not trained, not in the state
+  assert state["ema_params"] == unet_bytes
+  assert 2 * unet_bytes <= state["opt_state"] <= 2 * unet_bytes + 1024  # mu, nu (+ counters)
+  frozen = sum(int(np.prod(x.shape)) * 4
+               for x in jax.tree.leaves((params["first_stage"], params["cond_stage"])))
+  assert step["figures"]["resident_bytes"] == frozen
+  assert step["figures"]["used_bytes"] == step["memory"]["total"] + frozen
+
+
+def test_advice_says_by_how_much_and_which_knobs():
+  c = tiny_sd()
+  c.train.remat, c.train.compute_dtype = False, "float32"
+  chip = topology.CHIPS["v5e"]
+  gib = topology.GIB
+  mem = {"total": 18 * gib, "temp_size_in_bytes": 10 * gib}
+  fig = report.figures(chip=chip, num_chips=4, images=16, mem=mem, costs={},
+                       resident_bytes=gib)
+  assert not fig["fits"] and fig["used_bytes"] == 19 * gib
+  tips = report.advice(c, chip=chip, num_chips=4, figures=fig, mem=mem,
+                       states={"params": gib, "opt_state": 2 * gib, "ema_params": gib},
+                       batch_per_chip=4)
+  text = "\n".join(tips)
+  assert "3.00 GiB over" in tips[0]
+  for knob in ("--batch_per_chip=2", "remat=True", "mesh.fsdp=4", "bfloat16", "use_ema=False",
+               "latent_cache"):
+    assert knob in text, knob
+  assert "saves about 3.00 GiB" in text  # 4 GiB of state split 4 ways
+  mem["total"] = 10 * gib
+  assert report.advice(c, chip=chip, num_chips=4, mem=mem, states={}, batch_per_chip=4,
+                       figures=report.figures(chip=chip, num_chips=4, images=16, mem=mem,
+                                              costs={})) == []
+
+
+def test_memory_and_cost_analyses_are_reported(compiled):
+  out, _ = compiled
+  for program in out["programs"]:
+    mem, fig = program["memory"], program["figures"]
+    assert mem["argument_size_in_bytes"] > 0 and mem["total"] > 0, program["name"]
+    assert fig["fits"] and 0 < fig["hbm_fraction"] < 1
+    assert fig["flops"] > 0 and fig["seconds"] > 0 and fig["images_per_second_per_chip"] > 0
+    assert program["compile_seconds"] > 0
+  train, step, loop = out["programs"]
+  # Donation: the state's buffers are the outputs' buffers.
+  assert train["memory"]["alias_size_in_bytes"] >= sum(train["state_bytes"].values()) - 1024
+  assert loop["figures"]["flops"] == pytest.approx(50 * step["cost"]["flops"])
+  assert train["advice"] == []
+
+
+def test_bad_topology_and_mesh_are_user_errors():
+  with pytest.raises(analysis.AotError, match="--topology='v9x:2x2'"):
+    analysis.analyse(tiny_sd(), "v9x:2x2")
+  c = tiny_sd()
+  c.mesh.fsdp = 3
+  with pytest.raises(analysis.AotError, match="mesh"):
+    analysis.analyse(c, "v5e:2x2")
+  with pytest.raises(analysis.AotError, match="batch_size=6"):
+    c.mesh.fsdp, c.data.batch_size = 1, 6
+    analysis.analyse(c, "v5e:2x2")
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--config", "configs/sd_v1_finetune.py:tiny", "--topology", "v5e:3x3x3x3"], "v5e:3x3x3x3"),
+    (["--config", "configs/no_such_config.py", "--topology", "v5e:2x2"], "no_such_config.py"),
+])
+def test_cli_error_is_one_line_and_exit_code_2(args, named):
+  proc = subprocess.run([sys.executable, "-m", "ldm_jax.aot", *args], capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("ldm_jax.aot: error:")]
+  assert len(errors) == 1 and named in errors[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
