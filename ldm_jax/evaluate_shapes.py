@@ -69,7 +69,7 @@ def grade(sample_dir: str) -> dict:
 
 
 def compare_with_expected(summary: dict, expected: dict = QUICKSTART_EXPECTED) -> str:
-  """One line: this run's rates beside the expected (lowest, highest), and whether any fell short."""
+  """One line: this run's rates beside the expected (lowest, highest); names any that fell short."""
   parts, low = [], []
   for k in METRICS:
     lo, hi = expected[k]
