@@ -153,10 +153,11 @@ def robustness(args) -> dict:
     report[f"{name}_median"] = {k: float(np.median([r[name][k] for r in rows])) for k in METRICS}
   report["goal_met"] = all(report["all_90x2_min"][k] >= v for k, v in GOAL_90.items())
   for r in rows:
-    secs = sum(r[k] or 0.0 for k in ("autoencoder_seconds", "ldm_seconds"))
+    secs = [r[k] for k in ("autoencoder_seconds", "ldm_seconds") if r[k] is not None]
+    trained = f"trained in {sum(secs):.0f} s" if secs else "trained earlier"
     print(f"seed {r['seed']}: 16 README prompts: {fmt(r['readme_16'])} | 90 prompts x 2: "
-          f"{fmt(r['all_90x2'])} | AE round trip all {r['autoencoder']['detector_all']:.0%} | "
-          f"train {secs:.0f} s")
+          f"{fmt(r['all_90x2'])} | AE round trip all {r['autoencoder']['detector_all']:.1%} | "
+          f"{trained}")
   for name, label in (("readme_16", "16 README prompts"), ("all_90x2", "90 prompts x 2")):
     print(f"{label}: min {fmt(report[name + '_min'])} | median {fmt(report[name + '_median'])}")
   print("goal (worst seed, 90 prompts: colour/shape >= 90%, position >= 95%, all >= 85%): "

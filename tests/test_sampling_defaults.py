@@ -85,8 +85,9 @@ def test_library_sample_uses_and_prints_the_recommendation(recommending, monkeyp
 
 def test_cli_with_only_a_prompt_samples_as_the_model_recommends(recommending, tmp_path, capsys):
   out = tmp_path / "rec"
-  code, stdout, err = run_cli(["--checkpoint", recommending, "--prompt", "a red circle at the center",
-                               "--outdir", str(out), "--no_progress"], capsys)
+  code, stdout, err = run_cli(["--checkpoint", recommending,
+                               "--prompt", "a red circle at the center", "--outdir", str(out),
+                               "--no_progress"], capsys)
   assert code == 0, err
   settings = json.load(open(out / "samples.json"))["settings"]
   assert (settings["sampler"], settings["steps"], settings["guidance"]) == ("plms", 3, 2.5)
@@ -96,9 +97,10 @@ def test_cli_with_only_a_prompt_samples_as_the_model_recommends(recommending, tm
 
 def test_cli_flags_win_over_the_recommendation(recommending, tmp_path, capsys):
   out = tmp_path / "flags"
-  code, stdout, err = run_cli(["--checkpoint", recommending, "--prompt", "a red circle at the center",
-                               "--guidance", "1.0", "--steps", "2", "--sampler", "euler_a",
-                               "--outdir", str(out), "--no_progress"], capsys)
+  code, stdout, err = run_cli(["--checkpoint", recommending,
+                               "--prompt", "a red circle at the center", "--guidance", "1.0",
+                               "--steps", "2", "--sampler", "euler_a", "--outdir", str(out),
+                               "--no_progress"], capsys)
   assert code == 0, err
   settings = json.load(open(out / "samples.json"))["settings"]
   assert (settings["sampler"], settings["steps"], settings["guidance"]) == ("euler_a", 2, 1.0)

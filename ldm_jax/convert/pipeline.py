@@ -30,7 +30,7 @@ RECOMMENDED_GUIDANCE = {"clip": 7.5, "openclip": 7.5, "ldm_bert": 5.0, "bert": 5
 
 
 def recommended_sampling(cond_kind: str) -> dict[str, Any]:
-  """The `sampling` section of an imported model's config (see LatentDiffusion.sampling_settings)."""
+  """The `sampling` section of an imported model's config (LatentDiffusion.sampling_settings)."""
   if cond_kind in RECOMMENDED_GUIDANCE:
     return {"sampler": "ddim", "steps": 50, "guidance": RECOMMENDED_GUIDANCE[cond_kind]}
   return {}
