@@ -30,6 +30,10 @@ SAMPLERS = ("ddim", "plms", "ddpm", "dpmpp_2m", "euler_ancestral")
 # Guidance 1.0 is no classifier-free guidance: the only safe choice for a model that may have been
 # trained without condition dropout.
 SAMPLING_DEFAULTS = {"sampler": "ddim", "steps": 50, "guidance": 1.0}
+# What Stable Diffusion's inpainting models (LatentInpaintDiffusion) concatenate to z_t, in order:
+# the hole mask (1 = repaint) and the first stage's encoding of the masked image.
+INPAINT_CONCAT_KEYS = ("mask", "masked_image")
+INPAINT_TARGET = "LatentInpaintDiffusion"
 
 
 @dataclasses.dataclass
@@ -112,6 +116,16 @@ class LatentDiffusion:
     return self.cond_kind in build.TEXT_ENCODERS
 
   @property
+  def is_text_inpainting(self) -> bool:
+    """A Stable Diffusion inpainting model: text by cross-attention, [mask, masked latent] concat."""
+    return self.config.diffusion.get("model_target") == INPAINT_TARGET
+
+  @property
+  def is_inpainting(self) -> bool:
+    """A model that inpaints from its condition (needs an init image and a mask), text or not."""
+    return self.cond_kind == "first_stage" or self.is_text_inpainting
+
+  @property
   def tokenizer(self):
     if self._tokenizer is None and self.is_text:
       tok_cfg = dict(self.cond_stage_config.get("tokenizer", {}))
@@ -182,9 +196,10 @@ class LatentDiffusion:
                 tokens: jax.Array | None = None) -> Conditioning:
     """Encodes prompts (text models), labels (class models) or images (concat models).
 
-    Inpainting models (cond kind 'first_stage') take the masked image as `images` and the pixel
-    mask [B, H, W, 1] (1 = keep) as `mask`: the condition is [encode(masked image), hole mask] at
-    latent resolution, the order of the paper's inpainting script.
+    Inpainting models take the masked image (zero in the hole) as `images` and the pixel mask
+    [B, H, W, 1] (1 = keep) as `mask`. The paper's (cond kind 'first_stage') get what its
+    inpainting script builds: [encode(masked image with the hole black, -1), hole mask as -1 / +1]
+    at latent resolution, that order; Stable Diffusion's see `inpaint_concat`.
     """
     kind = self.cond_kind
     if tokens is not None:  # Pre-tokenised input, e.g. layout box tokens.
@@ -195,11 +210,12 @@ class LatentDiffusion:
     if kind == "first_stage":
       if images is None or mask is None:
         raise ValueError("this is an inpainting model: give the image and the mask.")
-      c = self.encode(images)  # [B, h, w, C], scaled posterior mode
-      b, h, w, _ = c.shape
-      m = jnp.asarray(mask, jnp.float32)
-      hole = 1.0 - jax.image.resize(m, (b, h, w, m.shape[-1]), "bilinear")  # [B, h, w, 1]
-      return Conditioning(concat=jnp.concatenate([c, (hole > 0.5).astype(c.dtype)], -1))
+      keep = jnp.asarray(mask, jnp.float32)
+      # The script maps (1 - mask) * image from [0, 1] to [-1, 1]: the hole becomes -1, not 0.
+      c = self.encode(jnp.asarray(images) - (1.0 - keep))  # [B, h, w, C]
+      hole = 1.0 - nearest_to_latent(keep, c.shape[1], c.shape[2])  # [B, h, w, 1]
+      # ... and maps the mask the same way: -1 = keep, +1 = hole.
+      return Conditioning(concat=jnp.concatenate([c, (2.0 * hole - 1.0).astype(c.dtype)], -1))
     key = self.config.diffusion.conditioning_key
     if prompts is not None and not self.is_text:
       raise ValueError(f"prompts were given but this model is conditioned by {kind!r}, not text.")
@@ -209,7 +225,10 @@ class LatentDiffusion:
       if prompts is None:
         raise ValueError("this is a text-conditional model: give prompts.")
       tokens = jnp.asarray(self.tokenize(prompts))
-      return Conditioning(context=cond_stage_fn(self.cond_stage, self.params["cond_stage"], tokens))
+      context = cond_stage_fn(self.cond_stage, self.params["cond_stage"], tokens)
+      if self.is_text_inpainting:
+        return Conditioning(context=context, concat=self.inpaint_concat(images, mask))
+      return Conditioning(context=context)
     if kind == "class":
       if labels is None:
         raise ValueError("this is a class-conditional model: give class labels.")
@@ -226,10 +245,50 @@ class LatentDiffusion:
       return Conditioning(concat=c)
     return Conditioning()
 
-  def unconditional(self, cond: Conditioning, batch: int) -> Conditioning:
-    """The 'null' conditioning for classifier-free guidance (concat inputs are kept, as CompVis)."""
+  def inpaint_concat(self, masked_image: jax.Array | None, mask: jax.Array | None) -> jax.Array:
+    """The concat condition of a Stable Diffusion inpainting model, in the config's `concat_keys`.
+
+    masked_image: [B, H, W, 3] in [-1, 1], zero in the hole; mask: [B, H, W, 1], 1 = keep.
+    'mask' is the hole (1 = repaint) taken at latent resolution by nearest neighbour (torch's
+    `interpolate` default, which both CompVis and diffusers use); 'masked_image' is its scaled
+    first-stage encoding (the posterior mode: deterministic, where the originals draw a sample).
+    """
+    if masked_image is None or mask is None:
+      raise ValueError("this is an inpainting model: give the image and the mask.")
+    z = self.encode(masked_image)  # [B, h, w, C]
+    hole = 1.0 - nearest_to_latent(jnp.asarray(mask, jnp.float32), z.shape[1], z.shape[2])
+    parts = {"mask": hole.astype(z.dtype), "masked_image": z}
+    keys = tuple(self.config.diffusion.get("concat_keys", INPAINT_CONCAT_KEYS))
+    masked_key = self.config.diffusion.get("masked_image_key", "masked_image")
+    out = []
+    for key in keys:
+      if key == masked_key:
+        out.append(parts["masked_image"])
+      elif key == "mask":
+        out.append(parts["mask"])
+      else:
+        raise ValueError(f"model.diffusion.concat_keys={list(keys)!r}: {key!r} is neither 'mask' "
+                         f"nor the masked image key {masked_key!r}.")
+    return jnp.concatenate(out, -1)  # [B, h, w, 1 + C] in concat_keys order
+
+  def unconditional(self, cond: Conditioning, batch: int,
+                    negative_prompts: Sequence[str] | None = None) -> Conditioning:
+    """The 'null' conditioning for classifier-free guidance (concat inputs are kept, as CompVis).
+
+    negative_prompts (text models): the unconditional branch encodes these instead of the empty
+    prompt, one per sample; guidance then steers away from them.
+    """
+    if negative_prompts is not None and not self.is_text:
+      raise ValueError(f"negative prompts were given but this model is conditioned by "
+                       f"{self.cond_kind!r}, not text.")
     if self.is_text:
-      return dataclasses.replace(cond, context=self.condition(prompts=[""] * batch).context)
+      negative = [""] * batch if negative_prompts is None else list(negative_prompts)
+      if len(negative) != batch:
+        raise ValueError(f"{len(negative)} negative prompts for a batch of {batch}: expected one "
+                         f"per sample.")
+      tokens = jnp.asarray(self.tokenize(negative))
+      context = cond_stage_fn(self.cond_stage, self.params["cond_stage"], tokens)
+      return dataclasses.replace(cond, context=context)
     if self.cond_kind == "class":
       null = int(self.cond_stage_config.get("kwargs", {}).get("n_classes", 1)) - 1
       return dataclasses.replace(self.condition(labels=[null] * batch), concat=cond.concat)
@@ -249,14 +308,17 @@ class LatentDiffusion:
              steps: int | None = None, eta: float = 0.0, guidance: float | None = None,
              guidance_rescale: float = 0.0, seed: int = 0, x_T: jax.Array | None = None,
              init_image: jax.Array | None = None, strength: float | None = None,
-             mask: jax.Array | None = None, progress: bool = False,
-             decode_tile: int | None = None) -> np.ndarray:
+             mask: jax.Array | None = None, negative_prompt: str | Sequence[str] | None = None,
+             progress: bool = False, decode_tile: int | None = None) -> np.ndarray:
     """Generates images; returns float32 [B, H, W, 3] in [-1, 1] (use `to_uint8`).
 
     sampler / steps / guidance: None takes the model's recommended settings (`sampling_settings`);
     the settings not given are printed, so a notebook shows what it sampled with.
     init_image + strength: img2img. init_image + mask (1 = keep, pixel resolution): inpainting by
-    latent masking. images: the concat condition (low-res image, masked image, semantic map).
+    latent masking; for inpainting models (Stable Diffusion inpainting, the paper's inpainting_big)
+    the same two inputs feed the model's condition instead. images: the concat condition (low-res
+    image, semantic map). negative_prompt: text models with guidance; one for all samples or one
+    per sample, encoded as the unconditional branch instead of the empty prompt.
     """
     from ldm_jax import sampling  # Local: sampling imports this module.
     s = self.sampling_settings(sampler=sampler, steps=steps, guidance=guidance)
@@ -266,7 +328,8 @@ class LatentDiffusion:
                            num_samples=num_samples, height=height, width=width,
                            sampler=s["sampler"], steps=s["steps"], eta=eta, guidance=s["guidance"],
                            guidance_rescale=guidance_rescale, seed=seed, x_T=x_T,
-                           init_image=init_image, strength=strength, mask=mask, progress=progress,
+                           init_image=init_image, strength=strength, mask=mask,
+                           negative_prompt=negative_prompt, progress=progress,
                            decode_tile=decode_tile)
 
   # ----------------------------------------------------------------------------------------------
@@ -306,6 +369,15 @@ class LatentDiffusion:
     from ldm_jax.convert import pipeline
     config, params = pipeline.load_diffusers(folder)
     return cls(config, params, **kwargs)
+
+
+def nearest_to_latent(mask: jax.Array, h: int, w: int) -> jax.Array:
+  """[B, H, W, 1] -> [B, h, w, 1] as torch's `interpolate` (mode 'nearest', the default that the
+  original inpainting code uses): output pixel i reads input pixel floor(i * H / h)."""
+  if mask.shape[1] % h or mask.shape[2] % w:
+    raise ValueError(f"mask of {mask.shape[2]}x{mask.shape[1]} px: expected a multiple of the "
+                     f"{w}x{h} latents.")
+  return mask[:, ::mask.shape[1] // h, ::mask.shape[2] // w, :1]
 
 
 def check_sampling_config(section: Mapping[str, Any], timesteps: int) -> None:

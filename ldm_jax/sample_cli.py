@@ -207,11 +207,35 @@ def check_arguments(args) -> list[str]:
   if args.batch_size < 1:
     raise UserError(f"--batch_size={args.batch_size}: expected >= 1.")
   prompts = read_prompts(args)
+  check_negative_prompts(args, prompts)
   count = max(len(prompts) or len(args.class_label or ()), 1) * args.num_samples
   if not 0 <= args.seed or args.seed + count > SEED_LIMIT:
     raise UserError(f"--seed={args.seed}: expected 0 <= seed <= {SEED_LIMIT - count} (sample i "
                     f"uses seed + i, {count} samples, seeds below 2**32).")
   return prompts
+
+
+def check_negative_prompts(args, prompts: list[str]) -> None:
+  """--negative_prompt: UTF-8, and one for all prompts or one per prompt."""
+  negative = args.negative_prompt or []
+  for p in negative:
+    _check_utf8(p, "--negative_prompt")
+  if len(negative) > 1 and len(negative) != len(prompts):
+    raise UserError(f"--negative_prompt given {len(negative)} times for {len(prompts)} prompts: "
+                    f"expected once (for all prompts) or once per prompt.")
+
+
+def check_model_inputs(args, model) -> None:
+  """The new family flags against the loaded model and the resolved guidance."""
+  if args.negative_prompt:
+    if not model.is_text:
+      raise UserError(f"--negative_prompt was given, but this model is conditioned by "
+                      f"'{model.cond_kind}', not text.")
+    if args.guidance == 1.0:
+      raise UserError("--negative_prompt acts only through classifier-free guidance: expected "
+                      "--guidance != 1.")
+  if model.is_inpainting and not (args.init_image and args.mask):
+    raise UserError("this is an inpainting model: give --init_image and --mask (white = keep).")
 
 
 def requests(args, model, prompts: list[str]) -> list[dict[str, Any]]:
@@ -240,6 +264,10 @@ def requests(args, model, prompts: list[str]) -> list[dict[str, Any]]:
   if takes_image and not args.lowres:
     raise UserError("this model is conditioned on an image: give --lowres.")
   base = [{"prompt": p} for p in prompts] or [{"label": lab} for lab in labels] or [{}]
+  negative = list(args.negative_prompt or [])
+  if negative:
+    negative = negative * len(base) if len(negative) == 1 else negative
+    base = [dict(item, negative_prompt=n) for item, n in zip(base, negative)]
   out = []
   for item in base:
     for _ in range(args.num_samples):
@@ -329,6 +357,7 @@ def run(args) -> list[str]:
   check_sampling(args)  # again, with the settings the model recommended
   h, w = check_sizes(args, model)
   reqs = requests(args, model, prompts)
+  check_model_inputs(args, model)
   imgs = image_inputs(args, raw_images, h, w)
   os.makedirs(args.outdir, exist_ok=True)
   paths, records, all_images = [], [], []
@@ -341,6 +370,8 @@ def run(args) -> list[str]:
       kwargs["prompts"] = [r["prompt"] for r in chunk]
     if "label" in chunk[0]:
       kwargs["labels"] = [r["label"] for r in chunk]
+    if "negative_prompt" in chunk[0]:
+      kwargs["negative_prompt"] = [r["negative_prompt"] for r in chunk]
     n = len(chunk)
     if "init_image" in imgs:
       kwargs["init_image"] = np.repeat(imgs["init_image"][None], n, 0)

@@ -78,15 +78,36 @@ def latent_mask(mask: np.ndarray, h: int, w: int) -> jax.Array:
   return jnp.asarray((m > 0.5).astype(np.float32))  # [B, h, w, 1]
 
 
+def negative_prompts(negative_prompt, batch: int, model, guided: bool) -> list[str] | None:
+  """`negative_prompt` (None, one string, or one per sample) as one string per sample."""
+  if negative_prompt is None:
+    return None
+  if not model.is_text:
+    raise SamplingInputError(f"a negative prompt was given, but this model is conditioned by "
+                             f"{model.cond_kind!r}, not text.")
+  if not guided:
+    raise SamplingInputError("a negative prompt acts only through classifier-free guidance: "
+                             "expected guidance != 1.")
+  if isinstance(negative_prompt, str):
+    return [negative_prompt] * batch
+  negative = list(negative_prompt)
+  if len(negative) != batch or not all(isinstance(p, str) for p in negative):
+    raise SamplingInputError(f"negative_prompt: {len(negative)} entries for a batch of {batch}; "
+                             f"expected one string, or one string per sample.")
+  return negative
+
+
 def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=None, tokens=None,
            num_samples=None, height=None, width=None, sampler=None, steps=None, eta=0.0,
            guidance=None, guidance_rescale=0.0, seed=0, seeds=None, x_T=None, init_image=None,
-           strength=None, mask=None, progress=False, decode=True,
+           strength=None, mask=None, negative_prompt=None, progress=False, decode=True,
            decode_tile=None, paste_known=True, mesh=None, as_numpy=True) -> np.ndarray:
   """See `LatentDiffusion.sample`; returns float32 images [B, H, W, 3] in [-1, 1] (or latents).
 
   sampler / steps / guidance: None takes the model's recommended setting (`sampling_settings`).
   seeds: one per sample (default seed, seed+1, ...): x_T of sample i comes from seeds[i] alone.
+  negative_prompt: a string for every sample or a list with one per sample (text models with
+    guidance != 1): the unconditional branch of guidance encodes it instead of the empty prompt.
   paste_known: inpainting returns the input's pixels exactly where mask == 1.
   mesh: shard the batch over the mesh's (data, fsdp) axes (parameters replicated), so each device
     samples only its slice; the batch must divide by those axes.
@@ -118,22 +139,26 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
     if concat.shape[1:3] != (h, w) and model.cond_stage is None:
       raise SamplingInputError(f"conditioning image of {concat.shape[2]}x{concat.shape[1]} px: this "
                                f"model concatenates it to {w}x{h} latents; give that size.")
-  inpaint_model = model.cond_kind == "first_stage"
+  inpaint_model = model.is_inpainting
   if inpaint_model:
+    if images is not None:
+      raise SamplingInputError("this inpainting model is conditioned on init_image and mask; "
+                               "`images` is not used by it.")
     if init_image is None or mask is None:
       raise SamplingInputError("this inpainting model needs an init image and a mask.")
     concat = jnp.asarray(init_image) * jnp.asarray(mask)  # The known pixels; the hole is zeroed.
+  guided = float(guidance) != 1.0 and tokens is None and (model.is_text or
+                                                          model.cond_kind == "class")
+  negative = negative_prompts(negative_prompt, batch, model, guided)
   try:
     cond = model.condition(prompts=prompts, labels=labels, images=concat, tokens=tokens,
                            mask=None if not inpaint_model else jnp.asarray(mask))
+    payload = {"params": model.params["unet"], "cond": cond}
+    if guided:
+      payload.update(uncond=model.unconditional(cond, batch, negative),
+                     scale=jnp.float32(guidance), rescale=jnp.float32(guidance_rescale))
   except ValueError as e:
     raise SamplingInputError(str(e)) from None
-  guided = float(guidance) != 1.0 and tokens is None and (model.is_text or
-                                                          model.cond_kind == "class")
-  payload = {"params": model.params["unet"], "cond": cond}
-  if guided:
-    payload.update(uncond=model.unconditional(cond, batch),
-                   scale=jnp.float32(guidance), rescale=jnp.float32(guidance_rescale))
 
   # img2img / inpainting start from the encoded input image.
   x0 = m = None
@@ -147,7 +172,7 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
     if x0 is None:
       raise SamplingInputError("a mask needs an init image.")
     m = latent_mask(np.asarray(mask), h, w)
-  if inpaint_model:
+  if inpaint_model and strength is None:
     x0 = None  # The model inpaints from its condition; it starts from pure noise.
 
   denoise = UNetDenoiser(model.unet, model.config.diffusion.conditioning_key, guided)

@@ -8,7 +8,9 @@ import os
 from typing import Any, Mapping
 
 import ml_collections
+import numpy as np
 
+from ldm_jax import ldm as ldm_lib
 from ldm_jax.convert import autoencoder as ae_convert
 from ldm_jax.convert import compvis_config
 from ldm_jax.convert import text as text_convert
@@ -33,6 +35,23 @@ def recommended_sampling(cond_kind: str) -> dict[str, Any]:
   """The `sampling` section of an imported model's config (see LatentDiffusion.sampling_settings)."""
   if cond_kind in RECOMMENDED_GUIDANCE:
     return {"sampler": "ddim", "steps": 50, "guidance": RECOMMENDED_GUIDANCE[cond_kind]}
+  return {}
+
+
+def _first_stage_as_cond(sd: Mapping[str, Any], first_stage_sd: Mapping[str, Any]) -> dict:
+  """`__is_first_stage__`: CompVis sets cond_stage_model = first_stage_model, so the checkpoint
+  holds the first stage's tensors twice. They must be that copy; the model reads the first stage."""
+  if not sd:
+    return {}
+  if set(sd) != set(first_stage_sd):
+    extra = sorted(set(sd) - set(first_stage_sd))[:3]
+    missing = sorted(set(first_stage_sd) - set(sd))[:3]
+    raise WeightLoadError(f"cond_stage '__is_first_stage__': the cond_stage_model tensors should "
+                          f"repeat first_stage_model's; extra {extra}, missing {missing}.")
+  for k in sorted(sd):
+    if not np.array_equal(np.asarray(sd[k]), np.asarray(first_stage_sd[k])):
+      raise WeightLoadError(f"cond_stage '__is_first_stage__': cond_stage_model.{k} differs from "
+                            f"first_stage_model.{k}; expected the same tensor.")
   return {}
 
 
@@ -74,6 +93,8 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool | None = None,
   with guard(ckpt_path):  # its errors (EMA copies, scale_factor) name the file too
     parts = torch_io.split_compvis_state_dict(sd, use_ema=use_ema)
   diffusion = {k: v for k, v in cfg["diffusion"].items() if k not in _TRAINING_ONLY}
+  if cfg["diffusion"].get("model_target") == ldm_lib.INPAINT_TARGET:
+    diffusion["model_target"] = ldm_lib.INPAINT_TARGET  # Routes the inpainting condition.
   if diffusion.get("scale_by_std") or diffusion.get("scale_factor") is None:
     if parts["scale_factor"] is None:
       if diffusion.get("scale_by_std"):
@@ -94,8 +115,10 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool | None = None,
   params = {
       "first_stage": {"params": ae_convert.autoencoder_from_compvis(parts["first_stage"], fs)},
       "unet": {"params": unet_convert.unet_from_compvis(parts["unet"], unet)},
-      "cond_stage": _cond_params(cond.get("kind", "none"), parts["cond_stage"], cs,
-                                 cond.get("kwargs", {})),
+      "cond_stage": (_first_stage_as_cond(parts["cond_stage"], parts["first_stage"])
+                     if cond.get("kind") == "first_stage" else
+                     _cond_params(cond.get("kind", "none"), parts["cond_stage"], cs,
+                                  cond.get("kwargs", {}))),
   }
   return config, params
 
@@ -118,16 +141,27 @@ def _scheduler_to_diffusion(sched: Mapping[str, Any], vae_cfg: Mapping[str, Any]
   if prediction not in params:
     raise ValueError(f"scheduler_config.json: prediction_type={prediction!r}; expected one of "
                      f"{sorted(params)}.")
+  latent = int(vae_cfg.get("latent_channels", 4))
+  in_channels = int(unet_cfg.get("in_channels", latent))
+  extra = {}
   key = "crossattn" if context_dim else None
-  return dict(timesteps=int(sched.get("num_train_timesteps", 1000)),
+  if in_channels == 2 * latent + 1 and context_dim:
+    # StableDiffusionInpaintPipeline's UNet: z_t, the hole mask and the masked image's latents.
+    key = "hybrid"
+    extra = dict(model_target=ldm_lib.INPAINT_TARGET,
+                 concat_keys=list(ldm_lib.INPAINT_CONCAT_KEYS), masked_image_key="masked_image")
+  elif in_channels != latent:
+    raise ValueError(f"unet/config.json: in_channels={in_channels} with a VAE of {latent} latent "
+                     f"channels; expected {latent} (text-to-image) or {2 * latent + 1} with "
+                     f"cross-attention (inpainting).")
+  return dict(extra,timesteps=int(sched.get("num_train_timesteps", 1000)),
               beta_schedule=schedules[kind],
               linear_start=float(sched.get("beta_start", 0.00085)),
               linear_end=float(sched.get("beta_end", 0.012)), cosine_s=8e-3,
               zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)),
               parameterization=params[prediction], conditioning_key=key,
               scale_factor=float(vae_cfg.get("scaling_factor", 0.18215)), scale_by_std=False,
-              image_size=int(unet_cfg.get("sample_size", 64) or 64),
-              channels=int(unet_cfg.get("in_channels", 4)))
+              image_size=int(unet_cfg.get("sample_size", 64) or 64), channels=latent)
 
 
 def load_diffusers(folder: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:

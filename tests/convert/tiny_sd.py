@@ -60,12 +60,15 @@ def ddim_scheduler():
                        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
 
 
-def diffusers_folder(root: str, tokenizer_dir: str):
-  """Writes a tiny SD pipeline folder under root/'diffusers'; returns (folder, torch pipeline)."""
+def diffusers_folder(root: str, tokenizer_dir: str, *, inpainting: bool = False):
+  """Writes a tiny SD pipeline folder under root/'diffusers' (root/'diffusers_inpaint': a
+  StableDiffusionInpaintPipeline whose UNet takes 9 channels); returns (folder, torch pipeline)."""
   import transformers
-  from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+  from diffusers import (AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                         UNet2DConditionModel)
   unet = _randomized(UNet2DConditionModel(
-      sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1,
+      sample_size=LATENT_SIZE, in_channels=9 if inpainting else 4, out_channels=4,
+      layers_per_block=1,
       block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
       attention_head_dim=4), seed=2)
@@ -76,11 +79,12 @@ def diffusers_folder(root: str, tokenizer_dir: str):
       scaling_factor=SCALE_FACTOR), seed=3)
   text = clip_text_model(seed=4)
   tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-  pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+  cls = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+  pipe = cls(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
                                  scheduler=ddim_scheduler(), safety_checker=None,
                                  feature_extractor=None, requires_safety_checker=False)
   pipe.set_progress_bar_config(disable=True)
-  folder = os.path.join(root, "diffusers")
+  folder = os.path.join(root, "diffusers_inpaint" if inpainting else "diffusers")
   pipe.save_pretrained(folder, safe_serialization=True)
   return folder, pipe
 
@@ -117,12 +121,14 @@ class FirstStage(torch.nn.Module):
     return self.decoder(self.post_quant_conv(z))
 
 
-def compvis_modules():
-  """(unet, first_stage, ema_unet) torch modules from the original `ldm` package, randomised."""
+def compvis_modules(in_channels: int = 4):
+  """(unet, first_stage, ema_unet) torch modules from the original `ldm` package, randomised;
+  in_channels 9: the UNet of an inpainting model (z_t, mask, masked-image latent)."""
   stub_omegaconf()
   from ldm.modules.diffusionmodules.openaimodel import UNetModel
-  unet = _randomized(UNetModel(**UNET_KWARGS), seed=5)
-  ema = _randomized(UNetModel(**UNET_KWARGS), seed=6)  # EMA weights differ from the raw ones
+  kwargs = dict(UNET_KWARGS, in_channels=in_channels)
+  unet = _randomized(UNetModel(**kwargs), seed=5)
+  ema = _randomized(UNetModel(**kwargs), seed=6)  # EMA weights differ from the raw ones
   first = _randomized(FirstStage(DDCONFIG, EMBED_DIM), seed=7)
   return unet, first, ema
 
@@ -131,14 +137,23 @@ def _yaml_list(values) -> str:
   return "[" + ", ".join(str(v) for v in values) + "]"
 
 
-def write_yaml(path: str, text_dir: str, *, model_channels: int = 32) -> str:
-  """A v1-inference.yaml with the tiny sizes; `version` names the local text-model directory."""
+def write_yaml(path: str, text_dir: str, *, model_channels: int = 32,
+               concat_keys: tuple[str, ...] | None = None) -> str:
+  """A v1-inference.yaml with the tiny sizes; `version` names the local text-model directory.
+
+  concat_keys: a LatentInpaintDiffusion (v1-inpainting-inference.yaml: conditioning 'hybrid',
+  9 UNet input channels) concatenating these in this order.
+  """
   u, d = UNET_KWARGS, DDCONFIG
+  target, key, in_channels, extra = "LatentDiffusion", "crossattn", u["in_channels"], ""
+  if concat_keys is not None:
+    target, key, in_channels = "LatentInpaintDiffusion", "hybrid", 9
+    extra = f"\n    concat_keys: {_yaml_list(concat_keys)}"
   text = f"""# Tiny model in the structure of Stable Diffusion v1-inference.yaml.
 model:
   base_learning_rate: 1.0e-04
-  target: ldm.models.diffusion.ddpm.LatentDiffusion
-  params:
+  target: ldm.models.diffusion.ddpm.{target}
+  params:{extra}
     linear_start: {BETA_START}
     linear_end: {BETA_END}
     num_timesteps_cond: 1
@@ -149,7 +164,7 @@ model:
     image_size: {LATENT_SIZE}
     channels: 4
     cond_stage_trainable: false
-    conditioning_key: crossattn
+    conditioning_key: {key}
     monitor: val/loss_simple_ema
     scale_factor: {SCALE_FACTOR}
     use_ema: False
@@ -157,7 +172,7 @@ model:
       target: ldm.modules.diffusionmodules.openaimodel.UNetModel
       params:
         image_size: {u['image_size']}
-        in_channels: {u['in_channels']}
+        in_channels: {in_channels}
         out_channels: {u['out_channels']}
         model_channels: {model_channels}
         attention_resolutions: {_yaml_list(u['attention_resolutions'])}
