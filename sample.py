@@ -32,6 +32,8 @@ def parse_args(argv):
   family.add_argument("--negative_prompt", action="append",
                       help="what guidance steers away from (text models, guidance != 1): one for "
                            "all prompts, or repeated once per prompt")
+  family.add_argument("--noise_level", type=int,
+                      help="x4 upscaler: noise added to --lowres, 0..max_noise_level (default 20)")
   how = p.add_argument_group("sampler")
   # --sampler / --steps / --guidance default to the model's recommended settings (its config).
   how.add_argument("--sampler", choices=["ddim", "plms", "ddpm", "dpmpp_2m", "euler_a"],

@@ -23,7 +23,8 @@ from ldm_jax.models import build
 from ldm_jax.models import tokenizers as tokenizers_lib
 from ldm_jax.models import word_tokenizer
 
-CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
+# 'hybrid-adm': concat + cross-attention + a class label (the x4 upscaler's noise level).
+CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm")
 WORD_TOKENIZERS = ("shapes", "wordlevel")
 SAMPLERS = ("ddim", "plms", "ddpm", "dpmpp_2m", "euler_ancestral")
 # What a model without recommended sampling settings (config section `sampling`) is sampled with.
@@ -34,6 +35,10 @@ SAMPLING_DEFAULTS = {"sampler": "ddim", "steps": 50, "guidance": 1.0}
 # the hole mask (1 = repaint) and the first stage's encoding of the masked image.
 INPAINT_CONCAT_KEYS = ("mask", "masked_image")
 INPAINT_TARGET = "LatentInpaintDiffusion"
+# The x4 upscaler (LatentUpscaleDiffusion): the low-resolution image, noised to `noise_level` by its
+# own schedule (config `diffusion.low_scale`), is concatenated; the level is its class label.
+UPSCALE_TARGET = "LatentUpscaleDiffusion"
+DEFAULT_NOISE_LEVEL = 20  # what diffusers' StableDiffusionUpscalePipeline and Stability's script use
 
 
 @dataclasses.dataclass
@@ -121,6 +126,21 @@ class LatentDiffusion:
     return self.config.diffusion.get("model_target") == INPAINT_TARGET
 
   @property
+  def is_upscaler(self) -> bool:
+    return self.config.diffusion.get("model_target") == UPSCALE_TARGET
+
+  @property
+  def max_noise_level(self) -> int:
+    return int(self.config.diffusion.low_scale.max_noise_level)
+
+  @functools.cached_property
+  def low_scale_schedule(self) -> schedules_lib.Schedule:
+    """The upscaler's image-space noise schedule for its low-resolution input."""
+    ls = self.config.diffusion.low_scale
+    return schedules_lib.Schedule.create(ls.beta_schedule, int(ls.timesteps),
+                                         linear_start=ls.linear_start, linear_end=ls.linear_end)
+
+  @property
   def is_inpainting(self) -> bool:
     """A model that inpaints from its condition (needs an init image and a mask), text or not."""
     return self.cond_kind == "first_stage" or self.is_text_inpainting
@@ -193,13 +213,16 @@ class LatentDiffusion:
 
   def condition(self, prompts: Sequence[str] | None = None, labels: Sequence[int] | None = None,
                 images: jax.Array | None = None, mask: jax.Array | None = None,
-                tokens: jax.Array | None = None) -> Conditioning:
+                tokens: jax.Array | None = None, noise_level: int | None = None,
+                lowres_noise: jax.Array | None = None) -> Conditioning:
     """Encodes prompts (text models), labels (class models) or images (concat models).
 
     Inpainting models take the masked image (zero in the hole) as `images` and the pixel mask
     [B, H, W, 1] (1 = keep) as `mask`. The paper's (cond kind 'first_stage') get what its
     inpainting script builds: [encode(masked image with the hole black, -1), hole mask as -1 / +1]
     at latent resolution, that order; Stable Diffusion's see `inpaint_concat`.
+    The x4 upscaler takes the low-resolution image as `images`, `noise_level` and the image-space
+    noise `lowres_noise` (same shape as images; see `augment_lowres`).
     """
     kind = self.cond_kind
     if tokens is not None:  # Pre-tokenised input, e.g. layout box tokens.
@@ -228,6 +251,9 @@ class LatentDiffusion:
       context = cond_stage_fn(self.cond_stage, self.params["cond_stage"], tokens)
       if self.is_text_inpainting:
         return Conditioning(context=context, concat=self.inpaint_concat(images, mask))
+      if self.is_upscaler:
+        concat, y = self.augment_lowres(images, noise_level, lowres_noise)
+        return Conditioning(context=context, concat=concat, y=y)
       return Conditioning(context=context)
     if kind == "class":
       if labels is None:
@@ -271,6 +297,28 @@ class LatentDiffusion:
                          f"nor the masked image key {masked_key!r}.")
     return jnp.concatenate(out, -1)  # [B, h, w, 1 + C] in concat_keys order
 
+  def augment_lowres(self, lowres: jax.Array | None, noise_level: int | None,
+                     noise: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """The upscaler's concat and label: lowres [B, h, w, 3] in [-1, 1] noised to `noise_level`
+    by its own schedule, sqrt(a_n) x + sqrt(1 - a_n) noise (noise [B, h, w, 3]; zeros if None).
+
+    Returns (concat [B, h, w, 3], labels [B] int32 = noise_level).
+    """
+    if lowres is None:
+      raise ValueError("this is an upscaling model: give the low-resolution image.")
+    level = DEFAULT_NOISE_LEVEL if noise_level is None else noise_level
+    if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or not (
+        0 <= level <= self.max_noise_level):
+      raise ValueError(f"noise_level={level!r}: expected an integer in [0, "
+                       f"{self.max_noise_level}] (the model's max_noise_level).")
+    x = jnp.asarray(lowres, jnp.float32)
+    noise = jnp.zeros_like(x) if noise is None else jnp.asarray(noise, jnp.float32)
+    if noise.shape != x.shape:
+      raise ValueError(f"lowres_noise shape {noise.shape}: expected the image's {x.shape}.")
+    ls = self.low_scale_schedule
+    x = ls.sqrt_alphas_cumprod[level] * x + jnp.sqrt(1.0 - ls.alphas_cumprod[level]) * noise
+    return x, jnp.full((x.shape[0],), level, jnp.int32)
+
   def unconditional(self, cond: Conditioning, batch: int,
                     negative_prompts: Sequence[str] | None = None) -> Conditioning:
     """The 'null' conditioning for classifier-free guidance (concat inputs are kept, as CompVis).
@@ -309,7 +357,8 @@ class LatentDiffusion:
              guidance_rescale: float = 0.0, seed: int = 0, x_T: jax.Array | None = None,
              init_image: jax.Array | None = None, strength: float | None = None,
              mask: jax.Array | None = None, negative_prompt: str | Sequence[str] | None = None,
-             progress: bool = False, decode_tile: int | None = None) -> np.ndarray:
+             noise_level: int | None = None, progress: bool = False,
+             decode_tile: int | None = None) -> np.ndarray:
     """Generates images; returns float32 [B, H, W, 3] in [-1, 1] (use `to_uint8`).
 
     sampler / steps / guidance: None takes the model's recommended settings (`sampling_settings`);
@@ -318,7 +367,8 @@ class LatentDiffusion:
     latent masking; for inpainting models (Stable Diffusion inpainting, the paper's inpainting_big)
     the same two inputs feed the model's condition instead. images: the concat condition (low-res
     image, semantic map). negative_prompt: text models with guidance; one for all samples or one
-    per sample, encoded as the unconditional branch instead of the empty prompt.
+    per sample, encoded as the unconditional branch instead of the empty prompt. noise_level: the
+    x4 upscaler's augmentation of its low-resolution `images` (default DEFAULT_NOISE_LEVEL).
     """
     from ldm_jax import sampling  # Local: sampling imports this module.
     s = self.sampling_settings(sampler=sampler, steps=steps, guidance=guidance)
@@ -329,7 +379,8 @@ class LatentDiffusion:
                            sampler=s["sampler"], steps=s["steps"], eta=eta, guidance=s["guidance"],
                            guidance_rescale=guidance_rescale, seed=seed, x_T=x_T,
                            init_image=init_image, strength=strength, mask=mask,
-                           negative_prompt=negative_prompt, progress=progress,
+                           negative_prompt=negative_prompt, noise_level=noise_level,
+                           progress=progress,
                            decode_tile=decode_tile)
 
   # ----------------------------------------------------------------------------------------------
@@ -437,11 +488,11 @@ def denoise_fn(unet, variables, conditioning_key, z_t, t, cond: Conditioning, *,
                deterministic=True, rngs=None):
   """Routes the conditioning into the UNet as the CompVis DiffusionWrapper does."""
   x, context, y = z_t, None, None
-  if conditioning_key in ("concat", "hybrid"):
+  if conditioning_key in ("concat", "hybrid", "hybrid-adm"):
     x = jnp.concatenate([z_t, cond.concat.astype(z_t.dtype)], axis=-1)  # [B, h, w, C + c]
-  if conditioning_key in ("crossattn", "hybrid"):
+  if conditioning_key in ("crossattn", "hybrid", "hybrid-adm"):
     context = cond.context
-  if conditioning_key == "adm":
+  if conditioning_key in ("adm", "hybrid-adm"):
     y = cond.y
   t = jnp.broadcast_to(jnp.asarray(t), (z_t.shape[0],))
   out = unet.apply(variables, x, t, context, y, deterministic=deterministic, rngs=rngs)
@@ -475,11 +526,11 @@ def init_params(config: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
 
   def unet_init(k):
     x, context, y = z, None, None
-    if key in ("concat", "hybrid"):
+    if key in ("concat", "hybrid", "hybrid-adm"):
       x = jnp.concatenate([z, cond.concat], -1)
-    if key in ("crossattn", "hybrid"):
+    if key in ("crossattn", "hybrid", "hybrid-adm"):
       context = cond.context
-    if key == "adm":
+    if key in ("adm", "hybrid-adm"):
       y = cond.y
     return unet.init(k, x, jnp.zeros((1,), jnp.int32), context, y)
 
@@ -493,7 +544,7 @@ def example_conditioning(config, cs_cfg, cs, rng) -> dict[str, Any]:
   kind = cs_cfg.get("kind", "none")
   out = {"variables": {}, "context": None, "y": None, "concat_channels": 0}
   key = config.get("diffusion", {}).get("conditioning_key")
-  if key in ("concat", "hybrid"):
+  if key in ("concat", "hybrid", "hybrid-adm"):
     out["concat_channels"] = int(unet.in_channels) - int(config.first_stage.kwargs.embed_dim)
   if kind in build.TEXT_ENCODERS:
     length = int(cs_cfg.get("kwargs", {}).get("max_length", 77))
@@ -513,6 +564,8 @@ def example_conditioning(config, cs_cfg, cs, rng) -> dict[str, Any]:
     out["variables"] = jax.jit(cs.init)(rng, jnp.zeros((1, size, size, ch)))
   elif key == "adm":
     out["y"] = jnp.zeros((1, int(unet.adm_in_channels)))
+  if key == "hybrid-adm":
+    out["y"] = jnp.zeros((1,), jnp.int32)  # The noise level, a class label.
   if key == "crossattn" and out["context"] is None:
     out["context"] = jnp.zeros((1, 1, int(unet.context_dim)))
   return out

@@ -236,6 +236,13 @@ def check_model_inputs(args, model) -> None:
                       "--guidance != 1.")
   if model.is_inpainting and not (args.init_image and args.mask):
     raise UserError("this is an inpainting model: give --init_image and --mask (white = keep).")
+  if args.noise_level is not None:
+    if not model.is_upscaler:
+      raise UserError(f"--noise_level was given, but this model is not the x4 upscaler (it is "
+                      f"conditioned by '{model.cond_kind}').")
+    if not 0 <= args.noise_level <= model.max_noise_level:
+      raise UserError(f"--noise_level={args.noise_level}: expected 0 <= noise_level <= "
+                      f"{model.max_noise_level} (the model's max_noise_level).")
 
 
 def requests(args, model, prompts: list[str]) -> list[dict[str, Any]]:
@@ -278,6 +285,8 @@ def requests(args, model, prompts: list[str]) -> list[dict[str, Any]]:
 def takes_condition_image(model) -> bool:
   """Whether `LatentDiffusion.condition` uses `images` (super-resolution, semantic maps): text,
   class and inpainting models return before reading them."""
+  if model.is_upscaler:
+    return True
   if model.is_text or model.cond_kind in ("class", "first_stage"):
     return False
   return (model.config.diffusion.conditioning_key in ("concat", "hybrid")
@@ -295,6 +304,17 @@ def resolve_sampling(args, model) -> None:
   args.sampler, args.steps, args.guidance = (cli_name[chosen["sampler"]], chosen["steps"],
                                              chosen["guidance"])
   print(f"Sampling with {ldm_lib.describe_sampling(dict(chosen, sampler=args.sampler))}")
+
+
+def upscaler_default_size(args, model, raw: dict[str, np.ndarray]) -> None:
+  """The x4 upscaler's output is its --lowres input times the first stage's factor, unless
+  --height / --width say otherwise (then `sampling` checks that the two agree)."""
+  if model.is_upscaler and "lowres" in raw:
+    f = model.downsample_factor
+    if args.height is None:
+      args.height = raw["lowres"].shape[0] * f
+    if args.width is None:
+      args.width = raw["lowres"].shape[1] * f
 
 
 def check_sizes(args, model) -> tuple[int, int]:
@@ -355,6 +375,7 @@ def run(args) -> list[str]:
   model = load_model(args)
   resolve_sampling(args, model)
   check_sampling(args)  # again, with the settings the model recommended
+  upscaler_default_size(args, model, raw_images)
   h, w = check_sizes(args, model)
   reqs = requests(args, model, prompts)
   check_model_inputs(args, model)
@@ -380,6 +401,8 @@ def run(args) -> list[str]:
       kwargs["mask"] = np.repeat(imgs["mask"][None], n, 0)
     if "lowres" in imgs:
       kwargs["images"] = np.repeat(imgs["lowres"][None], n, 0)
+    if args.noise_level is not None:
+      kwargs["noise_level"] = args.noise_level
     try:
       images = ldm_lib.to_uint8(sampling.sample(model, **kwargs))
     except sampling.SamplingInputError as e:
@@ -393,7 +416,7 @@ def run(args) -> list[str]:
   Image.fromarray(make_grid(np.stack(all_images))).save(os.path.join(args.outdir, "grid.png"))
   settings = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "guidance",
                                             "guidance_rescale", "strength", "init_image", "mask",
-                                            "lowres", "checkpoint", "compvis_ckpt", "diffusers",
+                                            "lowres", "noise_level", "checkpoint", "compvis_ckpt", "diffusers",
                                             "dtype")}
   settings.update(height=h, width=w, use_ema=not args.no_ema)
   with open(os.path.join(args.outdir, "samples.json"), "w") as f:

@@ -70,6 +70,12 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> jax.Array:
   return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)  # [B, *shape]
 
 
+def lowres_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> jax.Array:
+  """The upscaler's image-space noise per sample, from its seed (a stream apart from x_T's)."""
+  keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(int(s)), 2) for s in seeds])
+  return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)  # [B, *shape]
+
+
 def latent_mask(mask: np.ndarray, h: int, w: int) -> jax.Array:
   """Pixel mask [B, H, W, 1] (1 = keep) -> latent resolution by area averaging, then threshold."""
   b, H, W, _ = mask.shape
@@ -100,7 +106,8 @@ def negative_prompts(negative_prompt, batch: int, model, guided: bool) -> list[s
 def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=None, tokens=None,
            num_samples=None, height=None, width=None, sampler=None, steps=None, eta=0.0,
            guidance=None, guidance_rescale=0.0, seed=0, seeds=None, x_T=None, init_image=None,
-           strength=None, mask=None, negative_prompt=None, progress=False, decode=True,
+           strength=None, mask=None, negative_prompt=None, noise_level=None, progress=False,
+           decode=True,
            decode_tile=None, paste_known=True, mesh=None, as_numpy=True) -> np.ndarray:
   """See `LatentDiffusion.sample`; returns float32 images [B, H, W, 3] in [-1, 1] (or latents).
 
@@ -108,6 +115,8 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
   seeds: one per sample (default seed, seed+1, ...): x_T of sample i comes from seeds[i] alone.
   negative_prompt: a string for every sample or a list with one per sample (text models with
     guidance != 1): the unconditional branch of guidance encodes it instead of the empty prompt.
+  noise_level: the x4 upscaler's augmentation of its low-resolution input `images` (default
+    DEFAULT_NOISE_LEVEL); the image-space noise comes from each sample's seed (`lowres_noise`).
   paste_known: inpainting returns the input's pixels exactly where mask == 1.
   mesh: shard the batch over the mesh's (data, fsdp) axes (parameters replicated), so each device
     samples only its slice; the batch must divide by those axes.
@@ -122,7 +131,11 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
   if len(seeds) != batch:
     raise SamplingInputError(f"{len(seeds)} seeds for a batch of {batch}.")
   default = int(model.config.diffusion.image_size) * f
-  height, width = height or default, width or default
+  if model.is_upscaler and images is not None:  # The upscaler's latents are its input's size.
+    default_h, default_w = np.shape(images)[1] * f, np.shape(images)[2] * f
+  else:
+    default_h = default_w = default
+  height, width = height or default_h, width or default_w
   if height % f or width % f:
     raise SamplingInputError(f"height={height}, width={width}: expected multiples of {f}.")
   h, w = height // f, width // f
@@ -134,6 +147,12 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
 
   # Conditioning (and its null version for classifier-free guidance).
   concat = None
+  if noise_level is not None and not model.is_upscaler:
+    raise SamplingInputError("noise_level was given, but this model is not an upscaler.")
+  if model.is_upscaler and images is not None and tuple(np.shape(images)[1:3]) != (h, w):
+    raise SamplingInputError(f"low-resolution image of {np.shape(images)[2]}x"
+                             f"{np.shape(images)[1]} px: this upscaler makes {f}x larger images; "
+                             f"for {width}x{height} give {w}x{h}.")
   if images is not None:
     concat = jnp.asarray(images)
     if concat.shape[1:3] != (h, w) and model.cond_stage is None:
@@ -151,8 +170,12 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
                                                           model.cond_kind == "class")
   negative = negative_prompts(negative_prompt, batch, model, guided)
   try:
+    lowres = None
+    if model.is_upscaler and concat is not None:
+      lowres = lowres_noise(seeds, tuple(concat.shape[1:]))
     cond = model.condition(prompts=prompts, labels=labels, images=concat, tokens=tokens,
-                           mask=None if not inpaint_model else jnp.asarray(mask))
+                           mask=None if not inpaint_model else jnp.asarray(mask),
+                           noise_level=noise_level, lowres_noise=lowres)
     payload = {"params": model.params["unet"], "cond": cond}
     if guided:
       payload.update(uncond=model.unconditional(cond, batch, negative),

@@ -93,8 +93,8 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool | None = None,
   with guard(ckpt_path):  # its errors (EMA copies, scale_factor) name the file too
     parts = torch_io.split_compvis_state_dict(sd, use_ema=use_ema)
   diffusion = {k: v for k, v in cfg["diffusion"].items() if k not in _TRAINING_ONLY}
-  if cfg["diffusion"].get("model_target") == ldm_lib.INPAINT_TARGET:
-    diffusion["model_target"] = ldm_lib.INPAINT_TARGET  # Routes the inpainting condition.
+  if cfg["diffusion"].get("model_target") in (ldm_lib.INPAINT_TARGET, ldm_lib.UPSCALE_TARGET):
+    diffusion["model_target"] = cfg["diffusion"]["model_target"]  # Routes their condition.
   if diffusion.get("scale_by_std") or diffusion.get("scale_factor") is None:
     if parts["scale_factor"] is None:
       if diffusion.get("scale_by_std"):
@@ -123,19 +123,32 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool | None = None,
   return config, params
 
 
+# diffusers' beta_schedule names -> ours (CompVis's): diffusers' "scaled_linear" is CompVis "linear".
+_BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear",
+                   "squaredcos_cap_v2": "cosine"}
+
+
+def _beta_schedule(sched: Mapping[str, Any], where: str) -> str:
+  kind = sched.get("beta_schedule", "scaled_linear")
+  if kind not in _BETA_SCHEDULES:
+    raise ValueError(f"{where}: beta_schedule={kind!r}; expected one of "
+                     f"{sorted(_BETA_SCHEDULES)}.")
+  return _BETA_SCHEDULES[kind]
+
+
 def _scheduler_to_diffusion(sched: Mapping[str, Any], vae_cfg: Mapping[str, Any],
-                            unet_cfg: Mapping[str, Any], context_dim) -> dict[str, Any]:
+                            unet_cfg: Mapping[str, Any], context_dim, *,
+                            low_res_sched: Mapping[str, Any] | None = None,
+                            max_noise_level: int | None = None) -> dict[str, Any]:
   """scheduler_config.json + vae/unet config.json -> the diffusion section of our config.
 
   `unet_cfg` is the diffusers UNet config.json; `context_dim` comes from our converted UNet kwargs
-  (diffusers calls it cross_attention_dim), and decides the cross-attention routing.
+  (diffusers calls it cross_attention_dim), and decides the cross-attention routing. The UNet's
+  extra input channels name the model: 2C + 1 with text = inpainting (StableDiffusionInpaint), C + 3
+  with text and class labels = the x4 upscaler (StableDiffusionUpscale, whose `low_res_sched`
+  and `max_noise_level` describe its input's noise), C + 3 without text = LDM super-resolution.
   """
-  kind = sched.get("beta_schedule", "scaled_linear")
-  schedules = {"scaled_linear": "linear", "linear": "sqrt_linear",
-               "squaredcos_cap_v2": "cosine"}
-  if kind not in schedules:
-    raise ValueError(f"scheduler_config.json: beta_schedule={kind!r}; expected one of "
-                     f"{sorted(schedules)}.")
+  kind = _beta_schedule(sched, "scheduler_config.json")
   prediction = sched.get("prediction_type", "epsilon")
   params = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
   if prediction not in params:
@@ -150,12 +163,23 @@ def _scheduler_to_diffusion(sched: Mapping[str, Any], vae_cfg: Mapping[str, Any]
     key = "hybrid"
     extra = dict(model_target=ldm_lib.INPAINT_TARGET,
                  concat_keys=list(ldm_lib.INPAINT_CONCAT_KEYS), masked_image_key="masked_image")
+  elif in_channels == latent + 3 and context_dim and unet_cfg.get("num_class_embeds"):
+    key = "hybrid-adm"
+    low = dict(low_res_sched or {})
+    extra = dict(model_target=ldm_lib.UPSCALE_TARGET, low_scale=dict(
+        beta_schedule=_beta_schedule(low, "low_res_scheduler/scheduler_config.json"),
+        timesteps=int(low.get("num_train_timesteps", 1000)),
+        linear_start=float(low.get("beta_start", 1e-4)),
+        linear_end=float(low.get("beta_end", 2e-2)),
+        max_noise_level=int(350 if max_noise_level is None else max_noise_level)))
+  elif in_channels == latent + 3 and not context_dim:
+    key = "concat"  # LDMSuperResolutionPipeline: the low-resolution image itself.
   elif in_channels != latent:
     raise ValueError(f"unet/config.json: in_channels={in_channels} with a VAE of {latent} latent "
-                     f"channels; expected {latent} (text-to-image) or {2 * latent + 1} with "
-                     f"cross-attention (inpainting).")
+                     f"channels; expected {latent} (text-to-image), {2 * latent + 1} with "
+                     f"cross-attention (inpainting) or {latent + 3} (super-resolution).")
   return dict(extra,timesteps=int(sched.get("num_train_timesteps", 1000)),
-              beta_schedule=schedules[kind],
+              beta_schedule=kind,
               linear_start=float(sched.get("beta_start", 0.00085)),
               linear_end=float(sched.get("beta_end", 0.012)), cosine_s=8e-3,
               zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)),
@@ -167,6 +191,9 @@ def _scheduler_to_diffusion(sched: Mapping[str, Any], vae_cfg: Mapping[str, Any]
 def load_diffusers(folder: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
   """A diffusers pipeline folder (unet/, vae/, text_encoder/, scheduler/, tokenizer/)."""
   parts = torch_io.read_diffusers_folder(folder)
+  if "vae" not in parts and "vqvae" in parts:
+    # The LDM pipelines' name for it; they never scale latents, whatever VQModel's config says.
+    parts["vae"] = (dict(parts["vqvae"][0], scaling_factor=1.0), parts["vqvae"][1])
   for name in ("unet", "vae"):
     if name not in parts:
       raise FileNotFoundError(f"{folder}: no {name}/ component; a latent diffusion pipeline needs "
@@ -197,8 +224,10 @@ def load_diffusers(folder: str) -> tuple[ml_collections.ConfigDict, dict[str, An
       first_stage={"kind": fs_kind, "kwargs": fs_kwargs},
       unet={k: v for k, v in unet_kwargs.items()},
       cond_stage=cond,
-      diffusion=_scheduler_to_diffusion(sched, vae_cfg, dict(unet_cfg),
-                                        unet_kwargs.get("context_dim")),
+      diffusion=_scheduler_to_diffusion(
+          sched, vae_cfg, dict(unet_cfg), unet_kwargs.get("context_dim"),
+          low_res_sched=parts.get("low_res_scheduler", ({}, {}))[0],
+          max_noise_level=parts.get("model_index", ({}, {}))[0].get("max_noise_level")),
       sampling=recommended_sampling(cond["kind"])))
   fs = build.build_first_stage(config.first_stage)
   unet = build.build_unet(config.unet)

@@ -243,3 +243,32 @@ def compvis_checkpoint(root: str, text_dir: str, state_dict) -> tuple[str, str]:
   ckpt = os.path.join(root, "tiny-sd.ckpt")
   torch.save({"state_dict": state_dict, "global_step": 1234, "epoch": 3}, ckpt)
   return ckpt, write_yaml(os.path.join(root, "tiny-sd.yaml"), text_dir)
+
+
+def diffusers_upscale_folder(root: str, tokenizer_dir: str):
+  """A tiny StableDiffusionUpscalePipeline under root/'diffusers_upscale' (UNet: z_t + the noised
+  low-res image = 7 channels, noise level as class label; v prediction as the real x4 model;
+  its low_res_scheduler the real one's). Returns (folder, torch pipeline)."""
+  import transformers
+  from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler,
+                         StableDiffusionUpscalePipeline, UNet2DConditionModel)
+  unet = _randomized(UNet2DConditionModel(
+      sample_size=LATENT_SIZE, in_channels=7, out_channels=4, layers_per_block=1,
+      block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+      attention_head_dim=4, num_class_embeds=1000), seed=21)
+  vae = _randomized(AutoencoderKL(
+      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+      layers_per_block=1, sample_size=2 * LATENT_SIZE, scaling_factor=0.08333), seed=22)
+  scheduler = DDIMScheduler.from_config(ddim_scheduler().config, prediction_type="v_prediction")
+  low_res = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                          beta_schedule="scaled_linear")
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+  pipe = StableDiffusionUpscalePipeline(
+      vae=vae, text_encoder=clip_text_model(seed=23), tokenizer=tokenizer, unet=unet,
+      low_res_scheduler=low_res, scheduler=scheduler, max_noise_level=350)
+  pipe.set_progress_bar_config(disable=True)
+  folder = os.path.join(root, "diffusers_upscale")
+  pipe.save_pretrained(folder, safe_serialization=True)
+  return folder, pipe
