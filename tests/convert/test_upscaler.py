@@ -130,3 +130,105 @@ def test_cli_lowres_and_noise_level(built, tmp_path, capsys):
                        "--outdir", out], capsys)
   assert code == 2 and len(err) == 1 and "give --lowres" in err[0], err
   assert not os.path.exists(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# CompVis / Stability .ckpt + YAML.
+# ------------------------------------------------------------------------------------------------
+LOW_SCALE = dict(noise_schedule_config=dict(linear_start=0.0001, linear_end=0.02),
+                 max_noise_level=350)
+
+
+@pytest.fixture(scope="module")
+def compvis(built):
+  """A tiny x4-upscaling.yaml-style model: UNet with 7 inputs and 1000 classes, 'hybrid-adm'."""
+  import yaml
+  tiny_sd.stub_omegaconf()
+  from assets_util import randomize_
+  from ldm.modules.diffusionmodules.openaimodel import UNetModel
+  from ldm.modules.diffusionmodules.upscaling import ImageConcatWithNoiseAugmentation
+  root = built["root"]
+  kwargs = dict(tiny_sd.UNET_KWARGS, in_channels=7, num_classes=1000)
+  unet, ema = UNetModel(**kwargs).eval(), UNetModel(**kwargs).eval()
+  randomize_(unet, std=tiny_sd.WEIGHT_STD, seed=31)
+  randomize_(ema, std=tiny_sd.WEIGHT_STD, seed=32)
+  _, first_stage, _ = tiny_sd.compvis_modules()
+  text = tiny_sd.clip_text_model(seed=33)
+  text_dir = os.path.join(root, "compvis_text")
+  text.save_pretrained(text_dir)
+  low = ImageConcatWithNoiseAugmentation(**LOW_SCALE)
+  sd = tiny_sd.compvis_state_dict(unet, first_stage, ema, text)
+  sd.update({"low_scale_model." + k: v for k, v in low.state_dict().items()})
+  ckpt, yaml_path = tiny_sd.compvis_checkpoint(root, text_dir, sd)
+  with open(yaml_path) as f:
+    cfg = yaml.safe_load(f)
+  params = cfg["model"]["params"]
+  cfg["model"]["target"] = "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion"
+  params.update(conditioning_key="hybrid-adm", parameterization="v", low_scale_key="lr",
+                low_scale_config=dict(
+                    target="ldm.modules.diffusionmodules.upscaling."
+                           "ImageConcatWithNoiseAugmentation", params=LOW_SCALE))
+  params["unet_config"]["params"].update(in_channels=7, num_classes=1000)
+  with open(yaml_path, "w") as f:
+    yaml.safe_dump(cfg, f)
+  model = ldm_lib.LatentDiffusion.from_compvis(ckpt, yaml_path, use_ema=False,
+                                               tokenizer_path=built["tokenizer_dir"])
+  return dict(unet=unet, low=low, model=model)
+
+
+def test_compvis_yaml_translation(compvis):
+  d = compvis["model"].config.diffusion
+  assert d.model_target == ldm_lib.UPSCALE_TARGET and d.conditioning_key == "hybrid-adm"
+  assert dict(d.low_scale) == dict(beta_schedule="linear", timesteps=1000, linear_start=1e-4,
+                                   linear_end=0.02, max_noise_level=350)
+  np.testing.assert_allclose(np.asarray(compvis["model"].low_scale_schedule.alphas_cumprod),
+                             compvis["low"].alphas_cumprod.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("noise_level", [0, 20, 350])
+def test_compvis_condition_and_denoise(compvis, noise_level):
+  model, lowres = compvis["model"], _lowres(5)
+  noise = np.random.RandomState(6).randn(*lowres.shape).astype(np.float32)
+  levels = torch.full((2,), noise_level, dtype=torch.long)
+  z = np.random.RandomState(7).randn(2, 8, 8, 4).astype(np.float32)
+  t = np.array([11, 777], np.int32)
+  cond = model.condition(prompts=tiny_sd.PROMPTS, images=lowres, noise_level=noise_level,
+                         lowres_noise=noise)
+  with torch.no_grad():
+    zx = compvis["low"].q_sample(_nchw(lowres), levels, noise=_nchw(noise))
+    want = _nhwc(compvis["unet"](torch.cat([_nchw(z), zx], 1), torch.from_numpy(t).long(),
+                                 context=torch.from_numpy(np.array(cond.context)), y=levels))
+  assert_close(cond.concat, _nhwc(zx), rel=TOL, what="noised low-res input")
+  np.testing.assert_array_equal(cond.y, [noise_level] * 2)
+  assert_close(model.denoise(jnp.asarray(z), jnp.asarray(t), cond), want, rel=TOL,
+               what="upscaler UNet")
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper's super-resolution model as a diffusers LDMSuperResolutionPipeline folder.
+# ------------------------------------------------------------------------------------------------
+def test_ldm_super_resolution_folder_matches_pipeline(built, monkeypatch):
+  from diffusers.pipelines.latent_diffusion import (
+      pipeline_latent_diffusion_superresolution as mod)
+  folder, pipe = tiny_sd.diffusers_ldm_sr_folder(built["root"])
+  model = ldm_lib.LatentDiffusion.from_diffusers(folder)
+  assert model.config.diffusion.conditioning_key == "concat" and model.scale_factor == 1.0
+  assert model.cond_kind == "none"
+  lowres = _lowres(8)  # [2, 8, 8, 3]: the latents' size (first-stage factor 2)
+  x_T = np.random.RandomState(9).randn(2, 8, 8, 3).astype(np.float32)
+  monkeypatch.setattr(mod, "randn_tensor", lambda *a, **k: _nchw(x_T))
+  seen = []
+  decode = pipe.vqvae.decode
+  monkeypatch.setattr(pipe.vqvae, "decode", lambda z, *a, **k: (seen.append(z), decode(z))[1])
+  with torch.no_grad():
+    want_img = pipe(_nchw(lowres), num_inference_steps=5, eta=0.0, output_type="np").images
+  want = _nhwc(seen[0])
+  got = sampling.sample(model, images=lowres, steps=5, x_T=jnp.asarray(x_T), decode=False,
+                        height=16, width=16)
+  assert_close(got, want, rel=TOL, what="LDM super-resolution latents")
+  images = model.sample(images=lowres, steps=5, x_T=jnp.asarray(x_T), height=16, width=16)
+  assert_close(np.clip(images, -1, 1) / 2 + 0.5, want_img, rel=TOL,
+               what="LDM super-resolution images")
+  other = sampling.sample(model, images=_lowres(10), steps=5, x_T=jnp.asarray(x_T),
+                          decode=False, height=16, width=16)
+  assert np.abs(np.asarray(other) - want).max() > 1e-2

@@ -272,3 +272,27 @@ def diffusers_upscale_folder(root: str, tokenizer_dir: str):
   folder = os.path.join(root, "diffusers_upscale")
   pipe.save_pretrained(folder, safe_serialization=True)
   return folder, pipe
+
+
+def diffusers_ldm_sr_folder(root: str):
+  """A tiny LDMSuperResolutionPipeline under root/'diffusers_ldm_sr' (vqvae/ with 3 latent
+  channels, a UNet2DModel taking z_t + the low-res image = 6 channels). Returns (folder, pipe)."""
+  from diffusers import DDIMScheduler, LDMSuperResolutionPipeline, UNet2DModel, VQModel
+  vqvae = _randomized(VQModel(
+      in_channels=3, out_channels=3, latent_channels=3, num_vq_embeddings=16,
+      block_out_channels=(32, 64), layers_per_block=1, sample_size=2 * LATENT_SIZE,
+      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+      seed=41)
+  unet = _randomized(UNet2DModel(
+      sample_size=LATENT_SIZE, in_channels=6, out_channels=3, block_out_channels=(32, 64),
+      down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+      up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1, attention_head_dim=16),
+      seed=42)
+  scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0155,
+                            beta_schedule="scaled_linear", clip_sample=False,
+                            set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+  pipe = LDMSuperResolutionPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler)
+  pipe.set_progress_bar_config(disable=True)
+  folder = os.path.join(root, "diffusers_ldm_sr")
+  pipe.save_pretrained(folder, safe_serialization=True)
+  return folder, pipe
