@@ -39,6 +39,9 @@ INPAINT_TARGET = "LatentInpaintDiffusion"
 # own schedule (config `diffusion.low_scale`), is concatenated; the level is its class label.
 UPSCALE_TARGET = "LatentUpscaleDiffusion"
 DEFAULT_NOISE_LEVEL = 20  # what diffusers' StableDiffusionUpscalePipeline and Stability's script use
+# Depth-to-image (LatentDepth2ImageDiffusion): a depth map, resized to the latents and normalised
+# to [-1, 1] per sample, is concatenated. The user supplies it: no depth estimator is bundled.
+DEPTH_TARGET = "LatentDepth2ImageDiffusion"
 
 
 @dataclasses.dataclass
@@ -130,6 +133,10 @@ class LatentDiffusion:
     return self.config.diffusion.get("model_target") == UPSCALE_TARGET
 
   @property
+  def is_depth(self) -> bool:
+    return self.config.diffusion.get("model_target") == DEPTH_TARGET
+
+  @property
   def max_noise_level(self) -> int:
     return int(self.config.diffusion.low_scale.max_noise_level)
 
@@ -214,7 +221,8 @@ class LatentDiffusion:
   def condition(self, prompts: Sequence[str] | None = None, labels: Sequence[int] | None = None,
                 images: jax.Array | None = None, mask: jax.Array | None = None,
                 tokens: jax.Array | None = None, noise_level: int | None = None,
-                lowres_noise: jax.Array | None = None) -> Conditioning:
+                lowres_noise: jax.Array | None = None,
+                depth: jax.Array | None = None) -> Conditioning:
     """Encodes prompts (text models), labels (class models) or images (concat models).
 
     Inpainting models take the masked image (zero in the hole) as `images` and the pixel mask
@@ -222,7 +230,8 @@ class LatentDiffusion:
     inpainting script builds: [encode(masked image with the hole black, -1), hole mask as -1 / +1]
     at latent resolution, that order; Stable Diffusion's see `inpaint_concat`.
     The x4 upscaler takes the low-resolution image as `images`, `noise_level` and the image-space
-    noise `lowres_noise` (same shape as images; see `augment_lowres`).
+    noise `lowres_noise` (same shape as images; see `augment_lowres`). Depth-to-image models take
+    `depth`, the map already at latent size (`depth_condition`).
     """
     kind = self.cond_kind
     if tokens is not None:  # Pre-tokenised input, e.g. layout box tokens.
@@ -254,6 +263,11 @@ class LatentDiffusion:
       if self.is_upscaler:
         concat, y = self.augment_lowres(images, noise_level, lowres_noise)
         return Conditioning(context=context, concat=concat, y=y)
+      if self.is_depth:
+        if depth is None:
+          raise ValueError("this is a depth-to-image model: give a depth map (no depth estimator "
+                           "is bundled).")
+        return Conditioning(context=context, concat=jnp.asarray(depth, jnp.float32))
       return Conditioning(context=context)
     if kind == "class":
       if labels is None:
@@ -319,6 +333,24 @@ class LatentDiffusion:
     x = ls.sqrt_alphas_cumprod[level] * x + jnp.sqrt(1.0 - ls.alphas_cumprod[level]) * noise
     return x, jnp.full((x.shape[0],), level, jnp.int32)
 
+  def depth_condition(self, depth_map: np.ndarray, h: int, w: int) -> np.ndarray:
+    """A depth map [B, H, W] (or [B, H, W, 1]; any scale, larger = nearer or farther alike) ->
+    the concat [B, h, w, 1]: torch's bicubic resize (align_corners False), then per sample
+    2 (d - min) / (max - min + eps) - 1, eps from the config (CompVis 0.001, diffusers 0)."""
+    d = np.asarray(depth_map, np.float64)
+    if d.ndim == 4 and d.shape[-1] == 1:
+      d = d[..., 0]
+    if d.ndim != 3:
+      raise ValueError(f"depth map of shape {np.shape(depth_map)}: expected [B, H, W] or "
+                       f"[B, H, W, 1].")
+    d = torch_bicubic_resize(d, h, w)  # [B, h, w]
+    lo = d.min(axis=(1, 2), keepdims=True)
+    hi = d.max(axis=(1, 2), keepdims=True)
+    eps = float(self.config.diffusion.get("depth_eps", 0.0))
+    if np.any(hi - lo + eps <= 0):
+      raise ValueError("the depth map is constant: it holds no depth to condition on.")
+    return (2.0 * (d - lo) / (hi - lo + eps) - 1.0).astype(np.float32)[..., None]
+
   def unconditional(self, cond: Conditioning, batch: int,
                     negative_prompts: Sequence[str] | None = None) -> Conditioning:
     """The 'null' conditioning for classifier-free guidance (concat inputs are kept, as CompVis).
@@ -357,8 +389,8 @@ class LatentDiffusion:
              guidance_rescale: float = 0.0, seed: int = 0, x_T: jax.Array | None = None,
              init_image: jax.Array | None = None, strength: float | None = None,
              mask: jax.Array | None = None, negative_prompt: str | Sequence[str] | None = None,
-             noise_level: int | None = None, progress: bool = False,
-             decode_tile: int | None = None) -> np.ndarray:
+             noise_level: int | None = None, depth_map: np.ndarray | None = None,
+             progress: bool = False, decode_tile: int | None = None) -> np.ndarray:
     """Generates images; returns float32 [B, H, W, 3] in [-1, 1] (use `to_uint8`).
 
     sampler / steps / guidance: None takes the model's recommended settings (`sampling_settings`);
@@ -369,6 +401,7 @@ class LatentDiffusion:
     image, semantic map). negative_prompt: text models with guidance; one for all samples or one
     per sample, encoded as the unconditional branch instead of the empty prompt. noise_level: the
     x4 upscaler's augmentation of its low-resolution `images` (default DEFAULT_NOISE_LEVEL).
+    depth_map: depth-to-image models, [B, H, W] supplied by the user (no estimator is bundled).
     """
     from ldm_jax import sampling  # Local: sampling imports this module.
     s = self.sampling_settings(sampler=sampler, steps=steps, guidance=guidance)
@@ -380,6 +413,7 @@ class LatentDiffusion:
                            guidance_rescale=guidance_rescale, seed=seed, x_T=x_T,
                            init_image=init_image, strength=strength, mask=mask,
                            negative_prompt=negative_prompt, noise_level=noise_level,
+                           depth_map=depth_map,
                            progress=progress,
                            decode_tile=decode_tile)
 
@@ -420,6 +454,24 @@ class LatentDiffusion:
     from ldm_jax.convert import pipeline
     config, params = pipeline.load_diffusers(folder)
     return cls(config, params, **kwargs)
+
+
+def torch_bicubic_resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
+  """[B, H, W] -> [B, h, w] as torch's `interpolate(mode='bicubic', align_corners=False)` without
+  antialiasing: Keys' cubic with a = -0.75, source i -> (i + 0.5) H / h - 0.5, edges clamped."""
+  def matrix(n_in, n_out):
+    a = -0.75
+    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    f = np.floor(src)
+    t = src - f
+    near = lambda u: ((a + 2) * u - (a + 3)) * u * u + 1         # |u| <= 1
+    far = lambda u: ((a * u - 5 * a) * u + 8 * a) * u - 4 * a    # 1 < |u| < 2
+    weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], -1)  # [n_out, 4]
+    index = np.clip(f[:, None] + np.arange(-1, 3), 0, n_in - 1).astype(int)
+    m = np.zeros((n_out, n_in))
+    np.add.at(m, (np.repeat(np.arange(n_out), 4), index.ravel()), weights.ravel())
+    return m
+  return np.einsum("ij,bjk,lk->bil", matrix(x.shape[1], h), x, matrix(x.shape[2], w))
 
 
 def nearest_to_latent(mask: jax.Array, h: int, w: int) -> jax.Array:

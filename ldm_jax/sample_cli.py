@@ -236,6 +236,12 @@ def check_model_inputs(args, model) -> None:
                       "--guidance != 1.")
   if model.is_inpainting and not (args.init_image and args.mask):
     raise UserError("this is an inpainting model: give --init_image and --mask (white = keep).")
+  if args.depth_map and not model.is_depth:
+    raise UserError(f"--depth_map was given, but this is not a depth-to-image model (it is "
+                    f"conditioned by '{model.cond_kind}').")
+  if model.is_depth and not args.depth_map:
+    raise UserError("this is a depth-to-image model: give --depth_map (a depth image; no depth "
+                    "estimator is bundled).")
   if args.noise_level is not None:
     if not model.is_upscaler:
       raise UserError(f"--noise_level was given, but this model is not the x4 upscaler (it is "
@@ -342,6 +348,8 @@ def read_images(args) -> dict[str, np.ndarray]:
     out["mask"] = read_image(args.mask, "--mask", mode="L")
   if args.lowres:
     out["lowres"] = read_image(args.lowres, "--lowres")
+  if args.depth_map:
+    out["depth_map"] = read_image(args.depth_map, "--depth_map", mode="F")  # 8 or 16 bit
   return out
 
 
@@ -403,6 +411,8 @@ def run(args) -> list[str]:
       kwargs["images"] = np.repeat(imgs["lowres"][None], n, 0)
     if args.noise_level is not None:
       kwargs["noise_level"] = args.noise_level
+    if "depth_map" in raw_images:
+      kwargs["depth_map"] = np.repeat(raw_images["depth_map"][None], n, 0)
     try:
       images = ldm_lib.to_uint8(sampling.sample(model, **kwargs))
     except sampling.SamplingInputError as e:
@@ -416,7 +426,7 @@ def run(args) -> list[str]:
   Image.fromarray(make_grid(np.stack(all_images))).save(os.path.join(args.outdir, "grid.png"))
   settings = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "guidance",
                                             "guidance_rescale", "strength", "init_image", "mask",
-                                            "lowres", "noise_level", "checkpoint", "compvis_ckpt", "diffusers",
+                                            "lowres", "noise_level", "depth_map", "checkpoint", "compvis_ckpt", "diffusers",
                                             "dtype")}
   settings.update(height=h, width=w, use_ema=not args.no_ema)
   with open(os.path.join(args.outdir, "samples.json"), "w") as f:

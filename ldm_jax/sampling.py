@@ -106,8 +106,8 @@ def negative_prompts(negative_prompt, batch: int, model, guided: bool) -> list[s
 def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=None, tokens=None,
            num_samples=None, height=None, width=None, sampler=None, steps=None, eta=0.0,
            guidance=None, guidance_rescale=0.0, seed=0, seeds=None, x_T=None, init_image=None,
-           strength=None, mask=None, negative_prompt=None, noise_level=None, progress=False,
-           decode=True,
+           strength=None, mask=None, negative_prompt=None, noise_level=None, depth_map=None,
+           progress=False, decode=True,
            decode_tile=None, paste_known=True, mesh=None, as_numpy=True) -> np.ndarray:
   """See `LatentDiffusion.sample`; returns float32 images [B, H, W, 3] in [-1, 1] (or latents).
 
@@ -117,6 +117,7 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
     guidance != 1): the unconditional branch of guidance encodes it instead of the empty prompt.
   noise_level: the x4 upscaler's augmentation of its low-resolution input `images` (default
     DEFAULT_NOISE_LEVEL); the image-space noise comes from each sample's seed (`lowres_noise`).
+  depth_map: depth-to-image models, [B, H, W] at any resolution (see `depth_condition`).
   paste_known: inpainting returns the input's pixels exactly where mask == 1.
   mesh: shard the batch over the mesh's (data, fsdp) axes (parameters replicated), so each device
     samples only its slice; the batch must divide by those axes.
@@ -149,6 +150,16 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
   concat = None
   if noise_level is not None and not model.is_upscaler:
     raise SamplingInputError("noise_level was given, but this model is not an upscaler.")
+  if depth_map is not None and not model.is_depth:
+    raise SamplingInputError("a depth map was given, but this is not a depth-to-image model.")
+  depth = None
+  if depth_map is not None:
+    if len(depth_map) != batch:
+      raise SamplingInputError(f"{len(depth_map)} depth maps for a batch of {batch}.")
+    try:
+      depth = model.depth_condition(depth_map, h, w)
+    except ValueError as e:
+      raise SamplingInputError(str(e)) from None
   if model.is_upscaler and images is not None and tuple(np.shape(images)[1:3]) != (h, w):
     raise SamplingInputError(f"low-resolution image of {np.shape(images)[2]}x"
                              f"{np.shape(images)[1]} px: this upscaler makes {f}x larger images; "
@@ -175,7 +186,7 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
       lowres = lowres_noise(seeds, tuple(concat.shape[1:]))
     cond = model.condition(prompts=prompts, labels=labels, images=concat, tokens=tokens,
                            mask=None if not inpaint_model else jnp.asarray(mask),
-                           noise_level=noise_level, lowres_noise=lowres)
+                           noise_level=noise_level, lowres_noise=lowres, depth=depth)
     payload = {"params": model.params["unet"], "cond": cond}
     if guided:
       payload.update(uncond=model.unconditional(cond, batch, negative),

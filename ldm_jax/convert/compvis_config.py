@@ -56,7 +56,7 @@ _IGNORED_MODEL_PARAMS = {
     "cond_stage_forward", "finetune_keys", "keep_finetune_dims", "c_concat_log_start",
     "c_concat_log_end", "use_positional_encodings", "concat_mode", "force_null_conditioning",
     "unet_config", "first_stage_config", "cond_stage_config", "concat_keys", "masked_image_key",
-    "low_scale_config", "low_scale_key", "noise_level_key",
+    "low_scale_config", "low_scale_key", "noise_level_key", "depth_stage_config",
 }
 _DIFFUSION_DEFAULTS = dict(  # DDPM / LatentDiffusion constructor defaults
     timesteps=1000, beta_schedule="linear", linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3,
@@ -66,7 +66,9 @@ _DIFFUSION_DEFAULTS = dict(  # DDPM / LatentDiffusion constructor defaults
     num_timesteps_cond=None, cond_stage_trainable=False, scale_by_std=False)
 _MODEL_TARGETS = {"ldm.models.diffusion.ddpm.LatentDiffusion": "LatentDiffusion",
                   "ldm.models.diffusion.ddpm.LatentInpaintDiffusion": "LatentInpaintDiffusion",
-                  "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion": "LatentUpscaleDiffusion"}
+                  "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion": "LatentUpscaleDiffusion",
+                  "ldm.models.diffusion.ddpm.LatentDepth2ImageDiffusion":
+                      "LatentDepth2ImageDiffusion"}
 _LOW_SCALE_TARGET = "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation"
 # AbstractLowScaleModel.register_schedule defaults, and the noise augmentation's max level.
 _LOW_SCALE_DEFAULTS = dict(beta_schedule="linear", timesteps=1000, linear_start=1e-4,
@@ -381,6 +383,10 @@ def translate_compvis_config(config: Mapping[str, Any], *, source: str = "<confi
   if target.endswith("LatentInpaintDiffusion"):
     diffusion["concat_keys"] = _plain(params.get("concat_keys", ("mask", "masked_image")))
     diffusion["masked_image_key"] = params.get("masked_image_key", "masked_image")
+  if target.endswith("LatentDepth2ImageDiffusion"):
+    # get_input normalises the resized depth with + 0.001 in the denominator. The MiDaS estimator
+    # (depth_stage_config) is not imported: the user supplies the depth map.
+    diffusion["depth_eps"] = 0.001
   if target.endswith("LatentUpscaleDiffusion"):
     diffusion["low_scale"] = _low_scale(params.get("low_scale_config"),
                                         f"{p}.low_scale_config")

@@ -93,7 +93,8 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool | None = None,
   with guard(ckpt_path):  # its errors (EMA copies, scale_factor) name the file too
     parts = torch_io.split_compvis_state_dict(sd, use_ema=use_ema)
   diffusion = {k: v for k, v in cfg["diffusion"].items() if k not in _TRAINING_ONLY}
-  if cfg["diffusion"].get("model_target") in (ldm_lib.INPAINT_TARGET, ldm_lib.UPSCALE_TARGET):
+  if cfg["diffusion"].get("model_target") in (ldm_lib.INPAINT_TARGET, ldm_lib.UPSCALE_TARGET,
+                                               ldm_lib.DEPTH_TARGET):
     diffusion["model_target"] = cfg["diffusion"]["model_target"]  # Routes their condition.
   if diffusion.get("scale_by_std") or diffusion.get("scale_factor") is None:
     if parts["scale_factor"] is None:
@@ -144,7 +145,8 @@ def _scheduler_to_diffusion(sched: Mapping[str, Any], vae_cfg: Mapping[str, Any]
 
   `unet_cfg` is the diffusers UNet config.json; `context_dim` comes from our converted UNet kwargs
   (diffusers calls it cross_attention_dim), and decides the cross-attention routing. The UNet's
-  extra input channels name the model: 2C + 1 with text = inpainting (StableDiffusionInpaint), C + 3
+  extra input channels name the model: 2C + 1 with text = inpainting (StableDiffusionInpaint), C + 1
+  with text = depth-to-image (StableDiffusionDepth2Img), C + 3
   with text and class labels = the x4 upscaler (StableDiffusionUpscale, whose `low_res_sched`
   and `max_noise_level` describe its input's noise), C + 3 without text = LDM super-resolution.
   """
@@ -163,6 +165,10 @@ def _scheduler_to_diffusion(sched: Mapping[str, Any], vae_cfg: Mapping[str, Any]
     key = "hybrid"
     extra = dict(model_target=ldm_lib.INPAINT_TARGET,
                  concat_keys=list(ldm_lib.INPAINT_CONCAT_KEYS), masked_image_key="masked_image")
+  elif in_channels == latent + 1 and context_dim:
+    # StableDiffusionDepth2ImgPipeline: one depth channel, normalised without an epsilon.
+    key = "hybrid"
+    extra = dict(model_target=ldm_lib.DEPTH_TARGET, depth_eps=0.0)
   elif in_channels == latent + 3 and context_dim and unet_cfg.get("num_class_embeds"):
     key = "hybrid-adm"
     low = dict(low_res_sched or {})
@@ -177,7 +183,8 @@ def _scheduler_to_diffusion(sched: Mapping[str, Any], vae_cfg: Mapping[str, Any]
   elif in_channels != latent:
     raise ValueError(f"unet/config.json: in_channels={in_channels} with a VAE of {latent} latent "
                      f"channels; expected {latent} (text-to-image), {2 * latent + 1} with "
-                     f"cross-attention (inpainting) or {latent + 3} (super-resolution).")
+                     f"cross-attention (inpainting), {latent + 1} (depth) or {latent + 3} "
+                     f"(super-resolution).")
   return dict(extra,timesteps=int(sched.get("num_train_timesteps", 1000)),
               beta_schedule=kind,
               linear_start=float(sched.get("beta_start", 0.00085)),

@@ -255,11 +255,16 @@ def test_cli_inpainting_model_with_negative_prompts(inpaint, cli_images, tmp_pat
     (["--negative_prompt", "a", "--negative_prompt", "b", "--negative_prompt", "c"],
      ["--negative_prompt given 3 times for 2 prompts"]),
     (["--negative_prompt", "a", "--guidance", "1"], ["--negative_prompt", "--guidance != 1"]),
+    (["--noise_level", "20"], ["--noise_level was given", "not the x4 upscaler"]),
+    (["--depth_map", "{mask}"], ["--depth_map was given", "not a depth-to-image model"]),
+    (["--lowres", "{mask}"], ["--lowres was given", "takes no conditioning image"]),
 ])
-def test_cli_negative_prompt_mistakes(txt2img, tmp_path, capsys, extra, needles):
+def test_cli_flags_a_text_model_cannot_use(txt2img, cli_images, tmp_path, capsys, extra,
+                                           needles):
   out = tmp_path / "out"
+  extra = [a.format(mask=cli_images[1]) for a in extra]
   code, err = run_cli(["--diffusers", txt2img[0], "--prompt", "a", "--prompt", "b", "--steps", "1",
-                       "--outdir", str(out)] + extra, capsys)
+                       "--guidance", "2", "--outdir", str(out)] + extra, capsys)
   assert code == 2 and len(err) == 1, err
   assert all(n in err[0] for n in needles), err
   assert not out.exists()

@@ -296,3 +296,27 @@ def diffusers_ldm_sr_folder(root: str):
   folder = os.path.join(root, "diffusers_ldm_sr")
   pipe.save_pretrained(folder, safe_serialization=True)
   return folder, pipe
+
+
+def diffusers_depth_folder(root: str, tokenizer_dir: str):
+  """A tiny StableDiffusionDepth2ImgPipeline under root/'diffusers_depth' (UNet: z_t + one depth
+  channel), without its DPT depth estimator: depth maps are given. Returns (folder, pipe)."""
+  import transformers
+  from diffusers import (AutoencoderKL, StableDiffusionDepth2ImgPipeline, UNet2DConditionModel)
+  unet = _randomized(UNet2DConditionModel(
+      sample_size=LATENT_SIZE, in_channels=5, out_channels=4, layers_per_block=1,
+      block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+      attention_head_dim=4), seed=51)
+  vae = _randomized(AutoencoderKL(
+      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+      layers_per_block=1, sample_size=2 * LATENT_SIZE, scaling_factor=SCALE_FACTOR), seed=52)
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+  pipe = StableDiffusionDepth2ImgPipeline(
+      vae=vae, text_encoder=clip_text_model(seed=53), tokenizer=tokenizer, unet=unet,
+      scheduler=ddim_scheduler(), depth_estimator=None, feature_extractor=None)
+  pipe.set_progress_bar_config(disable=True)
+  folder = os.path.join(root, "diffusers_depth")
+  pipe.save_pretrained(folder, safe_serialization=True)
+  return folder, pipe
