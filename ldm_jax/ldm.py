@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ldm_jax import family
 from ldm_jax.diffusion import schedules as schedules_lib
 from ldm_jax.models import build
 from ldm_jax.models import tokenizers as tokenizers_lib
@@ -31,17 +32,6 @@ SAMPLERS = ("ddim", "plms", "ddpm", "dpmpp_2m", "euler_ancestral")
 # Guidance 1.0 is no classifier-free guidance: the only safe choice for a model that may have been
 # trained without condition dropout.
 SAMPLING_DEFAULTS = {"sampler": "ddim", "steps": 50, "guidance": 1.0}
-# What Stable Diffusion's inpainting models (LatentInpaintDiffusion) concatenate to z_t, in order:
-# the hole mask (1 = repaint) and the first stage's encoding of the masked image.
-INPAINT_CONCAT_KEYS = ("mask", "masked_image")
-INPAINT_TARGET = "LatentInpaintDiffusion"
-# The x4 upscaler (LatentUpscaleDiffusion): the low-resolution image, noised to `noise_level` by its
-# own schedule (config `diffusion.low_scale`), is concatenated; the level is its class label.
-UPSCALE_TARGET = "LatentUpscaleDiffusion"
-DEFAULT_NOISE_LEVEL = 20  # what diffusers' StableDiffusionUpscalePipeline and Stability's script use
-# Depth-to-image (LatentDepth2ImageDiffusion): a depth map, resized to the latents and normalised
-# to [-1, 1] per sample, is concatenated. The user supplies it: no depth estimator is bundled.
-DEPTH_TARGET = "LatentDepth2ImageDiffusion"
 
 
 @dataclasses.dataclass
@@ -125,16 +115,16 @@ class LatentDiffusion:
 
   @property
   def is_text_inpainting(self) -> bool:
-    """A Stable Diffusion inpainting model: text by cross-attention, [mask, masked latent] concat."""
-    return self.config.diffusion.get("model_target") == INPAINT_TARGET
+    """A Stable Diffusion inpainting model: text by cross-attention, [mask, masked latent]."""
+    return self.config.diffusion.get("model_target") == family.INPAINT_TARGET
 
   @property
   def is_upscaler(self) -> bool:
-    return self.config.diffusion.get("model_target") == UPSCALE_TARGET
+    return self.config.diffusion.get("model_target") == family.UPSCALE_TARGET
 
   @property
   def is_depth(self) -> bool:
-    return self.config.diffusion.get("model_target") == DEPTH_TARGET
+    return self.config.diffusion.get("model_target") == family.DEPTH_TARGET
 
   @property
   def max_noise_level(self) -> int:
@@ -245,7 +235,7 @@ class LatentDiffusion:
       keep = jnp.asarray(mask, jnp.float32)
       # The script maps (1 - mask) * image from [0, 1] to [-1, 1]: the hole becomes -1, not 0.
       c = self.encode(jnp.asarray(images) - (1.0 - keep))  # [B, h, w, C]
-      hole = 1.0 - nearest_to_latent(keep, c.shape[1], c.shape[2])  # [B, h, w, 1]
+      hole = 1.0 - family.nearest_to_latent(keep, c.shape[1], c.shape[2])  # [B, h, w, 1]
       # ... and maps the mask the same way: -1 = keep, +1 = hole.
       return Conditioning(concat=jnp.concatenate([c, (2.0 * hole - 1.0).astype(c.dtype)], -1))
     key = self.config.diffusion.conditioning_key
@@ -296,20 +286,11 @@ class LatentDiffusion:
     if masked_image is None or mask is None:
       raise ValueError("this is an inpainting model: give the image and the mask.")
     z = self.encode(masked_image)  # [B, h, w, C]
-    hole = 1.0 - nearest_to_latent(jnp.asarray(mask, jnp.float32), z.shape[1], z.shape[2])
-    parts = {"mask": hole.astype(z.dtype), "masked_image": z}
-    keys = tuple(self.config.diffusion.get("concat_keys", INPAINT_CONCAT_KEYS))
-    masked_key = self.config.diffusion.get("masked_image_key", "masked_image")
-    out = []
-    for key in keys:
-      if key == masked_key:
-        out.append(parts["masked_image"])
-      elif key == "mask":
-        out.append(parts["mask"])
-      else:
-        raise ValueError(f"model.diffusion.concat_keys={list(keys)!r}: {key!r} is neither 'mask' "
-                         f"nor the masked image key {masked_key!r}.")
-    return jnp.concatenate(out, -1)  # [B, h, w, 1 + C] in concat_keys order
+    m = jnp.asarray(mask, jnp.float32)
+    hole = 1.0 - family.nearest_to_latent(m, z.shape[1], z.shape[2])  # [B, h, w, 1]
+    keys = tuple(self.config.diffusion.get("concat_keys", family.INPAINT_CONCAT_KEYS))
+    return family.order_concat({"mask": hole.astype(z.dtype), "masked_image": z}, keys,
+                               self.config.diffusion.get("masked_image_key", "masked_image"))
 
   def augment_lowres(self, lowres: jax.Array | None, noise_level: int | None,
                      noise: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -320,7 +301,7 @@ class LatentDiffusion:
     """
     if lowres is None:
       raise ValueError("this is an upscaling model: give the low-resolution image.")
-    level = DEFAULT_NOISE_LEVEL if noise_level is None else noise_level
+    level = family.DEFAULT_NOISE_LEVEL if noise_level is None else noise_level
     if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or not (
         0 <= level <= self.max_noise_level):
       raise ValueError(f"noise_level={level!r}: expected an integer in [0, "
@@ -330,26 +311,14 @@ class LatentDiffusion:
     if noise.shape != x.shape:
       raise ValueError(f"lowres_noise shape {noise.shape}: expected the image's {x.shape}.")
     ls = self.low_scale_schedule
-    x = ls.sqrt_alphas_cumprod[level] * x + jnp.sqrt(1.0 - ls.alphas_cumprod[level]) * noise
+    x = family.noise_lowres(ls.sqrt_alphas_cumprod, ls.alphas_cumprod, x, level, noise)
     return x, jnp.full((x.shape[0],), level, jnp.int32)
 
   def depth_condition(self, depth_map: np.ndarray, h: int, w: int) -> np.ndarray:
-    """A depth map [B, H, W] (or [B, H, W, 1]; any scale, larger = nearer or farther alike) ->
-    the concat [B, h, w, 1]: torch's bicubic resize (align_corners False), then per sample
-    2 (d - min) / (max - min + eps) - 1, eps from the config (CompVis 0.001, diffusers 0)."""
-    d = np.asarray(depth_map, np.float64)
-    if d.ndim == 4 and d.shape[-1] == 1:
-      d = d[..., 0]
-    if d.ndim != 3:
-      raise ValueError(f"depth map of shape {np.shape(depth_map)}: expected [B, H, W] or "
-                       f"[B, H, W, 1].")
-    d = torch_bicubic_resize(d, h, w)  # [B, h, w]
-    lo = d.min(axis=(1, 2), keepdims=True)
-    hi = d.max(axis=(1, 2), keepdims=True)
-    eps = float(self.config.diffusion.get("depth_eps", 0.0))
-    if np.any(hi - lo + eps <= 0):
-      raise ValueError("the depth map is constant: it holds no depth to condition on.")
-    return (2.0 * (d - lo) / (hi - lo + eps) - 1.0).astype(np.float32)[..., None]
+    """A depth map [B, H, W] (or [B, H, W, 1], any scale) -> the concat [B, h, w, 1] at latent
+    size (`family.depth_concat`, with the config's `depth_eps`)."""
+    return family.depth_concat(depth_map, h, w,
+                               float(self.config.diffusion.get("depth_eps", 0.0)))
 
   def unconditional(self, cond: Conditioning, batch: int,
                     negative_prompts: Sequence[str] | None = None) -> Conditioning:
@@ -400,7 +369,7 @@ class LatentDiffusion:
     the same two inputs feed the model's condition instead. images: the concat condition (low-res
     image, semantic map). negative_prompt: text models with guidance; one for all samples or one
     per sample, encoded as the unconditional branch instead of the empty prompt. noise_level: the
-    x4 upscaler's augmentation of its low-resolution `images` (default DEFAULT_NOISE_LEVEL).
+    x4 upscaler's augmentation of its low-resolution `images` (default 20).
     depth_map: depth-to-image models, [B, H, W] supplied by the user (no estimator is bundled).
     """
     from ldm_jax import sampling  # Local: sampling imports this module.
@@ -454,33 +423,6 @@ class LatentDiffusion:
     from ldm_jax.convert import pipeline
     config, params = pipeline.load_diffusers(folder)
     return cls(config, params, **kwargs)
-
-
-def torch_bicubic_resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
-  """[B, H, W] -> [B, h, w] as torch's `interpolate(mode='bicubic', align_corners=False)` without
-  antialiasing: Keys' cubic with a = -0.75, source i -> (i + 0.5) H / h - 0.5, edges clamped."""
-  def matrix(n_in, n_out):
-    a = -0.75
-    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-    f = np.floor(src)
-    t = src - f
-    near = lambda u: ((a + 2) * u - (a + 3)) * u * u + 1         # |u| <= 1
-    far = lambda u: ((a * u - 5 * a) * u + 8 * a) * u - 4 * a    # 1 < |u| < 2
-    weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], -1)  # [n_out, 4]
-    index = np.clip(f[:, None] + np.arange(-1, 3), 0, n_in - 1).astype(int)
-    m = np.zeros((n_out, n_in))
-    np.add.at(m, (np.repeat(np.arange(n_out), 4), index.ravel()), weights.ravel())
-    return m
-  return np.einsum("ij,bjk,lk->bil", matrix(x.shape[1], h), x, matrix(x.shape[2], w))
-
-
-def nearest_to_latent(mask: jax.Array, h: int, w: int) -> jax.Array:
-  """[B, H, W, 1] -> [B, h, w, 1] as torch's `interpolate` (mode 'nearest', the default that the
-  original inpainting code uses): output pixel i reads input pixel floor(i * H / h)."""
-  if mask.shape[1] % h or mask.shape[2] % w:
-    raise ValueError(f"mask of {mask.shape[2]}x{mask.shape[1]} px: expected a multiple of the "
-                     f"{w}x{h} latents.")
-  return mask[:, ::mask.shape[1] // h, ::mask.shape[2] // w, :1]
 
 
 def check_sampling_config(section: Mapping[str, Any], timesteps: int) -> None:

@@ -426,8 +426,9 @@ def run(args) -> list[str]:
   Image.fromarray(make_grid(np.stack(all_images))).save(os.path.join(args.outdir, "grid.png"))
   settings = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "guidance",
                                             "guidance_rescale", "strength", "init_image", "mask",
-                                            "lowres", "noise_level", "depth_map", "checkpoint", "compvis_ckpt", "diffusers",
+                                            "lowres", "checkpoint", "compvis_ckpt", "diffusers",
                                             "dtype")}
+  settings.update(noise_level=args.noise_level, depth_map=args.depth_map)
   settings.update(height=h, width=w, use_ema=not args.no_ema)
   with open(os.path.join(args.outdir, "samples.json"), "w") as f:
     json.dump({"settings": settings, "samples": records}, f, indent=2)

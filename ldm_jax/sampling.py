@@ -116,7 +116,7 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
   negative_prompt: a string for every sample or a list with one per sample (text models with
     guidance != 1): the unconditional branch of guidance encodes it instead of the empty prompt.
   noise_level: the x4 upscaler's augmentation of its low-resolution input `images` (default
-    DEFAULT_NOISE_LEVEL); the image-space noise comes from each sample's seed (`lowres_noise`).
+    20); the image-space noise comes from each sample's seed (`lowres_noise`).
   depth_map: depth-to-image models, [B, H, W] at any resolution (see `depth_condition`).
   paste_known: inpainting returns the input's pixels exactly where mask == 1.
   mesh: shard the batch over the mesh's (data, fsdp) axes (parameters replicated), so each device

@@ -25,6 +25,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from ldm_jax import family
+
 
 class CompVisConfigError(ValueError):
   """The YAML cannot be translated; the message names the YAML path and the offending value."""
@@ -65,10 +67,9 @@ _DIFFUSION_DEFAULTS = dict(  # DDPM / LatentDiffusion constructor defaults
     use_ema=True, first_stage_key="image", cond_stage_key="image", image_size=256, channels=3,
     num_timesteps_cond=None, cond_stage_trainable=False, scale_by_std=False)
 _MODEL_TARGETS = {"ldm.models.diffusion.ddpm.LatentDiffusion": "LatentDiffusion",
-                  "ldm.models.diffusion.ddpm.LatentInpaintDiffusion": "LatentInpaintDiffusion",
-                  "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion": "LatentUpscaleDiffusion",
-                  "ldm.models.diffusion.ddpm.LatentDepth2ImageDiffusion":
-                      "LatentDepth2ImageDiffusion"}
+                  "ldm.models.diffusion.ddpm.LatentInpaintDiffusion": family.INPAINT_TARGET,
+                  "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion": family.UPSCALE_TARGET,
+                  "ldm.models.diffusion.ddpm.LatentDepth2ImageDiffusion": family.DEPTH_TARGET}
 _LOW_SCALE_TARGET = "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation"
 # AbstractLowScaleModel.register_schedule defaults, and the noise augmentation's max level.
 _LOW_SCALE_DEFAULTS = dict(beta_schedule="linear", timesteps=1000, linear_start=1e-4,
@@ -380,14 +381,14 @@ def translate_compvis_config(config: Mapping[str, Any], *, source: str = "<confi
   if diffusion["scale_by_std"]:
     diffusion["scale_factor"] = None
   diffusion["model_target"] = _MODEL_TARGETS[target]
-  if target.endswith("LatentInpaintDiffusion"):
-    diffusion["concat_keys"] = _plain(params.get("concat_keys", ("mask", "masked_image")))
+  if diffusion["model_target"] == family.INPAINT_TARGET:
+    diffusion["concat_keys"] = _plain(params.get("concat_keys", family.INPAINT_CONCAT_KEYS))
     diffusion["masked_image_key"] = params.get("masked_image_key", "masked_image")
-  if target.endswith("LatentDepth2ImageDiffusion"):
+  if diffusion["model_target"] == family.DEPTH_TARGET:
     # get_input normalises the resized depth with + 0.001 in the denominator. The MiDaS estimator
     # (depth_stage_config) is not imported: the user supplies the depth map.
     diffusion["depth_eps"] = 0.001
-  if target.endswith("LatentUpscaleDiffusion"):
+  if diffusion["model_target"] == family.UPSCALE_TARGET:
     diffusion["low_scale"] = _low_scale(params.get("low_scale_config"),
                                         f"{p}.low_scale_config")
   return dict(

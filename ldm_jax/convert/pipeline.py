@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from ldm_jax import ldm as ldm_lib
+from ldm_jax import family
 from ldm_jax.convert import autoencoder as ae_convert
 from ldm_jax.convert import compvis_config
 from ldm_jax.convert import text as text_convert
@@ -93,8 +93,8 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool | None = None,
   with guard(ckpt_path):  # its errors (EMA copies, scale_factor) name the file too
     parts = torch_io.split_compvis_state_dict(sd, use_ema=use_ema)
   diffusion = {k: v for k, v in cfg["diffusion"].items() if k not in _TRAINING_ONLY}
-  if cfg["diffusion"].get("model_target") in (ldm_lib.INPAINT_TARGET, ldm_lib.UPSCALE_TARGET,
-                                               ldm_lib.DEPTH_TARGET):
+  if cfg["diffusion"].get("model_target") in (family.INPAINT_TARGET, family.UPSCALE_TARGET,
+                                               family.DEPTH_TARGET):
     diffusion["model_target"] = cfg["diffusion"]["model_target"]  # Routes their condition.
   if diffusion.get("scale_by_std") or diffusion.get("scale_factor") is None:
     if parts["scale_factor"] is None:
@@ -124,7 +124,7 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool | None = None,
   return config, params
 
 
-# diffusers' beta_schedule names -> ours (CompVis's): diffusers' "scaled_linear" is CompVis "linear".
+# diffusers' beta_schedule names -> ours (CompVis's): "scaled_linear" is CompVis "linear".
 _BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear",
                    "squaredcos_cap_v2": "cosine"}
 
@@ -163,16 +163,16 @@ def _scheduler_to_diffusion(sched: Mapping[str, Any], vae_cfg: Mapping[str, Any]
   if in_channels == 2 * latent + 1 and context_dim:
     # StableDiffusionInpaintPipeline's UNet: z_t, the hole mask and the masked image's latents.
     key = "hybrid"
-    extra = dict(model_target=ldm_lib.INPAINT_TARGET,
-                 concat_keys=list(ldm_lib.INPAINT_CONCAT_KEYS), masked_image_key="masked_image")
+    extra = dict(model_target=family.INPAINT_TARGET,
+                 concat_keys=list(family.INPAINT_CONCAT_KEYS), masked_image_key="masked_image")
   elif in_channels == latent + 1 and context_dim:
     # StableDiffusionDepth2ImgPipeline: one depth channel, normalised without an epsilon.
     key = "hybrid"
-    extra = dict(model_target=ldm_lib.DEPTH_TARGET, depth_eps=0.0)
+    extra = dict(model_target=family.DEPTH_TARGET, depth_eps=0.0)
   elif in_channels == latent + 3 and context_dim and unet_cfg.get("num_class_embeds"):
     key = "hybrid-adm"
     low = dict(low_res_sched or {})
-    extra = dict(model_target=ldm_lib.UPSCALE_TARGET, low_scale=dict(
+    extra = dict(model_target=family.UPSCALE_TARGET, low_scale=dict(
         beta_schedule=_beta_schedule(low, "low_res_scheduler/scheduler_config.json"),
         timesteps=int(low.get("num_train_timesteps", 1000)),
         linear_start=float(low.get("beta_start", 1e-4)),

@@ -17,6 +17,7 @@ from PIL import Image
 
 import tiny_sd
 from assets_util import assert_close
+from ldm_jax import family
 from ldm_jax import ldm as ldm_lib
 from ldm_jax import sampling
 from ldm_jax.models.tokenizers import write_clip_tokenizer_dir
@@ -54,14 +55,14 @@ def test_bicubic_resize_matches_torch(size):
   d = _depth(2, size)
   want = torch.nn.functional.interpolate(torch.from_numpy(d)[:, None], size=(8, 8), mode="bicubic",
                                          align_corners=False)[:, 0].numpy()
-  np.testing.assert_allclose(ldm_lib.torch_bicubic_resize(d.astype(np.float64), 8, 8), want,
+  np.testing.assert_allclose(family.torch_bicubic_resize(d.astype(np.float64), 8, 8), want,
                              rtol=1e-5, atol=1e-5)
 
 
 def test_folder_config_and_depth_condition(built):
   model, pipe = built["model"], built["pipe"]
   d = model.config.diffusion
-  assert d.model_target == ldm_lib.DEPTH_TARGET and d.conditioning_key == "hybrid"
+  assert d.model_target == family.DEPTH_TARGET and d.conditioning_key == "hybrid"
   assert model.is_depth and d.depth_eps == 0.0
   depth = _depth()
   image = torch.zeros(2, 3, 16, 16)
@@ -179,7 +180,8 @@ def test_compvis_ckpt_and_yaml(built):
   with torch.no_grad():
     cc = torch.nn.functional.interpolate(torch.from_numpy(depth)[:, None], size=(8, 8),
                                          mode="bicubic", align_corners=False)
-    lo, hi = torch.amin(cc, dim=[1, 2, 3], keepdim=True), torch.amax(cc, dim=[1, 2, 3], keepdim=True)
+    lo = torch.amin(cc, dim=[1, 2, 3], keepdim=True)
+    hi = torch.amax(cc, dim=[1, 2, 3], keepdim=True)
     cc = 2. * (cc - lo) / (hi - lo + 0.001) - 1.
   cond = model.condition(prompts=tiny_sd.PROMPTS, depth=model.depth_condition(depth, 8, 8))
   assert_close(cond.concat, _nhwc(cc), rel=1e-5, what="CompVis depth concat")

@@ -15,6 +15,7 @@ import torch
 
 import tiny_sd
 from assets_util import assert_close
+from ldm_jax import family
 from ldm_jax import ldm as ldm_lib
 from ldm_jax import sampling
 from ldm_jax.diffusion import samplers as samplers_lib
@@ -133,7 +134,7 @@ def deterministic_vae(monkeypatch):
 def test_inpaint_folder_config(inpaint):
   _, _, model = inpaint
   d = model.config.diffusion
-  assert d.conditioning_key == "hybrid" and d.model_target == ldm_lib.INPAINT_TARGET
+  assert d.conditioning_key == "hybrid" and d.model_target == family.INPAINT_TARGET
   assert tuple(d.concat_keys) == ("mask", "masked_image") and d.channels == 4
   assert model.is_inpainting and model.latent_channels == 4
 

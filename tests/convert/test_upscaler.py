@@ -20,6 +20,7 @@ from PIL import Image
 
 import tiny_sd
 from assets_util import assert_close
+from ldm_jax import family
 from ldm_jax import ldm as ldm_lib
 from ldm_jax import sampling
 from ldm_jax.models.tokenizers import write_clip_tokenizer_dir
@@ -51,7 +52,7 @@ def _lowres(seed=3):
 
 def test_folder_config(built):
   d = built["model"].config.diffusion
-  assert d.conditioning_key == "hybrid-adm" and d.model_target == ldm_lib.UPSCALE_TARGET
+  assert d.conditioning_key == "hybrid-adm" and d.model_target == family.UPSCALE_TARGET
   assert d.parameterization == "v" and built["model"].max_noise_level == 350
   np.testing.assert_allclose(np.asarray(built["model"].low_scale_schedule.alphas_cumprod),
                              built["pipe"].low_res_scheduler.alphas_cumprod.numpy(), rtol=1e-5)
@@ -116,7 +117,8 @@ def test_cli_lowres_and_noise_level(built, tmp_path, capsys):
     code, err = run_cli(common + ["--noise_level", level, "--outdir", out], capsys)
     assert code == 0, err
     outs.append(np.asarray(Image.open(os.path.join(out, "000000.png"))))
-    assert json.load(open(os.path.join(out, "samples.json")))["settings"]["noise_level"] == int(level)
+    settings = json.load(open(os.path.join(out, "samples.json")))["settings"]
+    assert settings["noise_level"] == int(level)
   assert outs[0].shape == (16, 16, 3)  # the input's size times the first stage's factor
   want = ldm_lib.to_uint8(sampling.sample(model, prompts=["a cat"], seeds=[5], steps=2,
                                           guidance=2.0, noise_level=10,
@@ -178,7 +180,7 @@ def compvis(built):
 
 def test_compvis_yaml_translation(compvis):
   d = compvis["model"].config.diffusion
-  assert d.model_target == ldm_lib.UPSCALE_TARGET and d.conditioning_key == "hybrid-adm"
+  assert d.model_target == family.UPSCALE_TARGET and d.conditioning_key == "hybrid-adm"
   assert dict(d.low_scale) == dict(beta_schedule="linear", timesteps=1000, linear_start=1e-4,
                                    linear_end=0.02, max_noise_level=350)
   np.testing.assert_allclose(np.asarray(compvis["model"].low_scale_schedule.alphas_cumprod),
