@@ -382,9 +382,7 @@ class LatentDiffusion:
                            guidance_rescale=guidance_rescale, seed=seed, x_T=x_T,
                            init_image=init_image, strength=strength, mask=mask,
                            negative_prompt=negative_prompt, noise_level=noise_level,
-                           depth_map=depth_map,
-                           progress=progress,
-                           decode_tile=decode_tile)
+                           depth_map=depth_map, progress=progress, decode_tile=decode_tile)
 
   # ----------------------------------------------------------------------------------------------
   # Construction, saving and loading.
