@@ -28,6 +28,14 @@ def parse_args(argv):
   what.add_argument("--lowres", help="low-resolution image for super-resolution models")
   what.add_argument("--height", type=int, help="output height in pixels (multiple of the stride)")
   what.add_argument("--width", type=int, help="output width in pixels (multiple of the stride)")
+  family = p.add_argument_group("Stable Diffusion family")
+  family.add_argument("--negative_prompt", action="append",
+                      help="what guidance steers away from (text models, guidance != 1): one for "
+                           "all prompts, or repeated once per prompt")
+  family.add_argument("--noise_level", type=int,
+                      help="x4 upscaler: noise added to --lowres, 0..max_noise_level (default 20)")
+  family.add_argument("--depth_map", help="depth-to-image models: a depth image (grayscale, any "
+                                          "size and bit depth); no depth estimator is bundled")
   how = p.add_argument_group("sampler")
   # --sampler / --steps / --guidance default to the model's recommended settings (its config).
   how.add_argument("--sampler", choices=["ddim", "plms", "ddpm", "dpmpp_2m", "euler_a"],

@@ -18,12 +18,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ldm_jax import family
 from ldm_jax.diffusion import schedules as schedules_lib
 from ldm_jax.models import build
 from ldm_jax.models import tokenizers as tokenizers_lib
 from ldm_jax.models import word_tokenizer
 
-CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
+# 'hybrid-adm': concat + cross-attention + a class label (the x4 upscaler's noise level).
+CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm")
 WORD_TOKENIZERS = ("shapes", "wordlevel")
 SAMPLERS = ("ddim", "plms", "ddpm", "dpmpp_2m", "euler_ancestral")
 # What a model without recommended sampling settings (config section `sampling`) is sampled with.
@@ -112,6 +114,35 @@ class LatentDiffusion:
     return self.cond_kind in build.TEXT_ENCODERS
 
   @property
+  def is_text_inpainting(self) -> bool:
+    """A Stable Diffusion inpainting model: text by cross-attention, [mask, masked latent]."""
+    return self.config.diffusion.get("model_target") == family.INPAINT_TARGET
+
+  @property
+  def is_upscaler(self) -> bool:
+    return self.config.diffusion.get("model_target") == family.UPSCALE_TARGET
+
+  @property
+  def is_depth(self) -> bool:
+    return self.config.diffusion.get("model_target") == family.DEPTH_TARGET
+
+  @property
+  def max_noise_level(self) -> int:
+    return int(self.config.diffusion.low_scale.max_noise_level)
+
+  @functools.cached_property
+  def low_scale_schedule(self) -> schedules_lib.Schedule:
+    """The upscaler's image-space noise schedule for its low-resolution input."""
+    ls = self.config.diffusion.low_scale
+    return schedules_lib.Schedule.create(ls.beta_schedule, int(ls.timesteps),
+                                         linear_start=ls.linear_start, linear_end=ls.linear_end)
+
+  @property
+  def is_inpainting(self) -> bool:
+    """A model that inpaints from its condition (needs an init image and a mask), text or not."""
+    return self.cond_kind == "first_stage" or self.is_text_inpainting
+
+  @property
   def tokenizer(self):
     if self._tokenizer is None and self.is_text:
       tok_cfg = dict(self.cond_stage_config.get("tokenizer", {}))
@@ -179,12 +210,18 @@ class LatentDiffusion:
 
   def condition(self, prompts: Sequence[str] | None = None, labels: Sequence[int] | None = None,
                 images: jax.Array | None = None, mask: jax.Array | None = None,
-                tokens: jax.Array | None = None) -> Conditioning:
+                tokens: jax.Array | None = None, noise_level: int | None = None,
+                lowres_noise: jax.Array | None = None,
+                depth: jax.Array | None = None) -> Conditioning:
     """Encodes prompts (text models), labels (class models) or images (concat models).
 
-    Inpainting models (cond kind 'first_stage') take the masked image as `images` and the pixel
-    mask [B, H, W, 1] (1 = keep) as `mask`: the condition is [encode(masked image), hole mask] at
-    latent resolution, the order of the paper's inpainting script.
+    Inpainting models take the masked image (zero in the hole) as `images` and the pixel mask
+    [B, H, W, 1] (1 = keep) as `mask`. The paper's (cond kind 'first_stage') get what its
+    inpainting script builds: [encode(masked image with the hole black, -1), hole mask as -1 / +1]
+    at latent resolution, that order; Stable Diffusion's see `inpaint_concat`.
+    The x4 upscaler takes the low-resolution image as `images`, `noise_level` and the image-space
+    noise `lowres_noise` (same shape as images; see `augment_lowres`). Depth-to-image models take
+    `depth`, the map already at latent size (`depth_condition`).
     """
     kind = self.cond_kind
     if tokens is not None:  # Pre-tokenised input, e.g. layout box tokens.
@@ -195,11 +232,12 @@ class LatentDiffusion:
     if kind == "first_stage":
       if images is None or mask is None:
         raise ValueError("this is an inpainting model: give the image and the mask.")
-      c = self.encode(images)  # [B, h, w, C], scaled posterior mode
-      b, h, w, _ = c.shape
-      m = jnp.asarray(mask, jnp.float32)
-      hole = 1.0 - jax.image.resize(m, (b, h, w, m.shape[-1]), "bilinear")  # [B, h, w, 1]
-      return Conditioning(concat=jnp.concatenate([c, (hole > 0.5).astype(c.dtype)], -1))
+      keep = jnp.asarray(mask, jnp.float32)
+      # The script maps (1 - mask) * image from [0, 1] to [-1, 1]: the hole becomes -1, not 0.
+      c = self.encode(jnp.asarray(images) - (1.0 - keep))  # [B, h, w, C]
+      hole = 1.0 - family.nearest_to_latent(keep, c.shape[1], c.shape[2])  # [B, h, w, 1]
+      # ... and maps the mask the same way: -1 = keep, +1 = hole.
+      return Conditioning(concat=jnp.concatenate([c, (2.0 * hole - 1.0).astype(c.dtype)], -1))
     key = self.config.diffusion.conditioning_key
     if prompts is not None and not self.is_text:
       raise ValueError(f"prompts were given but this model is conditioned by {kind!r}, not text.")
@@ -209,7 +247,18 @@ class LatentDiffusion:
       if prompts is None:
         raise ValueError("this is a text-conditional model: give prompts.")
       tokens = jnp.asarray(self.tokenize(prompts))
-      return Conditioning(context=cond_stage_fn(self.cond_stage, self.params["cond_stage"], tokens))
+      context = cond_stage_fn(self.cond_stage, self.params["cond_stage"], tokens)
+      if self.is_text_inpainting:
+        return Conditioning(context=context, concat=self.inpaint_concat(images, mask))
+      if self.is_upscaler:
+        concat, y = self.augment_lowres(images, noise_level, lowres_noise)
+        return Conditioning(context=context, concat=concat, y=y)
+      if self.is_depth:
+        if depth is None:
+          raise ValueError("this is a depth-to-image model: give a depth map (no depth estimator "
+                           "is bundled).")
+        return Conditioning(context=context, concat=jnp.asarray(depth, jnp.float32))
+      return Conditioning(context=context)
     if kind == "class":
       if labels is None:
         raise ValueError("this is a class-conditional model: give class labels.")
@@ -226,10 +275,69 @@ class LatentDiffusion:
       return Conditioning(concat=c)
     return Conditioning()
 
-  def unconditional(self, cond: Conditioning, batch: int) -> Conditioning:
-    """The 'null' conditioning for classifier-free guidance (concat inputs are kept, as CompVis)."""
+  def inpaint_concat(self, masked_image: jax.Array | None, mask: jax.Array | None) -> jax.Array:
+    """The concat condition of a Stable Diffusion inpainting model, in the config's `concat_keys`.
+
+    masked_image: [B, H, W, 3] in [-1, 1], zero in the hole; mask: [B, H, W, 1], 1 = keep.
+    'mask' is the hole (1 = repaint) taken at latent resolution by nearest neighbour (torch's
+    `interpolate` default, which both CompVis and diffusers use); 'masked_image' is its scaled
+    first-stage encoding (the posterior mode: deterministic, where the originals draw a sample).
+    """
+    if masked_image is None or mask is None:
+      raise ValueError("this is an inpainting model: give the image and the mask.")
+    z = self.encode(masked_image)  # [B, h, w, C]
+    m = jnp.asarray(mask, jnp.float32)
+    hole = 1.0 - family.nearest_to_latent(m, z.shape[1], z.shape[2])  # [B, h, w, 1]
+    keys = tuple(self.config.diffusion.get("concat_keys", family.INPAINT_CONCAT_KEYS))
+    return family.order_concat({"mask": hole.astype(z.dtype), "masked_image": z}, keys,
+                               self.config.diffusion.get("masked_image_key", "masked_image"))
+
+  def augment_lowres(self, lowres: jax.Array | None, noise_level: int | None,
+                     noise: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """The upscaler's concat and label: lowres [B, h, w, 3] in [-1, 1] noised to `noise_level`
+    by its own schedule, sqrt(a_n) x + sqrt(1 - a_n) noise (noise [B, h, w, 3]; zeros if None).
+
+    Returns (concat [B, h, w, 3], labels [B] int32 = noise_level).
+    """
+    if lowres is None:
+      raise ValueError("this is an upscaling model: give the low-resolution image.")
+    level = family.DEFAULT_NOISE_LEVEL if noise_level is None else noise_level
+    if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or not (
+        0 <= level <= self.max_noise_level):
+      raise ValueError(f"noise_level={level!r}: expected an integer in [0, "
+                       f"{self.max_noise_level}] (the model's max_noise_level).")
+    x = jnp.asarray(lowres, jnp.float32)
+    noise = jnp.zeros_like(x) if noise is None else jnp.asarray(noise, jnp.float32)
+    if noise.shape != x.shape:
+      raise ValueError(f"lowres_noise shape {noise.shape}: expected the image's {x.shape}.")
+    ls = self.low_scale_schedule
+    x = family.noise_lowres(ls.sqrt_alphas_cumprod, ls.alphas_cumprod, x, level, noise)
+    return x, jnp.full((x.shape[0],), level, jnp.int32)
+
+  def depth_condition(self, depth_map: np.ndarray, h: int, w: int) -> np.ndarray:
+    """A depth map [B, H, W] (or [B, H, W, 1], any scale) -> the concat [B, h, w, 1] at latent
+    size (`family.depth_concat`, with the config's `depth_eps`)."""
+    return family.depth_concat(depth_map, h, w,
+                               float(self.config.diffusion.get("depth_eps", 0.0)))
+
+  def unconditional(self, cond: Conditioning, batch: int,
+                    negative_prompts: Sequence[str] | None = None) -> Conditioning:
+    """The 'null' conditioning for classifier-free guidance (concat inputs are kept, as CompVis).
+
+    negative_prompts (text models): the unconditional branch encodes these instead of the empty
+    prompt, one per sample; guidance then steers away from them.
+    """
+    if negative_prompts is not None and not self.is_text:
+      raise ValueError(f"negative prompts were given but this model is conditioned by "
+                       f"{self.cond_kind!r}, not text.")
     if self.is_text:
-      return dataclasses.replace(cond, context=self.condition(prompts=[""] * batch).context)
+      negative = [""] * batch if negative_prompts is None else list(negative_prompts)
+      if len(negative) != batch:
+        raise ValueError(f"{len(negative)} negative prompts for a batch of {batch}: expected one "
+                         f"per sample.")
+      tokens = jnp.asarray(self.tokenize(negative))
+      context = cond_stage_fn(self.cond_stage, self.params["cond_stage"], tokens)
+      return dataclasses.replace(cond, context=context)
     if self.cond_kind == "class":
       null = int(self.cond_stage_config.get("kwargs", {}).get("n_classes", 1)) - 1
       return dataclasses.replace(self.condition(labels=[null] * batch), concat=cond.concat)
@@ -249,14 +357,20 @@ class LatentDiffusion:
              steps: int | None = None, eta: float = 0.0, guidance: float | None = None,
              guidance_rescale: float = 0.0, seed: int = 0, x_T: jax.Array | None = None,
              init_image: jax.Array | None = None, strength: float | None = None,
-             mask: jax.Array | None = None, progress: bool = False,
-             decode_tile: int | None = None) -> np.ndarray:
+             mask: jax.Array | None = None, negative_prompt: str | Sequence[str] | None = None,
+             noise_level: int | None = None, depth_map: np.ndarray | None = None,
+             progress: bool = False, decode_tile: int | None = None) -> np.ndarray:
     """Generates images; returns float32 [B, H, W, 3] in [-1, 1] (use `to_uint8`).
 
     sampler / steps / guidance: None takes the model's recommended settings (`sampling_settings`);
     the settings not given are printed, so a notebook shows what it sampled with.
     init_image + strength: img2img. init_image + mask (1 = keep, pixel resolution): inpainting by
-    latent masking. images: the concat condition (low-res image, masked image, semantic map).
+    latent masking; for inpainting models (Stable Diffusion inpainting, the paper's inpainting_big)
+    the same two inputs feed the model's condition instead. images: the concat condition (low-res
+    image, semantic map). negative_prompt: text models with guidance; one for all samples or one
+    per sample, encoded as the unconditional branch instead of the empty prompt. noise_level: the
+    x4 upscaler's augmentation of its low-resolution `images` (default 20).
+    depth_map: depth-to-image models, [B, H, W] supplied by the user (no estimator is bundled).
     """
     from ldm_jax import sampling  # Local: sampling imports this module.
     s = self.sampling_settings(sampler=sampler, steps=steps, guidance=guidance)
@@ -266,8 +380,9 @@ class LatentDiffusion:
                            num_samples=num_samples, height=height, width=width,
                            sampler=s["sampler"], steps=s["steps"], eta=eta, guidance=s["guidance"],
                            guidance_rescale=guidance_rescale, seed=seed, x_T=x_T,
-                           init_image=init_image, strength=strength, mask=mask, progress=progress,
-                           decode_tile=decode_tile)
+                           init_image=init_image, strength=strength, mask=mask,
+                           negative_prompt=negative_prompt, noise_level=noise_level,
+                           depth_map=depth_map, progress=progress, decode_tile=decode_tile)
 
   # ----------------------------------------------------------------------------------------------
   # Construction, saving and loading.
@@ -365,11 +480,11 @@ def denoise_fn(unet, variables, conditioning_key, z_t, t, cond: Conditioning, *,
                deterministic=True, rngs=None):
   """Routes the conditioning into the UNet as the CompVis DiffusionWrapper does."""
   x, context, y = z_t, None, None
-  if conditioning_key in ("concat", "hybrid"):
+  if conditioning_key in ("concat", "hybrid", "hybrid-adm"):
     x = jnp.concatenate([z_t, cond.concat.astype(z_t.dtype)], axis=-1)  # [B, h, w, C + c]
-  if conditioning_key in ("crossattn", "hybrid"):
+  if conditioning_key in ("crossattn", "hybrid", "hybrid-adm"):
     context = cond.context
-  if conditioning_key == "adm":
+  if conditioning_key in ("adm", "hybrid-adm"):
     y = cond.y
   t = jnp.broadcast_to(jnp.asarray(t), (z_t.shape[0],))
   out = unet.apply(variables, x, t, context, y, deterministic=deterministic, rngs=rngs)
@@ -403,11 +518,11 @@ def init_params(config: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
 
   def unet_init(k):
     x, context, y = z, None, None
-    if key in ("concat", "hybrid"):
+    if key in ("concat", "hybrid", "hybrid-adm"):
       x = jnp.concatenate([z, cond.concat], -1)
-    if key in ("crossattn", "hybrid"):
+    if key in ("crossattn", "hybrid", "hybrid-adm"):
       context = cond.context
-    if key == "adm":
+    if key in ("adm", "hybrid-adm"):
       y = cond.y
     return unet.init(k, x, jnp.zeros((1,), jnp.int32), context, y)
 
@@ -421,7 +536,7 @@ def example_conditioning(config, cs_cfg, cs, rng) -> dict[str, Any]:
   kind = cs_cfg.get("kind", "none")
   out = {"variables": {}, "context": None, "y": None, "concat_channels": 0}
   key = config.get("diffusion", {}).get("conditioning_key")
-  if key in ("concat", "hybrid"):
+  if key in ("concat", "hybrid", "hybrid-adm"):
     out["concat_channels"] = int(unet.in_channels) - int(config.first_stage.kwargs.embed_dim)
   if kind in build.TEXT_ENCODERS:
     length = int(cs_cfg.get("kwargs", {}).get("max_length", 77))
@@ -441,6 +556,8 @@ def example_conditioning(config, cs_cfg, cs, rng) -> dict[str, Any]:
     out["variables"] = jax.jit(cs.init)(rng, jnp.zeros((1, size, size, ch)))
   elif key == "adm":
     out["y"] = jnp.zeros((1, int(unet.adm_in_channels)))
+  if key == "hybrid-adm":
+    out["y"] = jnp.zeros((1,), jnp.int32)  # The noise level, a class label.
   if key == "crossattn" and out["context"] is None:
     out["context"] = jnp.zeros((1, 1, int(unet.context_dim)))
   return out

@@ -207,11 +207,48 @@ def check_arguments(args) -> list[str]:
   if args.batch_size < 1:
     raise UserError(f"--batch_size={args.batch_size}: expected >= 1.")
   prompts = read_prompts(args)
+  check_negative_prompts(args, prompts)
   count = max(len(prompts) or len(args.class_label or ()), 1) * args.num_samples
   if not 0 <= args.seed or args.seed + count > SEED_LIMIT:
     raise UserError(f"--seed={args.seed}: expected 0 <= seed <= {SEED_LIMIT - count} (sample i "
                     f"uses seed + i, {count} samples, seeds below 2**32).")
   return prompts
+
+
+def check_negative_prompts(args, prompts: list[str]) -> None:
+  """--negative_prompt: UTF-8, and one for all prompts or one per prompt."""
+  negative = args.negative_prompt or []
+  for p in negative:
+    _check_utf8(p, "--negative_prompt")
+  if len(negative) > 1 and len(negative) != len(prompts):
+    raise UserError(f"--negative_prompt given {len(negative)} times for {len(prompts)} prompts: "
+                    f"expected once (for all prompts) or once per prompt.")
+
+
+def check_model_inputs(args, model) -> None:
+  """The new family flags against the loaded model and the resolved guidance."""
+  if args.negative_prompt:
+    if not model.is_text:
+      raise UserError(f"--negative_prompt was given, but this model is conditioned by "
+                      f"'{model.cond_kind}', not text.")
+    if args.guidance == 1.0:
+      raise UserError("--negative_prompt acts only through classifier-free guidance: expected "
+                      "--guidance != 1.")
+  if model.is_inpainting and not (args.init_image and args.mask):
+    raise UserError("this is an inpainting model: give --init_image and --mask (white = keep).")
+  if args.depth_map and not model.is_depth:
+    raise UserError(f"--depth_map was given, but this is not a depth-to-image model (it is "
+                    f"conditioned by '{model.cond_kind}').")
+  if model.is_depth and not args.depth_map:
+    raise UserError("this is a depth-to-image model: give --depth_map (a depth image; no depth "
+                    "estimator is bundled).")
+  if args.noise_level is not None:
+    if not model.is_upscaler:
+      raise UserError(f"--noise_level was given, but this model is not the x4 upscaler (it is "
+                      f"conditioned by '{model.cond_kind}').")
+    if not 0 <= args.noise_level <= model.max_noise_level:
+      raise UserError(f"--noise_level={args.noise_level}: expected 0 <= noise_level <= "
+                      f"{model.max_noise_level} (the model's max_noise_level).")
 
 
 def requests(args, model, prompts: list[str]) -> list[dict[str, Any]]:
@@ -240,6 +277,10 @@ def requests(args, model, prompts: list[str]) -> list[dict[str, Any]]:
   if takes_image and not args.lowres:
     raise UserError("this model is conditioned on an image: give --lowres.")
   base = [{"prompt": p} for p in prompts] or [{"label": lab} for lab in labels] or [{}]
+  negative = list(args.negative_prompt or [])
+  if negative:
+    negative = negative * len(base) if len(negative) == 1 else negative
+    base = [dict(item, negative_prompt=n) for item, n in zip(base, negative)]
   out = []
   for item in base:
     for _ in range(args.num_samples):
@@ -250,6 +291,8 @@ def requests(args, model, prompts: list[str]) -> list[dict[str, Any]]:
 def takes_condition_image(model) -> bool:
   """Whether `LatentDiffusion.condition` uses `images` (super-resolution, semantic maps): text,
   class and inpainting models return before reading them."""
+  if model.is_upscaler:
+    return True
   if model.is_text or model.cond_kind in ("class", "first_stage"):
     return False
   return (model.config.diffusion.conditioning_key in ("concat", "hybrid")
@@ -267,6 +310,17 @@ def resolve_sampling(args, model) -> None:
   args.sampler, args.steps, args.guidance = (cli_name[chosen["sampler"]], chosen["steps"],
                                              chosen["guidance"])
   print(f"Sampling with {ldm_lib.describe_sampling(dict(chosen, sampler=args.sampler))}")
+
+
+def upscaler_default_size(args, model, raw: dict[str, np.ndarray]) -> None:
+  """The x4 upscaler's output is its --lowres input times the first stage's factor, unless
+  --height / --width say otherwise (then `sampling` checks that the two agree)."""
+  if model.is_upscaler and "lowres" in raw:
+    f = model.downsample_factor
+    if args.height is None:
+      args.height = raw["lowres"].shape[0] * f
+    if args.width is None:
+      args.width = raw["lowres"].shape[1] * f
 
 
 def check_sizes(args, model) -> tuple[int, int]:
@@ -294,6 +348,8 @@ def read_images(args) -> dict[str, np.ndarray]:
     out["mask"] = read_image(args.mask, "--mask", mode="L")
   if args.lowres:
     out["lowres"] = read_image(args.lowres, "--lowres")
+  if args.depth_map:
+    out["depth_map"] = read_image(args.depth_map, "--depth_map", mode="F")  # 8 or 16 bit
   return out
 
 
@@ -327,8 +383,10 @@ def run(args) -> list[str]:
   model = load_model(args)
   resolve_sampling(args, model)
   check_sampling(args)  # again, with the settings the model recommended
+  upscaler_default_size(args, model, raw_images)
   h, w = check_sizes(args, model)
   reqs = requests(args, model, prompts)
+  check_model_inputs(args, model)
   imgs = image_inputs(args, raw_images, h, w)
   os.makedirs(args.outdir, exist_ok=True)
   paths, records, all_images = [], [], []
@@ -341,6 +399,8 @@ def run(args) -> list[str]:
       kwargs["prompts"] = [r["prompt"] for r in chunk]
     if "label" in chunk[0]:
       kwargs["labels"] = [r["label"] for r in chunk]
+    if "negative_prompt" in chunk[0]:
+      kwargs["negative_prompt"] = [r["negative_prompt"] for r in chunk]
     n = len(chunk)
     if "init_image" in imgs:
       kwargs["init_image"] = np.repeat(imgs["init_image"][None], n, 0)
@@ -349,6 +409,10 @@ def run(args) -> list[str]:
       kwargs["mask"] = np.repeat(imgs["mask"][None], n, 0)
     if "lowres" in imgs:
       kwargs["images"] = np.repeat(imgs["lowres"][None], n, 0)
+    if args.noise_level is not None:
+      kwargs["noise_level"] = args.noise_level
+    if "depth_map" in raw_images:
+      kwargs["depth_map"] = np.repeat(raw_images["depth_map"][None], n, 0)
     try:
       images = ldm_lib.to_uint8(sampling.sample(model, **kwargs))
     except sampling.SamplingInputError as e:
@@ -364,6 +428,7 @@ def run(args) -> list[str]:
                                             "guidance_rescale", "strength", "init_image", "mask",
                                             "lowres", "checkpoint", "compvis_ckpt", "diffusers",
                                             "dtype")}
+  settings.update(noise_level=args.noise_level, depth_map=args.depth_map)
   settings.update(height=h, width=w, use_ema=not args.no_ema)
   with open(os.path.join(args.outdir, "samples.json"), "w") as f:
     json.dump({"settings": settings, "samples": records}, f, indent=2)

@@ -70,6 +70,12 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> jax.Array:
   return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)  # [B, *shape]
 
 
+def lowres_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> jax.Array:
+  """The upscaler's image-space noise per sample, from its seed (a stream apart from x_T's)."""
+  keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(int(s)), 2) for s in seeds])
+  return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)  # [B, *shape]
+
+
 def latent_mask(mask: np.ndarray, h: int, w: int) -> jax.Array:
   """Pixel mask [B, H, W, 1] (1 = keep) -> latent resolution by area averaging, then threshold."""
   b, H, W, _ = mask.shape
@@ -78,15 +84,40 @@ def latent_mask(mask: np.ndarray, h: int, w: int) -> jax.Array:
   return jnp.asarray((m > 0.5).astype(np.float32))  # [B, h, w, 1]
 
 
+def negative_prompts(negative_prompt, batch: int, model, guided: bool) -> list[str] | None:
+  """`negative_prompt` (None, one string, or one per sample) as one string per sample."""
+  if negative_prompt is None:
+    return None
+  if not model.is_text:
+    raise SamplingInputError(f"a negative prompt was given, but this model is conditioned by "
+                             f"{model.cond_kind!r}, not text.")
+  if not guided:
+    raise SamplingInputError("a negative prompt acts only through classifier-free guidance: "
+                             "expected guidance != 1.")
+  if isinstance(negative_prompt, str):
+    return [negative_prompt] * batch
+  negative = list(negative_prompt)
+  if len(negative) != batch or not all(isinstance(p, str) for p in negative):
+    raise SamplingInputError(f"negative_prompt: {len(negative)} entries for a batch of {batch}; "
+                             f"expected one string, or one string per sample.")
+  return negative
+
+
 def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=None, tokens=None,
            num_samples=None, height=None, width=None, sampler=None, steps=None, eta=0.0,
            guidance=None, guidance_rescale=0.0, seed=0, seeds=None, x_T=None, init_image=None,
-           strength=None, mask=None, progress=False, decode=True,
+           strength=None, mask=None, negative_prompt=None, noise_level=None, depth_map=None,
+           progress=False, decode=True,
            decode_tile=None, paste_known=True, mesh=None, as_numpy=True) -> np.ndarray:
   """See `LatentDiffusion.sample`; returns float32 images [B, H, W, 3] in [-1, 1] (or latents).
 
   sampler / steps / guidance: None takes the model's recommended setting (`sampling_settings`).
   seeds: one per sample (default seed, seed+1, ...): x_T of sample i comes from seeds[i] alone.
+  negative_prompt: a string for every sample or a list with one per sample (text models with
+    guidance != 1): the unconditional branch of guidance encodes it instead of the empty prompt.
+  noise_level: the x4 upscaler's augmentation of its low-resolution input `images` (default
+    20); the image-space noise comes from each sample's seed (`lowres_noise`).
+  depth_map: depth-to-image models, [B, H, W] at any resolution (see `depth_condition`).
   paste_known: inpainting returns the input's pixels exactly where mask == 1.
   mesh: shard the batch over the mesh's (data, fsdp) axes (parameters replicated), so each device
     samples only its slice; the batch must divide by those axes.
@@ -101,7 +132,11 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
   if len(seeds) != batch:
     raise SamplingInputError(f"{len(seeds)} seeds for a batch of {batch}.")
   default = int(model.config.diffusion.image_size) * f
-  height, width = height or default, width or default
+  if model.is_upscaler and images is not None:  # The upscaler's latents are its input's size.
+    default_h, default_w = np.shape(images)[1] * f, np.shape(images)[2] * f
+  else:
+    default_h = default_w = default
+  height, width = height or default_h, width or default_w
   if height % f or width % f:
     raise SamplingInputError(f"height={height}, width={width}: expected multiples of {f}.")
   h, w = height // f, width // f
@@ -113,27 +148,51 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
 
   # Conditioning (and its null version for classifier-free guidance).
   concat = None
+  if noise_level is not None and not model.is_upscaler:
+    raise SamplingInputError("noise_level was given, but this model is not an upscaler.")
+  if depth_map is not None and not model.is_depth:
+    raise SamplingInputError("a depth map was given, but this is not a depth-to-image model.")
+  depth = None
+  if depth_map is not None:
+    if len(depth_map) != batch:
+      raise SamplingInputError(f"{len(depth_map)} depth maps for a batch of {batch}.")
+    try:
+      depth = model.depth_condition(depth_map, h, w)
+    except ValueError as e:
+      raise SamplingInputError(str(e)) from None
+  if model.is_upscaler and images is not None and tuple(np.shape(images)[1:3]) != (h, w):
+    raise SamplingInputError(f"low-resolution image of {np.shape(images)[2]}x"
+                             f"{np.shape(images)[1]} px: this upscaler makes {f}x larger images; "
+                             f"for {width}x{height} give {w}x{h}.")
   if images is not None:
     concat = jnp.asarray(images)
     if concat.shape[1:3] != (h, w) and model.cond_stage is None:
       raise SamplingInputError(f"conditioning image of {concat.shape[2]}x{concat.shape[1]} px: this "
                                f"model concatenates it to {w}x{h} latents; give that size.")
-  inpaint_model = model.cond_kind == "first_stage"
+  inpaint_model = model.is_inpainting
   if inpaint_model:
+    if images is not None:
+      raise SamplingInputError("this inpainting model is conditioned on init_image and mask; "
+                               "`images` is not used by it.")
     if init_image is None or mask is None:
       raise SamplingInputError("this inpainting model needs an init image and a mask.")
     concat = jnp.asarray(init_image) * jnp.asarray(mask)  # The known pixels; the hole is zeroed.
-  try:
-    cond = model.condition(prompts=prompts, labels=labels, images=concat, tokens=tokens,
-                           mask=None if not inpaint_model else jnp.asarray(mask))
-  except ValueError as e:
-    raise SamplingInputError(str(e)) from None
   guided = float(guidance) != 1.0 and tokens is None and (model.is_text or
                                                           model.cond_kind == "class")
-  payload = {"params": model.params["unet"], "cond": cond}
-  if guided:
-    payload.update(uncond=model.unconditional(cond, batch),
-                   scale=jnp.float32(guidance), rescale=jnp.float32(guidance_rescale))
+  negative = negative_prompts(negative_prompt, batch, model, guided)
+  try:
+    lowres = None
+    if model.is_upscaler and concat is not None:
+      lowres = lowres_noise(seeds, tuple(concat.shape[1:]))
+    cond = model.condition(prompts=prompts, labels=labels, images=concat, tokens=tokens,
+                           mask=None if not inpaint_model else jnp.asarray(mask),
+                           noise_level=noise_level, lowres_noise=lowres, depth=depth)
+    payload = {"params": model.params["unet"], "cond": cond}
+    if guided:
+      payload.update(uncond=model.unconditional(cond, batch, negative),
+                     scale=jnp.float32(guidance), rescale=jnp.float32(guidance_rescale))
+  except ValueError as e:
+    raise SamplingInputError(str(e)) from None
 
   # img2img / inpainting start from the encoded input image.
   x0 = m = None
@@ -147,7 +206,7 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
     if x0 is None:
       raise SamplingInputError("a mask needs an init image.")
     m = latent_mask(np.asarray(mask), h, w)
-  if inpaint_model:
+  if inpaint_model and strength is None:
     x0 = None  # The model inpaints from its condition; it starts from pure noise.
 
   denoise = UNetDenoiser(model.unet, model.config.diffusion.conditioning_key, guided)

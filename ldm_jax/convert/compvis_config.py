@@ -25,6 +25,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from ldm_jax import family
+
 
 class CompVisConfigError(ValueError):
   """The YAML cannot be translated; the message names the YAML path and the offending value."""
@@ -56,6 +58,7 @@ _IGNORED_MODEL_PARAMS = {
     "cond_stage_forward", "finetune_keys", "keep_finetune_dims", "c_concat_log_start",
     "c_concat_log_end", "use_positional_encodings", "concat_mode", "force_null_conditioning",
     "unet_config", "first_stage_config", "cond_stage_config", "concat_keys", "masked_image_key",
+    "low_scale_config", "low_scale_key", "noise_level_key", "depth_stage_config",
 }
 _DIFFUSION_DEFAULTS = dict(  # DDPM / LatentDiffusion constructor defaults
     timesteps=1000, beta_schedule="linear", linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3,
@@ -64,7 +67,13 @@ _DIFFUSION_DEFAULTS = dict(  # DDPM / LatentDiffusion constructor defaults
     use_ema=True, first_stage_key="image", cond_stage_key="image", image_size=256, channels=3,
     num_timesteps_cond=None, cond_stage_trainable=False, scale_by_std=False)
 _MODEL_TARGETS = {"ldm.models.diffusion.ddpm.LatentDiffusion": "LatentDiffusion",
-                  "ldm.models.diffusion.ddpm.LatentInpaintDiffusion": "LatentInpaintDiffusion"}
+                  "ldm.models.diffusion.ddpm.LatentInpaintDiffusion": family.INPAINT_TARGET,
+                  "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion": family.UPSCALE_TARGET,
+                  "ldm.models.diffusion.ddpm.LatentDepth2ImageDiffusion": family.DEPTH_TARGET}
+_LOW_SCALE_TARGET = "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation"
+# AbstractLowScaleModel.register_schedule defaults, and the noise augmentation's max level.
+_LOW_SCALE_DEFAULTS = dict(beta_schedule="linear", timesteps=1000, linear_start=1e-4,
+                           linear_end=2e-2, cosine_s=8e-3)
 _UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
 _UNET_DEFAULTS = dict(  # openaimodel.UNetModel defaults, for the fields our UNetModel takes
     dropout=0.0, channel_mult=(1, 2, 4, 8), conv_resample=True, num_classes=None,
@@ -299,6 +308,27 @@ def _cond_stage(node, where: str, trainable: bool, text_config_dir: str | None) 
 # The LatentDiffusion wrapper
 # ---------------------------------------------------------------------------------------------------
 
+def _low_scale(node, where: str) -> dict:
+  """The x4 upscaler's `low_scale_config` -> {beta_schedule, timesteps, linear_start, linear_end,
+  max_noise_level}: how its low-resolution input is noised."""
+  target, params = _target(node, where)
+  if target != _LOW_SCALE_TARGET:
+    raise CompVisConfigError(f"{where}.target={target!r}; expected {_LOW_SCALE_TARGET}")
+  params = _take(params, dict(noise_schedule_config={}, max_noise_level=1000), (), (), where)
+  sched = _take(_mapping(params["noise_schedule_config"], f"{where}.noise_schedule_config"),
+                _LOW_SCALE_DEFAULTS, (), (), f"{where}.noise_schedule_config")
+  if sched["beta_schedule"] not in ("linear", "sqrt_linear", "cosine", "sqrt"):
+    raise CompVisConfigError(f"{where}.noise_schedule_config.beta_schedule="
+                             f"{sched['beta_schedule']!r}; expected linear, sqrt_linear, cosine "
+                             f"or sqrt")
+  out = dict(beta_schedule=sched["beta_schedule"],
+             timesteps=_number(sched["timesteps"], f"{where}.timesteps", int),
+             max_noise_level=_number(params["max_noise_level"], f"{where}.max_noise_level", int))
+  for f in ("linear_start", "linear_end"):
+    out[f] = _number(sched[f], f"{where}.noise_schedule_config.{f}")
+  return out
+
+
 def translate_compvis_config(config: Mapping[str, Any], *, source: str = "<config>",
                              text_config_dir: str | None = None) -> dict[str, Any]:
   """An original YAML (already parsed into dicts) -> {first_stage, unet, cond_stage, diffusion}.
@@ -341,9 +371,9 @@ def translate_compvis_config(config: Mapping[str, Any], *, source: str = "<confi
     key = "concat" if params.get("concat_mode", True) else "crossattn"
   if cond_node == "__is_unconditional__" and not params.get("force_null_conditioning", False):
     key = None
-  if key not in (None, "concat", "crossattn", "hybrid", "adm"):
+  if key not in (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm"):
     raise CompVisConfigError(f"{p}.conditioning_key={key!r}; expected null, concat, crossattn, "
-                             "hybrid or adm")
+                             "hybrid, adm or hybrid-adm")
   diffusion["conditioning_key"] = key
   if diffusion["num_timesteps_cond"] is None:
     diffusion["num_timesteps_cond"] = 1
@@ -351,9 +381,16 @@ def translate_compvis_config(config: Mapping[str, Any], *, source: str = "<confi
   if diffusion["scale_by_std"]:
     diffusion["scale_factor"] = None
   diffusion["model_target"] = _MODEL_TARGETS[target]
-  if target.endswith("LatentInpaintDiffusion"):
-    diffusion["concat_keys"] = _plain(params.get("concat_keys", ("mask", "masked_image")))
+  if diffusion["model_target"] == family.INPAINT_TARGET:
+    diffusion["concat_keys"] = _plain(params.get("concat_keys", family.INPAINT_CONCAT_KEYS))
     diffusion["masked_image_key"] = params.get("masked_image_key", "masked_image")
+  if diffusion["model_target"] == family.DEPTH_TARGET:
+    # get_input normalises the resized depth with + 0.001 in the denominator. The MiDaS estimator
+    # (depth_stage_config) is not imported: the user supplies the depth map.
+    diffusion["depth_eps"] = 0.001
+  if diffusion["model_target"] == family.UPSCALE_TARGET:
+    diffusion["low_scale"] = _low_scale(params.get("low_scale_config"),
+                                        f"{p}.low_scale_config")
   return dict(
       first_stage=first_stage_config(params["first_stage_config"], f"{p}.first_stage_config"),
       unet=_unet(params["unet_config"], f"{p}.unet_config"),

@@ -8,7 +8,9 @@ import os
 from typing import Any, Mapping
 
 import ml_collections
+import numpy as np
 
+from ldm_jax import family
 from ldm_jax.convert import autoencoder as ae_convert
 from ldm_jax.convert import compvis_config
 from ldm_jax.convert import text as text_convert
@@ -33,6 +35,23 @@ def recommended_sampling(cond_kind: str) -> dict[str, Any]:
   """The `sampling` section of an imported model's config (LatentDiffusion.sampling_settings)."""
   if cond_kind in RECOMMENDED_GUIDANCE:
     return {"sampler": "ddim", "steps": 50, "guidance": RECOMMENDED_GUIDANCE[cond_kind]}
+  return {}
+
+
+def _first_stage_as_cond(sd: Mapping[str, Any], first_stage_sd: Mapping[str, Any]) -> dict:
+  """`__is_first_stage__`: CompVis sets cond_stage_model = first_stage_model, so the checkpoint
+  holds the first stage's tensors twice. They must be that copy; the model reads the first stage."""
+  if not sd:
+    return {}
+  if set(sd) != set(first_stage_sd):
+    extra = sorted(set(sd) - set(first_stage_sd))[:3]
+    missing = sorted(set(first_stage_sd) - set(sd))[:3]
+    raise WeightLoadError(f"cond_stage '__is_first_stage__': the cond_stage_model tensors should "
+                          f"repeat first_stage_model's; extra {extra}, missing {missing}.")
+  for k in sorted(sd):
+    if not np.array_equal(np.asarray(sd[k]), np.asarray(first_stage_sd[k])):
+      raise WeightLoadError(f"cond_stage '__is_first_stage__': cond_stage_model.{k} differs from "
+                            f"first_stage_model.{k}; expected the same tensor.")
   return {}
 
 
@@ -74,6 +93,9 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool | None = None,
   with guard(ckpt_path):  # its errors (EMA copies, scale_factor) name the file too
     parts = torch_io.split_compvis_state_dict(sd, use_ema=use_ema)
   diffusion = {k: v for k, v in cfg["diffusion"].items() if k not in _TRAINING_ONLY}
+  if cfg["diffusion"].get("model_target") in (family.INPAINT_TARGET, family.UPSCALE_TARGET,
+                                               family.DEPTH_TARGET):
+    diffusion["model_target"] = cfg["diffusion"]["model_target"]  # Routes their condition.
   if diffusion.get("scale_by_std") or diffusion.get("scale_factor") is None:
     if parts["scale_factor"] is None:
       if diffusion.get("scale_by_std"):
@@ -94,45 +116,91 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool | None = None,
   params = {
       "first_stage": {"params": ae_convert.autoencoder_from_compvis(parts["first_stage"], fs)},
       "unet": {"params": unet_convert.unet_from_compvis(parts["unet"], unet)},
-      "cond_stage": _cond_params(cond.get("kind", "none"), parts["cond_stage"], cs,
-                                 cond.get("kwargs", {})),
+      "cond_stage": (_first_stage_as_cond(parts["cond_stage"], parts["first_stage"])
+                     if cond.get("kind") == "first_stage" else
+                     _cond_params(cond.get("kind", "none"), parts["cond_stage"], cs,
+                                  cond.get("kwargs", {}))),
   }
   return config, params
 
 
+# diffusers' beta_schedule names -> ours (CompVis's): "scaled_linear" is CompVis "linear".
+_BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear",
+                   "squaredcos_cap_v2": "cosine"}
+
+
+def _beta_schedule(sched: Mapping[str, Any], where: str) -> str:
+  kind = sched.get("beta_schedule", "scaled_linear")
+  if kind not in _BETA_SCHEDULES:
+    raise ValueError(f"{where}: beta_schedule={kind!r}; expected one of "
+                     f"{sorted(_BETA_SCHEDULES)}.")
+  return _BETA_SCHEDULES[kind]
+
+
 def _scheduler_to_diffusion(sched: Mapping[str, Any], vae_cfg: Mapping[str, Any],
-                            unet_cfg: Mapping[str, Any], context_dim) -> dict[str, Any]:
+                            unet_cfg: Mapping[str, Any], context_dim, *,
+                            low_res_sched: Mapping[str, Any] | None = None,
+                            max_noise_level: int | None = None) -> dict[str, Any]:
   """scheduler_config.json + vae/unet config.json -> the diffusion section of our config.
 
   `unet_cfg` is the diffusers UNet config.json; `context_dim` comes from our converted UNet kwargs
-  (diffusers calls it cross_attention_dim), and decides the cross-attention routing.
+  (diffusers calls it cross_attention_dim), and decides the cross-attention routing. The UNet's
+  extra input channels name the model: 2C + 1 with text = inpainting (StableDiffusionInpaint), C + 1
+  with text = depth-to-image (StableDiffusionDepth2Img), C + 3
+  with text and class labels = the x4 upscaler (StableDiffusionUpscale, whose `low_res_sched`
+  and `max_noise_level` describe its input's noise), C + 3 without text = LDM super-resolution.
   """
-  kind = sched.get("beta_schedule", "scaled_linear")
-  schedules = {"scaled_linear": "linear", "linear": "sqrt_linear",
-               "squaredcos_cap_v2": "cosine"}
-  if kind not in schedules:
-    raise ValueError(f"scheduler_config.json: beta_schedule={kind!r}; expected one of "
-                     f"{sorted(schedules)}.")
+  kind = _beta_schedule(sched, "scheduler_config.json")
   prediction = sched.get("prediction_type", "epsilon")
   params = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
   if prediction not in params:
     raise ValueError(f"scheduler_config.json: prediction_type={prediction!r}; expected one of "
                      f"{sorted(params)}.")
+  latent = int(vae_cfg.get("latent_channels", 4))
+  in_channels = int(unet_cfg.get("in_channels", latent))
+  extra = {}
   key = "crossattn" if context_dim else None
-  return dict(timesteps=int(sched.get("num_train_timesteps", 1000)),
-              beta_schedule=schedules[kind],
+  if in_channels == 2 * latent + 1 and context_dim:
+    # StableDiffusionInpaintPipeline's UNet: z_t, the hole mask and the masked image's latents.
+    key = "hybrid"
+    extra = dict(model_target=family.INPAINT_TARGET,
+                 concat_keys=list(family.INPAINT_CONCAT_KEYS), masked_image_key="masked_image")
+  elif in_channels == latent + 1 and context_dim:
+    # StableDiffusionDepth2ImgPipeline: one depth channel, normalised without an epsilon.
+    key = "hybrid"
+    extra = dict(model_target=family.DEPTH_TARGET, depth_eps=0.0)
+  elif in_channels == latent + 3 and context_dim and unet_cfg.get("num_class_embeds"):
+    key = "hybrid-adm"
+    low = dict(low_res_sched or {})
+    extra = dict(model_target=family.UPSCALE_TARGET, low_scale=dict(
+        beta_schedule=_beta_schedule(low, "low_res_scheduler/scheduler_config.json"),
+        timesteps=int(low.get("num_train_timesteps", 1000)),
+        linear_start=float(low.get("beta_start", 1e-4)),
+        linear_end=float(low.get("beta_end", 2e-2)),
+        max_noise_level=int(350 if max_noise_level is None else max_noise_level)))
+  elif in_channels == latent + 3 and not context_dim:
+    key = "concat"  # LDMSuperResolutionPipeline: the low-resolution image itself.
+  elif in_channels != latent:
+    raise ValueError(f"unet/config.json: in_channels={in_channels} with a VAE of {latent} latent "
+                     f"channels; expected {latent} (text-to-image), {2 * latent + 1} with "
+                     f"cross-attention (inpainting), {latent + 1} (depth) or {latent + 3} "
+                     f"(super-resolution).")
+  return dict(extra,timesteps=int(sched.get("num_train_timesteps", 1000)),
+              beta_schedule=kind,
               linear_start=float(sched.get("beta_start", 0.00085)),
               linear_end=float(sched.get("beta_end", 0.012)), cosine_s=8e-3,
               zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)),
               parameterization=params[prediction], conditioning_key=key,
               scale_factor=float(vae_cfg.get("scaling_factor", 0.18215)), scale_by_std=False,
-              image_size=int(unet_cfg.get("sample_size", 64) or 64),
-              channels=int(unet_cfg.get("in_channels", 4)))
+              image_size=int(unet_cfg.get("sample_size", 64) or 64), channels=latent)
 
 
 def load_diffusers(folder: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
   """A diffusers pipeline folder (unet/, vae/, text_encoder/, scheduler/, tokenizer/)."""
   parts = torch_io.read_diffusers_folder(folder)
+  if "vae" not in parts and "vqvae" in parts:
+    # The LDM pipelines' name for it; they never scale latents, whatever VQModel's config says.
+    parts["vae"] = (dict(parts["vqvae"][0], scaling_factor=1.0), parts["vqvae"][1])
   for name in ("unet", "vae"):
     if name not in parts:
       raise FileNotFoundError(f"{folder}: no {name}/ component; a latent diffusion pipeline needs "
@@ -163,8 +231,10 @@ def load_diffusers(folder: str) -> tuple[ml_collections.ConfigDict, dict[str, An
       first_stage={"kind": fs_kind, "kwargs": fs_kwargs},
       unet={k: v for k, v in unet_kwargs.items()},
       cond_stage=cond,
-      diffusion=_scheduler_to_diffusion(sched, vae_cfg, dict(unet_cfg),
-                                        unet_kwargs.get("context_dim")),
+      diffusion=_scheduler_to_diffusion(
+          sched, vae_cfg, dict(unet_cfg), unet_kwargs.get("context_dim"),
+          low_res_sched=parts.get("low_res_scheduler", ({}, {}))[0],
+          max_noise_level=parts.get("model_index", ({}, {}))[0].get("max_noise_level")),
       sampling=recommended_sampling(cond["kind"])))
   fs = build.build_first_stage(config.first_stage)
   unet = build.build_unet(config.unet)

@@ -168,8 +168,12 @@ def test_unknown_target_names_path_and_target():
   with pytest.raises(CompVisConfigError, match=r"first_stage_config.target=.*Mystery"):
     translate_compvis_config(cfg)
   cfg = _yaml("sd_v1_inference")
+  cfg["model"]["target"] = "ldm.models.diffusion.ddpm.LatentUpscaleFinetuneDiffusion"
+  with pytest.raises(CompVisConfigError, match="model.target=.*LatentUpscaleFinetuneDiffusion"):
+    translate_compvis_config(cfg)
+  # The x4 upscaler is supported, but not without the schedule of its low-resolution input.
   cfg["model"]["target"] = "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion"
-  with pytest.raises(CompVisConfigError, match="model.target=.*LatentUpscaleDiffusion"):
+  with pytest.raises(CompVisConfigError, match="model.params.low_scale_config.target is missing"):
     translate_compvis_config(cfg)
 
 

@@ -60,12 +60,15 @@ def ddim_scheduler():
                        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
 
 
-def diffusers_folder(root: str, tokenizer_dir: str):
-  """Writes a tiny SD pipeline folder under root/'diffusers'; returns (folder, torch pipeline)."""
+def diffusers_folder(root: str, tokenizer_dir: str, *, inpainting: bool = False):
+  """Writes a tiny SD pipeline folder under root/'diffusers' (root/'diffusers_inpaint': a
+  StableDiffusionInpaintPipeline whose UNet takes 9 channels); returns (folder, torch pipeline)."""
   import transformers
-  from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+  from diffusers import (AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                         UNet2DConditionModel)
   unet = _randomized(UNet2DConditionModel(
-      sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1,
+      sample_size=LATENT_SIZE, in_channels=9 if inpainting else 4, out_channels=4,
+      layers_per_block=1,
       block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
       attention_head_dim=4), seed=2)
@@ -76,11 +79,12 @@ def diffusers_folder(root: str, tokenizer_dir: str):
       scaling_factor=SCALE_FACTOR), seed=3)
   text = clip_text_model(seed=4)
   tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-  pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+  cls = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+  pipe = cls(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
                                  scheduler=ddim_scheduler(), safety_checker=None,
                                  feature_extractor=None, requires_safety_checker=False)
   pipe.set_progress_bar_config(disable=True)
-  folder = os.path.join(root, "diffusers")
+  folder = os.path.join(root, "diffusers_inpaint" if inpainting else "diffusers")
   pipe.save_pretrained(folder, safe_serialization=True)
   return folder, pipe
 
@@ -117,12 +121,14 @@ class FirstStage(torch.nn.Module):
     return self.decoder(self.post_quant_conv(z))
 
 
-def compvis_modules():
-  """(unet, first_stage, ema_unet) torch modules from the original `ldm` package, randomised."""
+def compvis_modules(in_channels: int = 4):
+  """(unet, first_stage, ema_unet) torch modules from the original `ldm` package, randomised;
+  in_channels 9: the UNet of an inpainting model (z_t, mask, masked-image latent)."""
   stub_omegaconf()
   from ldm.modules.diffusionmodules.openaimodel import UNetModel
-  unet = _randomized(UNetModel(**UNET_KWARGS), seed=5)
-  ema = _randomized(UNetModel(**UNET_KWARGS), seed=6)  # EMA weights differ from the raw ones
+  kwargs = dict(UNET_KWARGS, in_channels=in_channels)
+  unet = _randomized(UNetModel(**kwargs), seed=5)
+  ema = _randomized(UNetModel(**kwargs), seed=6)  # EMA weights differ from the raw ones
   first = _randomized(FirstStage(DDCONFIG, EMBED_DIM), seed=7)
   return unet, first, ema
 
@@ -131,14 +137,23 @@ def _yaml_list(values) -> str:
   return "[" + ", ".join(str(v) for v in values) + "]"
 
 
-def write_yaml(path: str, text_dir: str, *, model_channels: int = 32) -> str:
-  """A v1-inference.yaml with the tiny sizes; `version` names the local text-model directory."""
+def write_yaml(path: str, text_dir: str, *, model_channels: int = 32,
+               concat_keys: tuple[str, ...] | None = None) -> str:
+  """A v1-inference.yaml with the tiny sizes; `version` names the local text-model directory.
+
+  concat_keys: a LatentInpaintDiffusion (v1-inpainting-inference.yaml: conditioning 'hybrid',
+  9 UNet input channels) concatenating these in this order.
+  """
   u, d = UNET_KWARGS, DDCONFIG
+  target, key, in_channels, extra = "LatentDiffusion", "crossattn", u["in_channels"], ""
+  if concat_keys is not None:
+    target, key, in_channels = "LatentInpaintDiffusion", "hybrid", 9
+    extra = f"\n    concat_keys: {_yaml_list(concat_keys)}"
   text = f"""# Tiny model in the structure of Stable Diffusion v1-inference.yaml.
 model:
   base_learning_rate: 1.0e-04
-  target: ldm.models.diffusion.ddpm.LatentDiffusion
-  params:
+  target: ldm.models.diffusion.ddpm.{target}
+  params:{extra}
     linear_start: {BETA_START}
     linear_end: {BETA_END}
     num_timesteps_cond: 1
@@ -149,7 +164,7 @@ model:
     image_size: {LATENT_SIZE}
     channels: 4
     cond_stage_trainable: false
-    conditioning_key: crossattn
+    conditioning_key: {key}
     monitor: val/loss_simple_ema
     scale_factor: {SCALE_FACTOR}
     use_ema: False
@@ -157,7 +172,7 @@ model:
       target: ldm.modules.diffusionmodules.openaimodel.UNetModel
       params:
         image_size: {u['image_size']}
-        in_channels: {u['in_channels']}
+        in_channels: {in_channels}
         out_channels: {u['out_channels']}
         model_channels: {model_channels}
         attention_resolutions: {_yaml_list(u['attention_resolutions'])}
@@ -228,3 +243,80 @@ def compvis_checkpoint(root: str, text_dir: str, state_dict) -> tuple[str, str]:
   ckpt = os.path.join(root, "tiny-sd.ckpt")
   torch.save({"state_dict": state_dict, "global_step": 1234, "epoch": 3}, ckpt)
   return ckpt, write_yaml(os.path.join(root, "tiny-sd.yaml"), text_dir)
+
+
+def diffusers_upscale_folder(root: str, tokenizer_dir: str):
+  """A tiny StableDiffusionUpscalePipeline under root/'diffusers_upscale' (UNet: z_t + the noised
+  low-res image = 7 channels, noise level as class label; v prediction as the real x4 model;
+  its low_res_scheduler the real one's). Returns (folder, torch pipeline)."""
+  import transformers
+  from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler,
+                         StableDiffusionUpscalePipeline, UNet2DConditionModel)
+  unet = _randomized(UNet2DConditionModel(
+      sample_size=LATENT_SIZE, in_channels=7, out_channels=4, layers_per_block=1,
+      block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+      attention_head_dim=4, num_class_embeds=1000), seed=21)
+  vae = _randomized(AutoencoderKL(
+      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+      layers_per_block=1, sample_size=2 * LATENT_SIZE, scaling_factor=0.08333), seed=22)
+  scheduler = DDIMScheduler.from_config(ddim_scheduler().config, prediction_type="v_prediction")
+  low_res = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                          beta_schedule="scaled_linear")
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+  pipe = StableDiffusionUpscalePipeline(
+      vae=vae, text_encoder=clip_text_model(seed=23), tokenizer=tokenizer, unet=unet,
+      low_res_scheduler=low_res, scheduler=scheduler, max_noise_level=350)
+  pipe.set_progress_bar_config(disable=True)
+  folder = os.path.join(root, "diffusers_upscale")
+  pipe.save_pretrained(folder, safe_serialization=True)
+  return folder, pipe
+
+
+def diffusers_ldm_sr_folder(root: str):
+  """A tiny LDMSuperResolutionPipeline under root/'diffusers_ldm_sr' (vqvae/ with 3 latent
+  channels, a UNet2DModel taking z_t + the low-res image = 6 channels). Returns (folder, pipe)."""
+  from diffusers import DDIMScheduler, LDMSuperResolutionPipeline, UNet2DModel, VQModel
+  vqvae = _randomized(VQModel(
+      in_channels=3, out_channels=3, latent_channels=3, num_vq_embeddings=16,
+      block_out_channels=(32, 64), layers_per_block=1, sample_size=2 * LATENT_SIZE,
+      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+      seed=41)
+  unet = _randomized(UNet2DModel(
+      sample_size=LATENT_SIZE, in_channels=6, out_channels=3, block_out_channels=(32, 64),
+      down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+      up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1, attention_head_dim=16),
+      seed=42)
+  scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0155,
+                            beta_schedule="scaled_linear", clip_sample=False,
+                            set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+  pipe = LDMSuperResolutionPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler)
+  pipe.set_progress_bar_config(disable=True)
+  folder = os.path.join(root, "diffusers_ldm_sr")
+  pipe.save_pretrained(folder, safe_serialization=True)
+  return folder, pipe
+
+
+def diffusers_depth_folder(root: str, tokenizer_dir: str):
+  """A tiny StableDiffusionDepth2ImgPipeline under root/'diffusers_depth' (UNet: z_t + one depth
+  channel), without its DPT depth estimator: depth maps are given. Returns (folder, pipe)."""
+  import transformers
+  from diffusers import (AutoencoderKL, StableDiffusionDepth2ImgPipeline, UNet2DConditionModel)
+  unet = _randomized(UNet2DConditionModel(
+      sample_size=LATENT_SIZE, in_channels=5, out_channels=4, layers_per_block=1,
+      block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+      attention_head_dim=4), seed=51)
+  vae = _randomized(AutoencoderKL(
+      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+      layers_per_block=1, sample_size=2 * LATENT_SIZE, scaling_factor=SCALE_FACTOR), seed=52)
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+  pipe = StableDiffusionDepth2ImgPipeline(
+      vae=vae, text_encoder=clip_text_model(seed=53), tokenizer=tokenizer, unet=unet,
+      scheduler=ddim_scheduler(), depth_estimator=None, feature_extractor=None)
+  pipe.set_progress_bar_config(disable=True)
+  folder = os.path.join(root, "diffusers_depth")
+  pipe.save_pretrained(folder, safe_serialization=True)
+  return folder, pipe
