@@ -72,6 +72,9 @@ class Update:
 class LoraFile:
   path: str
   updates: tuple[Update, ...]
+  # Keys of modules the model has but never runs (the last CLIP block of a 'penultimate' encoder,
+  # which SD 2.x LoRA files do train): they cannot change an output, and are listed here.
+  unused: tuple[str, ...] = ()
 
 
 def parse_spec(spec: str) -> tuple[str, float]:
@@ -88,11 +91,12 @@ def parse_spec(spec: str) -> tuple[str, float]:
   return spec, 1.0
 
 
-def targets(config: Mapping[str, Any]) -> dict[str, dict[str, tuple[Path, Callable]]]:
+def targets(config: Mapping[str, Any]) -> dict[str, dict[str, tuple[Path, Callable] | None]]:
   """component -> {torch module name: (our kernel path, transform)} for the model `config` builds.
 
   The UNet answers to its diffusers and its CompVis names, the CLIP text encoder to its
-  transformers names with and without the `text_model.` level.
+  transformers names with and without the `text_model.` level; the modules of a text block that
+  is never run (output_layer='penultimate') map to None.
   """
   out: dict[str, dict[str, tuple[Path, Callable]]] = {UNET: {}, TEXT: {}}
   unet = build.build_unet(config["unet"])
@@ -102,11 +106,15 @@ def targets(config: Mapping[str, Any]) -> dict[str, dict[str, tuple[Path, Callab
         out[UNET][key[:-len(".weight")]] = (path, transform)
   cond = dict(config.get("cond_stage") or {})
   if cond.get("kind") in _TEXT_KINDS:
-    for path, (key, transform) in text_convert.clip_hf_key_map(
-        build.build_cond_stage(cond)).items():
+    encoder = build.build_cond_stage(cond)
+    for path, (key, transform) in text_convert.clip_hf_key_map(encoder).items():
       if path[-1] == "kernel":
         name = key[:-len(".weight")]
         out[TEXT][name] = out[TEXT]["text_model." + name] = (path, transform)
+    for layer in range(encoder.num_blocks, encoder.layers):
+      for module in text_convert.CLIP_HF_BLOCK_MODULES:
+        name = f"encoder.layers.{layer}.{module}"
+        out[TEXT][name] = out[TEXT]["text_model." + name] = None
   return out
 
 
@@ -148,10 +156,14 @@ def read(path: str, config: Mapping[str, Any]) -> LoraFile:
       continue
     component, module, role, kohya = split
     groups.setdefault((component, module, kohya), {})[role] = (key, state[key])
-  updates = []
+  updates, unused = [], []
   for (component, module, kohya), parts in sorted(groups.items()):
     keys = sorted(k for k, _ in parts.values())
-    target = (kohya_names if kohya else names)[component].get(module)
+    known = (kohya_names if kohya else names)[component]
+    target = known.get(module)
+    if module in known and target is None:
+      unused += keys
+      continue
     if target is None:
       where = ("the UNet" if component == UNET else
                "the text encoder" if names[TEXT] else "a model without a CLIP text encoder")
@@ -188,7 +200,7 @@ def read(path: str, config: Mapping[str, Any]) -> LoraFile:
   if not updates:
     raise LoraError(f"{path}: no LoRA tensors in the file; expected lora_A/lora_B or "
                     f"lora_down/lora_up keys.")
-  return LoraFile(path, tuple(updates))
+  return LoraFile(path, tuple(updates), tuple(unused))
 
 
 def deltas(params: Mapping[str, Any], loras: Sequence[LoraFile]
@@ -258,5 +270,9 @@ def merge_files(config: Mapping[str, Any], params: Mapping[str, Any],
   loras = []
   for spec in specs:
     path, scale = parse_spec(spec)
-    loras.append((read(path, config), scale))
+    lora = read(path, config)
+    if lora.unused:
+      print(f"{path}: {len(lora.unused)} tensors adapt a text block this model never runs "
+            f"(output_layer='penultimate'), e.g. {lora.unused[0]}; they change nothing.")
+    loras.append((lora, scale))
   return merge(params, loras)

@@ -103,9 +103,11 @@ def _tokens() -> jax.Array:
 
 _CLIP_HF_PREFIXES = ("", "text_model.", "transformer.text_model.", "transformer.",
                      "cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
+# Our block module -> its transformers name; the projections are the modules LoRA files adapt.
 _CLIP_HF_BLOCK = {"ln_attn": "layer_norm1", "ln_mlp": "layer_norm2", "fc1": "mlp.fc1",
                   "fc2": "mlp.fc2", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
                   "v": "self_attn.v_proj", "out": "self_attn.out_proj"}
+CLIP_HF_BLOCK_MODULES = tuple(v for k, v in _CLIP_HF_BLOCK.items() if not k.startswith("ln_"))
 
 
 def clip_hf_key_map(model: CLIPTextEncoder) -> dict[Path, tuple[str, Callable]]:

@@ -267,3 +267,25 @@ def test_parse_spec():
   assert lora_lib.parse_spec("C:/a.safetensors") == ("C:/a.safetensors", 1.0)
   with pytest.raises(ValueError, match="not finite"):
     lora_lib.parse_spec("a.safetensors:nan")
+
+
+def test_penultimate_encoder_lists_the_unused_last_block(setup):
+  """SD 2.x style: the last CLIP block is never run, so its LoRA keys are listed as unused, and the
+  rest of the file still matches torch (ln_final over the penultimate hidden state)."""
+  s = setup
+  cond = {"kind": "clip", "kwargs": dict(s["config"]["cond_stage"]["kwargs"],
+                                         output_layer="penultimate")}
+  config = dict(s["config"], cond_stage=cond)
+  encoder = build.build_cond_stage(cond)
+  params = {"cond_stage": {"params": text_convert.clip_from_hf(_base_numpy(s["text"]), encoder)}}
+  lora = lora_lib.read(s["files"]["text_a"], config)
+  assert lora.unused and all(".layers.1." in k for k in lora.unused)
+  assert {u.path[0] for u in lora.updates} == {"blocks_0"}
+  merged = lora_lib.merge(params, [(lora, 1.0)])
+  ours = np.asarray(encoder.apply(merged["cond_stage"], jnp.asarray(_TOKENS, jnp.int32)))
+  _activate(s["text"], ["a"])
+  with torch.no_grad():
+    hidden = s["text"](torch.from_numpy(_TOKENS), output_hidden_states=True).hidden_states[-2]
+    ref = s["text"].get_submodule(next(n for n, _ in s["text"].named_modules()
+                                       if n.endswith("final_layer_norm")))(hidden).numpy()
+  assert_close(ours, ref, what="penultimate")
