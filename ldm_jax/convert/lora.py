@@ -3,14 +3,16 @@
 Two community layouts of `.safetensors` files are read:
   * diffusers / PEFT: `unet.<module>.lora_A.weight` [r, in, *k] and `.lora_B.weight` [out, r, *1]
     (also `lora_down` / `lora_up`), `text_encoder.<module>...` for the text encoder, an optional
-    `<module>.alpha`; `<module>` is the diffusers / transformers module name.
+    `<module>.alpha`; `<module>` is the diffusers / transformers module name. The PEFT config that
+    diffusers' `save_lora_weights` writes into the header (`lora_adapter_metadata`: lora_alpha,
+    alpha_pattern, use_rslora per component) sets the alphas of modules without an `.alpha` key.
   * Kohya: `lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`, and `lora_te_...`,
     where `<module>` is the same name with every `.` written `_` (diffusers or CompVis UNet names).
 Conv LoRA on a 3x3 kernel has a `down` of the kernel's shape [r, in, 3, 3] and a 1x1 `up`.
 
-The update of a weight W is W + scale * (alpha / r) * up @ down, alpha = r when the file has no
-alpha (what diffusers assumes for PEFT files without metadata). A module name is matched to our
-parameter through the importers' own key maps (`convert.unet.key_map`,
+The update of a weight W is W + scale * (alpha / r) * up @ down (alpha / sqrt(r) for rsLoRA),
+alpha = r when the file gives none (what diffusers assumes for PEFT files without metadata). A
+module name is matched to our parameter through the importers' own key maps (`convert.unet.key_map`,
 `convert.text.clip_hf_key_map`), so a LoRA key lands on exactly the parameter its base weight was
 imported into. Keys that match nothing, incomplete pairs and shape mismatches raise one
 `LoraError` naming the file and listing them: nothing in a file is dropped silently.
@@ -21,7 +23,9 @@ compiled program.
 """
 
 import dataclasses
+import json
 import math
+import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax.numpy as jnp
@@ -56,16 +60,16 @@ class Update:
   module: str      # the module's name in the file, for messages
   down: np.ndarray  # [r, in, *k]
   up: np.ndarray    # [out, r, *1]
-  alpha: float
+  scaling: float    # alpha / r, or alpha / sqrt(r) for rsLoRA
   transform: Callable[[np.ndarray], np.ndarray]  # torch weight layout -> ours (the importer's)
 
   def delta(self) -> np.ndarray:
-    """(alpha / r) * up @ down in our parameter layout, float32."""
+    """scaling * up @ down in our parameter layout, float32."""
     r = self.down.shape[0]
     down = np.asarray(self.down, np.float32).reshape(r, -1)  # [r, in * k]
     up = np.asarray(self.up, np.float32).reshape(self.up.shape[0], r)  # [out, r]
     w = (up @ down).reshape((self.up.shape[0],) + tuple(self.down.shape[1:]))  # [out, in, *k]
-    return np.asarray(self.transform(w * np.float32(self.alpha / r)))
+    return np.asarray(self.transform(w * np.float32(self.scaling)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,13 +142,58 @@ def _summary(title: str, items: list[str], limit: int = 20) -> str:
   return f"  {title} ({len(items)}):\n    " + "\n    ".join(items[:limit]) + more
 
 
+def _peft_configs(path: str, metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+  """component -> the PEFT LoraConfig fields diffusers saved for it in the file's header."""
+  raw = metadata.get("lora_adapter_metadata")
+  if raw is None:
+    return {}
+  try:
+    fields = json.loads(raw)
+  except ValueError:
+    fields = None
+  if not isinstance(fields, dict):
+    raise LoraError(f"{path}: the header's lora_adapter_metadata is not a JSON object; expected "
+                    f"the PEFT config that diffusers' save_lora_weights writes.")
+  out: dict[str, dict[str, Any]] = {}
+  for key, value in fields.items():
+    for prefix, component in _DIFFUSERS_PREFIXES.items():
+      if key.startswith(prefix):
+        out.setdefault(component, {})[key[len(prefix):]] = value
+  for component, cfg in out.items():
+    patterns = cfg.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+      raise LoraError(f"{path}: lora_adapter_metadata's {component} alpha_pattern is "
+                      f"{type(patterns).__name__}; expected an object {{pattern: alpha}}.")
+    try:
+      for pattern in patterns:
+        re.compile(pattern)
+    except (re.error, TypeError):
+      raise LoraError(f"{path}: lora_adapter_metadata's {component} alpha_pattern "
+                      f"{list(patterns)} holds an invalid regular expression.") from None
+    alphas = [cfg.get("lora_alpha")] + list(patterns.values())
+    if not all(a is None or (isinstance(a, (int, float)) and math.isfinite(a)) for a in alphas):
+      raise LoraError(f"{path}: lora_adapter_metadata gives {component} the alphas {alphas}; "
+                      f"expected finite numbers.")
+  return out
+
+
+def _peft_alpha(cfg: Mapping[str, Any], module: str, rank: int) -> float:
+  """The alpha PEFT gives `module`: the first alpha_pattern entry naming it (a regex matched
+  against the module name's tail, as PEFT does), else lora_alpha, else the rank."""
+  for pattern, alpha in (cfg.get("alpha_pattern") or {}).items():
+    if re.match(rf"(.*\.)?({pattern})$", module):
+      return float(alpha)
+  return float(cfg["lora_alpha"]) if cfg.get("lora_alpha") is not None else float(rank)
+
+
 def read(path: str, config: Mapping[str, Any]) -> LoraFile:
   """Reads a LoRA .safetensors file and matches every key to the model `config` describes.
 
   Raises torch_io.CheckpointError for an unreadable file and LoraError listing every key that
   matches nothing, every module without both factors and every factor pair of inconsistent shapes.
   """
-  state = torch_io.load_safetensors(path)
+  state, metadata = torch_io.load_safetensors(path, with_metadata=True)
+  peft_configs = _peft_configs(path, metadata)
   names = targets(config)
   kohya_names = {c: {m.replace(".", "_"): v for m, v in t.items()} for c, t in names.items()}
   groups: dict[tuple[str, str, bool], dict[str, tuple[str, np.ndarray]]] = {}
@@ -179,7 +228,9 @@ def read(path: str, config: Mapping[str, Any]) -> LoraFile:
       problems.append(f"{down_key} {tuple(down.shape)} / {up_key} {tuple(up.shape)}: expected "
                       f"down [r, in, *kernel] and up [out, r, 1...] of the same rank")
       continue
-    alpha = float(down.shape[0])
+    rank = down.shape[0]
+    peft_config = {} if kohya else peft_configs.get(component, {})
+    alpha = _peft_alpha(peft_config, module, rank)
     if "alpha" in parts:
       alpha_key, value = parts["alpha"]
       if np.size(value) != 1 or not np.isfinite(np.asarray(value, np.float64)).all():
@@ -188,7 +239,8 @@ def read(path: str, config: Mapping[str, Any]) -> LoraFile:
         continue
       alpha = float(np.asarray(value, np.float64).reshape(()))
     path_, transform = target
-    updates.append(Update(component, path_, module, down, up, alpha, transform))
+    scaling = alpha / (math.sqrt(rank) if peft_config.get("use_rslora") else rank)
+    updates.append(Update(component, path_, module, down, up, scaling, transform))
   if unmatched or problems:
     parts_ = [f"{path}: the LoRA file does not fit the model ({len(state)} tensors, "
               f"{len(updates)} modules matched)."]

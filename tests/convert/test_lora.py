@@ -49,9 +49,11 @@ def _torch_text():
   return m.eval()
 
 
-def _add_adapter(model, targets, name, seed):
-  """peft adapter `name` (alpha = rank: the files carry no alpha) with random non-zero factors."""
-  config = peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets, lora_dropout=0.0)
+def _add_adapter(model, targets, name, seed, config=None):
+  """peft adapter `name` (by default alpha = rank: such files carry no alpha) with random non-zero
+  factors; returns its state dict as numpy."""
+  config = config or peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets,
+                                     lora_dropout=0.0)
   peft.inject_adapter_in_model(config, model, adapter_name=name)
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
@@ -107,12 +109,21 @@ def setup(tmp_path_factory):
   unet_a = _add_adapter(unet, UNET_TARGETS, "a", seed=10)
   unet_b = _add_adapter(unet, ["to_k", "conv2"], "b", seed=11)
   text_a = _add_adapter(text, TEXT_TARGETS, "a", seed=12)
+  # Alphas that differ from the rank, carried only by the PEFT config diffusers writes in the header.
+  c_config = peft.LoraConfig(r=RANK, lora_alpha=8, alpha_pattern={"to_k": 2, "attn2.to_q": 1},
+                             target_modules=["to_q", "to_k"], lora_dropout=0.0)
+  unet_c = _add_adapter(unet, None, "c", seed=13, config=c_config)
+  from diffusers import StableDiffusionPipeline
+  StableDiffusionPipeline.save_lora_weights(
+      str(tmp / "c"), unet_lora_layers={k: torch.from_numpy(v) for k, v in unet_c.items()},
+      unet_lora_adapter_metadata=c_config.to_dict(), weight_name="c.safetensors")
   assert _base_numpy(unet).keys() == base_unet.keys()
   files = {
       "unet_a": _write(tmp / "unet_a.safetensors", {f"unet.{k}": v for k, v in unet_a.items()}),
       "unet_b": _write(tmp / "unet_b.safetensors", {f"unet.{k}": v for k, v in unet_b.items()}),
       "text_a": _write(tmp / "text_a.safetensors",
                        {f"text_encoder.{k}": v for k, v in text_a.items()}),
+      "unet_c": str(tmp / "c" / "c.safetensors"),
       "kohya": _write(tmp / "kohya.safetensors", {**_kohya(unet_a, "lora_unet_", 8.0),
                                                   **_kohya(text_a, "lora_te_", 2.0)}),
   }
@@ -187,6 +198,17 @@ def test_peft_text_file_matches_torch(setup):
   merged = _merged(s, s["files"]["text_a"])
   assert merged["unet"] is s["params"]["unet"]  # untouched components are shared, not copied
   assert_close(_our_text_out(s, merged), ref, what="text a")
+
+
+def test_alphas_from_the_diffusers_header_match_torch(setup):
+  """lora_alpha and alpha_pattern from `lora_adapter_metadata` (written by diffusers)."""
+  s = setup
+  lora = lora_lib.read(s["files"]["unet_c"], s["config"])
+  scalings = {u.module.rsplit(".", 2)[-2] + "." + u.module.rsplit(".", 1)[-1]: u.scaling
+              for u in lora.updates}
+  assert scalings == {"attn1.to_q": 2.0, "attn1.to_k": 0.5, "attn2.to_q": 0.25, "attn2.to_k": 0.5}
+  ref = _torch_unet_out(s, ["c"])
+  assert_close(_our_unet_out(s, _merged(s, s["files"]["unet_c"])), ref, what="unet c")
 
 
 def test_kohya_layout_gives_the_same_result(setup):
