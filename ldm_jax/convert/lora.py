@@ -204,7 +204,11 @@ def read(path: str, config: Mapping[str, Any]) -> LoraFile:
       unmatched.append(f"{key}  (not a LoRA key of either layout)")
       continue
     component, module, role, kohya = split
-    groups.setdefault((component, module, kohya), {})[role] = (key, state[key])
+    group = groups.setdefault((component, module, kohya), {})
+    if role in group:  # e.g. lora_A and lora_down for one module: which one is meant is unknown
+      problems.append(f"{group[role][0]}, {key}: two tensors for the {role} factor of one module")
+      continue
+    group[role] = (key, state[key])
   updates, unused = [], []
   for (component, module, kohya), parts in sorted(groups.items()):
     keys = sorted(k for k, _ in parts.values())

@@ -275,6 +275,10 @@ def test_incomplete_pairs_and_bad_shapes_are_errors(setup):
   half = _write(s["tmp"] / "half.safetensors", {k: v for k, v in sd.items() if k != key})
   with pytest.raises(lora_lib.LoraError, match="the up factor is missing"):
     lora_lib.read(half, s["config"])
+  twice = dict(sd)
+  twice[key.replace("lora_B", "lora_up")] = sd[key]
+  with pytest.raises(lora_lib.LoraError, match="two tensors for the up factor"):
+    lora_lib.read(_write(s["tmp"] / "twice.safetensors", twice), s["config"])
   wide = dict(sd)
   wide[key] = np.zeros((48, RANK), np.float32)  # to_q has 32 outputs
   wide[key.replace("lora_B", "lora_A")] = np.zeros((RANK, 32), np.float32)
