@@ -83,6 +83,36 @@ def test_warm_run_with_other_prompt_seed_and_guidance_compiles_nothing(tiny_work
   assert warm["compiled"] == 0 and warm["requests"] == cold["requests"], (cold, warm)
 
 
+def _lora_file(workdir, path):
+  """A Kohya-layout file on the first self-attention query of the model's UNet."""
+  import numpy as np
+  import safetensors.numpy
+  from ldm_jax import model_io
+  from ldm_jax.convert import common
+  from ldm_jax.convert import lora as lora_lib
+  config, params = model_io.load_model(workdir)
+  targets = lora_lib.targets(config)[lora_lib.UNET]
+  name = next(m for m in sorted(targets) if m.endswith("attn1.to_q"))
+  width = int(common.flatten(params["unet"]["params"])[targets[name][0]].shape[0])
+  stem = "lora_unet_" + name.replace(".", "_")
+  rs = np.random.RandomState(0)
+  safetensors.numpy.save_file({f"{stem}.lora_down.weight": rs.randn(2, width).astype(np.float32),
+                               f"{stem}.lora_up.weight": rs.randn(width, 2).astype(np.float32)},
+                              str(path))
+  return str(path)
+
+
+def test_another_lora_scale_compiles_nothing(tiny_workdirs, tmp_path):
+  """Merged LoRA weights are arguments of the compiled programs, like the weights themselves."""
+  cache = tmp_path / "cache"
+  lora = _lora_file(tiny_workdirs["ldm"], tmp_path / "q.safetensors")
+  common = ["--prompt", "a red circle", "--guidance", "2.0"]
+  cold = _sample(cache, tiny_workdirs["ldm"], tmp_path / "a", *common, "--lora", f"{lora}:0.5")
+  assert cold["compiled"] > 0
+  warm = _sample(cache, tiny_workdirs["ldm"], tmp_path / "b", *common, "--lora", f"{lora}:1.5")
+  assert warm["compiled"] == 0, warm
+
+
 def test_off_writes_no_cache(tiny_workdirs, tmp_path):
   counts = _sample("off", tiny_workdirs["ldm"], tmp_path / "a", "--prompt", "a red circle")
   assert counts["compiled"] > 0 and counts["cache_hits"] == 0
