@@ -8,10 +8,13 @@
 
 Writes one PNG per sample (000000.png, ...), grid.png and samples.json (prompt/label, seed and
 settings of every file). Mistakes in the arguments or files end with one line on stderr and exit code 2.
+--lora FILE[:SCALE] (repeatable) merges LoRA files into the model. Compiled programs are kept in
+JAX's persistent cache (ldm_jax/compile_cache.py), so a second run compiles nothing new.
 """
 
 import sys
 
+from ldm_jax import compile_cache
 from ldm_jax import sample_cli
 
 
@@ -54,12 +57,19 @@ def parse_args(argv):
   how.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--outdir", required=True)
   p.add_argument("--no_progress", action="store_true")
+  p.add_argument("--compilation_cache", metavar="DIR|off",
+                 help="JAX's persistent compilation cache (default: $LDM_JAX_COMPILATION_CACHE, "
+                      "else ~/.cache/ldm_jax/jax); 'off' disables it")
   return p.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
+    try:
+      compile_cache.enable(args.compilation_cache)
+    except OSError as e:
+      raise sample_cli.UserError(f"--compilation_cache: {e}") from None
     sample_cli.run(args)
   except sample_cli.UserError as e:
     print(f"sample.py: error: {e}", file=sys.stderr)

@@ -18,12 +18,16 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from ldm_jax import compile_cache
 from ldm_jax.train import entry
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+flags.DEFINE_string("compilation_cache", None,
+                    "JAX's persistent compilation cache directory, or 'off' (default: "
+                    "$LDM_JAX_COMPILATION_CACHE, else ~/.cache/ldm_jax/jax).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,6 +37,10 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("ldm_jax").setLevel(logging.INFO)
   try:
+    try:
+      compile_cache.enable(FLAGS.compilation_cache)
+    except OSError as e:
+      raise entry.UserError(f"--compilation_cache: {e}") from None
     entry.train(FLAGS.config, FLAGS.workdir)
   except entry.UserError as e:
     print(f"train.py: error: {e}", file=sys.stderr)

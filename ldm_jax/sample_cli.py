@@ -92,8 +92,22 @@ def load_model(args):
                     + "; ".join(lines[:4])) from None
   except (ValueError, OSError, KeyError) as e:
     raise UserError(f"cannot load the model {flag}: {type(e).__name__}: {_one_line(e)}") from None
+  if getattr(args, "lora", None):
+    model.params = merge_loras(model, args.lora)
   check_finite_params(model.params, flag)
   return model
+
+
+def merge_loras(model, specs) -> dict:
+  """model.params with the --lora FILE[:SCALE] files merged in; a UserError naming the file when
+  one is unreadable or does not fit the model. The parameters stay arguments of the compiled
+  sampler, so another file or scale compiles nothing new."""
+  from ldm_jax.convert import lora
+  try:
+    return lora.merge_files(model.config, model.params, specs)
+  except (ValueError, OSError) as e:  # LoraError, CheckpointError, missing files
+    lines = [" ".join(line.split()) for line in str(e).splitlines() if line.strip()]
+    raise UserError("--lora: " + "; ".join(lines[:6])) from None
 
 
 def _one_line(e: Exception) -> str:
@@ -127,6 +141,9 @@ def add_model_arguments(group) -> None:
                      help="a diffusers pipeline folder (unet/, vae/, text_encoder/ ...)")
   group.add_argument("--tokenizer", help="local tokenizer directory (text models from .ckpt files)")
   group.add_argument("--no_ema", action="store_true", help="use raw instead of EMA weights")
+  group.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                     help="merge a LoRA .safetensors file (diffusers/PEFT or Kohya layout) into "
+                          "the UNet / text encoder, scaled (default 1); repeatable")
 
 
 def _check_utf8(text: str, what: str) -> None:
@@ -427,7 +444,7 @@ def run(args) -> list[str]:
   settings = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "guidance",
                                             "guidance_rescale", "strength", "init_image", "mask",
                                             "lowres", "checkpoint", "compvis_ckpt", "diffusers",
-                                            "dtype")}
+                                            "dtype", "lora")}
   settings.update(noise_level=args.noise_level, depth_map=args.depth_map)
   settings.update(height=h, width=w, use_ema=not args.no_ema)
   with open(os.path.join(args.outdir, "samples.json"), "w") as f:

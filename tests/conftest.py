@@ -14,6 +14,8 @@ for _flag in ("--xla_llvm_disable_expensive_passes=true",
     os.environ["XLA_FLAGS"] += " " + _flag
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# CLIs run in-process must not write JAX's compilation cache into the user's cache directory.
+os.environ.setdefault("LDM_JAX_COMPILATION_CACHE", "off")
 
 import pytest  # noqa: E402  (after the environment is set up)
 

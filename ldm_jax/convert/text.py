@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.convert.common import (Path, WeightLoadError, conv_kernel, dense_kernel, identity,
-                                    strict_load, strip_prefix)
+from ldm_jax.convert.common import (Path, WeightLoadError, conv_kernel, dense_kernel, flatten,
+                                    identity, strict_load, strip_prefix)
 from ldm_jax.models.bert import BertEncoder
 from ldm_jax.models.conditioning import ClassEmbedder, SpatialRescaler
 from ldm_jax.models.text import CLIPTextEncoder, LDMTextTransformer
@@ -103,18 +103,17 @@ def _tokens() -> jax.Array:
 
 _CLIP_HF_PREFIXES = ("", "text_model.", "transformer.text_model.", "transformer.",
                      "cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
+# Our block module -> its transformers name; the projections are the modules LoRA files adapt.
 _CLIP_HF_BLOCK = {"ln_attn": "layer_norm1", "ln_mlp": "layer_norm2", "fc1": "mlp.fc1",
                   "fc2": "mlp.fc2", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
                   "v": "self_attn.v_proj", "out": "self_attn.out_proj"}
+CLIP_HF_BLOCK_MODULES = tuple(v for k, v in _CLIP_HF_BLOCK.items() if not k.startswith("ln_"))
 
 
-def clip_from_hf(sd: Mapping[str, Any], model: CLIPTextEncoder) -> Params:
-  """HF CLIPTextModel weights (with or without the `text_model.` level) -> CLIPTextEncoder."""
-  what = "clip_from_hf"
-  _check_model(model, CLIPTextEncoder, what)
-  sd = _select(sd, "embeddings.token_embedding.weight", _CLIP_HF_PREFIXES, what)
-  skipped = _require_skipped_block(sd, model, "encoder.layers.", what)
-
+def clip_hf_key_map(model: CLIPTextEncoder) -> dict[Path, tuple[str, Callable]]:
+  """Every parameter path of a CLIPTextEncoder -> (transformers CLIPTextModel key without the
+  `text_model.` level, transform). `clip_from_hf` loads through it, and so does anything else that
+  addresses the encoder's weights by their transformers names (LoRA files)."""
   def key_fn(path: Path):
     if path[0] == "embed":
       return f"embeddings.{path[1]}.weight", identity
@@ -123,7 +122,17 @@ def clip_from_hf(sd: Mapping[str, Any], model: CLIPTextEncoder) -> Params:
     sub = path[2] if path[1] == "attn" else path[1]
     return _leaf(f"encoder.layers.{_block_index(path[0])}.{_CLIP_HF_BLOCK[sub]}", path[-1])
 
-  return strict_load(_template(model, _tokens()), sd, key_fn, what=what,
+  return {path: key_fn(path) for path in flatten(_template(model, _tokens()))}
+
+
+def clip_from_hf(sd: Mapping[str, Any], model: CLIPTextEncoder) -> Params:
+  """HF CLIPTextModel weights (with or without the `text_model.` level) -> CLIPTextEncoder."""
+  what = "clip_from_hf"
+  _check_model(model, CLIPTextEncoder, what)
+  sd = _select(sd, "embeddings.token_embedding.weight", _CLIP_HF_PREFIXES, what)
+  skipped = _require_skipped_block(sd, model, "encoder.layers.", what)
+  keys = clip_hf_key_map(model)
+  return strict_load(_template(model, _tokens()), sd, keys.__getitem__, what=what,
                      ignore=("embeddings.position_ids", "text_projection.weight"),
                      ignore_prefixes=skipped)
 

@@ -90,11 +90,13 @@ def _safetensors_entry(name: str, spec, data_size: int) -> tuple[np.dtype, tuple
   return dtype, tuple(shape), offsets[0], offsets[1]
 
 
-def load_safetensors(path) -> dict[str, np.ndarray]:
+def load_safetensors(path, *, with_metadata: bool = False):
   """Reads a .safetensors file: 8-byte header length, JSON header, then the tensor bytes.
 
   Tensors are read-only views of the file's bytes, read once; byte ranges must not overlap (each
   byte of the file backs at most one tensor), so nothing is materialised beyond the file.
+  Returns {name: array}, or ({name: array}, the header's `__metadata__` {str: str}, {} when
+  absent) with `with_metadata`.
   """
   path = check_file(path)
   with guard(path):
@@ -107,7 +109,11 @@ def load_safetensors(path) -> dict[str, np.ndarray]:
     if not isinstance(header, dict):
       raise CheckpointError(f"{path}: the safetensors header is {brief(header)}, expected a JSON "
                             "object {name: {dtype, shape, data_offsets}}")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
+    if with_metadata and (not isinstance(metadata, dict) or
+                          not all(isinstance(v, str) for v in metadata.values())):
+      raise CheckpointError(f"{path}: the safetensors __metadata__ is {brief(metadata)}; expected "
+                            "a JSON object of strings")
     base, data_size = 8 + n, len(data) - 8 - n
     entries = {name: _safetensors_entry(name, spec, data_size) for name, spec in header.items()}
     ranges = sorted((lo, hi, name) for name, (_, _, lo, hi) in entries.items() if hi > lo)
@@ -119,7 +125,7 @@ def load_safetensors(path) -> dict[str, np.ndarray]:
     for name, (dtype, shape, lo, hi) in entries.items():
       raw = np.frombuffer(data, np.uint8, hi - lo, base + lo)
       out[name] = to_native(raw, dtype, big_endian=False).reshape(shape)
-    return out
+    return (out, metadata) if with_metadata else out
 
 
 _TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

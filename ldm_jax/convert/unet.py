@@ -139,7 +139,10 @@ def _template(model: unet_lib.UNetModel) -> dict:
   return variables["params"]
 
 
-def _load(state_dict, model, diffusers: bool, what: str) -> dict:
+def key_map(model: unet_lib.UNetModel, *, diffusers: bool) -> dict[Path, tuple[str, Any]]:
+  """Every parameter path of `model` -> (torch key, transform to our layout), in the CompVis or
+  the diffusers naming. The importers load through it, and so does anything else that addresses
+  the UNet's weights by their torch names (LoRA files), so both agree on every tensor."""
   positions = _positions(model)
 
   def key_fn(path: Path):
@@ -154,7 +157,12 @@ def _load(state_dict, model, diffusers: bool, what: str) -> dict:
     prefix = df if diffusers else cv
     return (f"{prefix}.{suffix}" if suffix else prefix), transform
 
-  return common.strict_load(_template(model), state_dict, key_fn, what=what)
+  return {path: key_fn(path) for path in common.flatten(_template(model))}
+
+
+def _load(state_dict, model, diffusers: bool, what: str) -> dict:
+  keys = key_map(model, diffusers=diffusers)
+  return common.strict_load(_template(model), state_dict, keys.__getitem__, what=what)
 
 
 def unet_from_compvis(state_dict: Mapping[str, np.ndarray], model: unet_lib.UNetModel) -> dict:
