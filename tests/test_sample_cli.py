@@ -9,19 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import sample
+import cli_util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(args, capsys):
   """Runs sample.py's main in-process; returns (exit code, stderr)."""
-  try:
-    sample.main(args)
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  return code, capsys.readouterr().err
+  code, _, err = cli_util.run_sample(args, capsys)
+  return code, err
 
 
 def test_text_samples_written(tiny_workdirs, tmp_path, capsys):

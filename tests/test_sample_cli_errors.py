@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cli_util
 import sample
 from ldm_jax import evaluate
 from ldm_jax import sample_cli
@@ -25,12 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_cli(args, capsys):
   """sample.py's main in-process: (exit code, the non-empty stderr lines)."""
-  try:
-    sample.main(args)
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  code, _, err = cli_util.run_sample(args, capsys)
+  return code, [line for line in err.splitlines() if line.strip()]
 
 
 def assert_refused(code, lines, *needles):

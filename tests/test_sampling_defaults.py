@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-import sample
+import cli_util
 from configs import shapes_ldm_text
 from ldm_jax import ldm as ldm_lib
 from ldm_jax import sampling
@@ -22,14 +22,7 @@ def recommending(tiny_workdirs, tmp_path_factory):
   return path
 
 
-def run_cli(args, capsys):
-  try:
-    sample.main(args)
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  out = capsys.readouterr()
-  return code, out.out, out.err
+run_cli = cli_util.run_sample
 
 
 def test_training_saves_the_configs_recommendation(tiny_workdirs):

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cli_util
 import tiny_sd
 from assets_util import assert_close
 from ldm_jax import family
@@ -108,13 +109,8 @@ def test_depth_map_errors(built):
 
 
 def run_cli(args, capsys):
-  import sample
-  try:
-    sample.main(args)
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  return code, capsys.readouterr().err.strip().splitlines()
+  code, _, err = cli_util.run_sample(args, capsys)
+  return code, err.strip().splitlines()
 
 
 def test_cli_depth_map(built, tmp_path, capsys):

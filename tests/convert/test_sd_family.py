@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli_util
 import tiny_sd
 from assets_util import assert_close
 from ldm_jax import family
@@ -191,13 +192,8 @@ def test_inpaint_needs_image_and_mask(inpaint):
 # ------------------------------------------------------------------------------------------------
 def run_cli(args, capsys):
   """sample.py's main in-process; returns (exit code, stderr lines)."""
-  import sample
-  try:
-    sample.main(args)
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  return code, capsys.readouterr().err.strip().splitlines()
+  code, _, err = cli_util.run_sample(args, capsys)
+  return code, err.strip().splitlines()
 
 
 @pytest.fixture(scope="module")

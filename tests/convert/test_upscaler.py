@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cli_util
 import tiny_sd
 from assets_util import assert_close
 from ldm_jax import family
@@ -95,13 +96,8 @@ def test_library_errors(built):
 
 
 def run_cli(args, capsys):
-  import sample
-  try:
-    sample.main(args)
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  return code, capsys.readouterr().err.strip().splitlines()
+  code, _, err = cli_util.run_sample(args, capsys)
+  return code, err.strip().splitlines()
 
 
 def test_cli_lowres_and_noise_level(built, tmp_path, capsys):
