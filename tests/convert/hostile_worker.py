@@ -73,12 +73,12 @@ def outcome(fn, path) -> dict:
   except torch_io.CheckpointError as e:
     text = str(e)
     if str(path) not in text:
-      return dict(ok=False, kind="failed", detail=f"message does not name the file: {text[:300]}")
+      return dict(ok=False, kind="failed", detail=f"message does not name the file: {text[:1000]}")
     if "MemoryError" in text:
-      return dict(ok=False, kind="failed", detail=f"ran out of memory: {text[:300]}")
-    return dict(ok=True, kind="refused", detail=text[:300])
+      return dict(ok=False, kind="failed", detail=f"ran out of memory: {text[:1000]}")
+    return dict(ok=True, kind="refused", detail=text[:1000])
   except BaseException as e:  # noqa: BLE001  (what the test exists to catch)
-    return dict(ok=False, kind="failed", detail=f"{type(e).__name__}: {str(e)[:300]}")
+    return dict(ok=False, kind="failed", detail=f"{type(e).__name__}: {str(e)[:1000]}")
   bad = _bad_values(result)
   if bad:
     return dict(ok=False, kind="failed", detail=f"returned {bad}")
