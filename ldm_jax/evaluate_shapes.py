@@ -21,8 +21,8 @@ from ldm_jax.data import shapes_detect
 METRICS = ("color", "shape", "position", "all")
 # The quickstart's grades of the 16 README prompts, (lowest, highest) over the training seeds of the
 # robustness run in the README's "Measured results" (benchmarks/shapes_training.py --seeds).
-QUICKSTART_EXPECTED = {"color": (1.0, 1.0), "shape": (0.9375, 1.0), "position": (1.0, 1.0),
-                       "all": (0.9375, 1.0)}
+QUICKSTART_EXPECTED = {"color": (1.0, 1.0), "shape": (0.75, 1.0), "position": (1.0, 1.0),
+                       "all": (0.75, 1.0)}
 
 
 def every_prompt() -> list[str]:
