@@ -57,7 +57,8 @@ def unflatten(flat: Mapping[Path, Any]) -> dict[str, Any]:
   return tree
 
 
-def _summarise(title: str, items: list[str], limit: int = 20) -> str:
+def summarise(title: str, items: list[str], limit: int = 20) -> str:
+  """An indented, titled list of at most `limit` items, for multi-line load errors."""
   shown = "\n    ".join(items[:limit])
   more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
   return f"  {title} ({len(items)}):\n    {shown}{more}"
@@ -108,11 +109,11 @@ def strict_load(template: Mapping[str, Any], state_dict: Mapping[str, np.ndarray
     parts = [f"{what}: the checkpoint does not match the model "
              f"({len(flat_template)} parameters expected, {len(state_dict)} tensors given)."]
     if missing:
-      parts.append(_summarise("missing keys", missing))
+      parts.append(summarise("missing keys", missing))
     if unexpected:
-      parts.append(_summarise("unexpected keys", unexpected))
+      parts.append(summarise("unexpected keys", unexpected))
     if mismatched:
-      parts.append(_summarise("shape mismatches", mismatched))
+      parts.append(summarise("shape mismatches", mismatched))
     raise WeightLoadError("\n".join(parts))
   return unflatten(out)
 

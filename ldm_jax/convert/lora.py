@@ -137,11 +137,6 @@ def _split_key(key: str) -> tuple[str, str, str, bool] | None:
   return None
 
 
-def _summary(title: str, items: list[str], limit: int = 20) -> str:
-  more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
-  return f"  {title} ({len(items)}):\n    " + "\n    ".join(items[:limit]) + more
-
-
 def _peft_configs(path: str, metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
   """component -> the PEFT LoraConfig fields diffusers saved for it in the file's header."""
   raw = metadata.get("lora_adapter_metadata")
@@ -249,9 +244,9 @@ def read(path: str, config: Mapping[str, Any]) -> LoraFile:
     parts_ = [f"{path}: the LoRA file does not fit the model ({len(state)} tensors, "
               f"{len(updates)} modules matched)."]
     if unmatched:
-      parts_.append(_summary("keys that match nothing", unmatched))
+      parts_.append(common.summarise("keys that match nothing", unmatched))
     if problems:
-      parts_.append(_summary("unusable factors", problems))
+      parts_.append(common.summarise("unusable factors", problems))
     raise LoraError("\n".join(parts_))
   if not updates:
     raise LoraError(f"{path}: no LoRA tensors in the file; expected lora_A/lora_B or "
@@ -278,7 +273,7 @@ def deltas(params: Mapping[str, Any], loras: Sequence[LoraFile]
       per_file.setdefault(u.component, {})[u.path] = delta
     out.append(per_file)
   if problems:
-    raise LoraError("LoRA updates of the wrong shape:\n" + _summary("mismatches", problems))
+    raise LoraError("LoRA updates of the wrong shape:\n" + common.summarise("mismatches", problems))
   return out
 
 
