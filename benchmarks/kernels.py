@@ -1,4 +1,4 @@
-"""Kernel by kernel: the issue-#8 UNet's convolutions, attentions and matmuls, ldm_jax vs torch.
+"""Kernel by kernel: the benchmarked UNet's convolutions, attentions and matmuls, ldm_jax vs torch.
 
     .venv/bin/python benchmarks/kernels.py --batch 8        # about 3 min on 2 idle cores
 

@@ -1,6 +1,6 @@
 """The benchmarked models, built once in torch and imported into ldm_jax and diffusers-Flax.
 
-Issue #8's architectures:
+The benchmarked architectures:
   * UNet: text-conditional, model_channels 64, channel_mult (1, 2, 4, 4), attention at downsample
     factors 1, 2, 4, 2 res blocks, 8 heads, context 77 x 256, on 32 x 32 x 4 latents.
   * Decoder: the kl-f8 autoencoder (ch 128, mult (1, 2, 4, 4), 2 res blocks), 32 x 32 x 4 -> 256 px.
@@ -83,7 +83,7 @@ class Peers:
 
 
 def build_unet(seed: int = 0, remat: bool = False, dtype=None) -> Peers:
-  """The issue's UNet in torch, ldm_jax and diffusers-Flax with the same random weights."""
+  """The benchmark's UNet in torch, ldm_jax and diffusers-Flax with the same random weights."""
   import jax.numpy as jnp
   from diffusers import FlaxUNet2DConditionModel, UNet2DConditionModel
   from ldm_jax.convert import unet as unet_convert

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/peers.py                          # every row (~12 min on 2 cores)
     .venv/bin/python benchmarks/peers.py --rows unet,train --batch 2,8 --repeats 5
 
-Rows (issue #8): `unet` forward and `train` step (forward + backward + AdamW) of the text UNet at
+Rows (peer_models.py): `unet` forward and `train` step (forward + backward + AdamW) of the text UNet at
 each --batch; `decode` (kl-f8 decoder, 32x32x4 -> 256 px, batch 2); `sample` (50 DDIM steps with
 classifier-free guidance, batch 2, decode included); `loop` (ldm_jax's compiled sampling loop
 against the same number of separate guided UNet calls: the loop's own overhead); `ae_train` (the

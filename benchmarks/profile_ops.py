@@ -5,14 +5,14 @@
     .venv/bin/python benchmarks/profile_ops.py --program decode                  # kl-f8 decode
     .venv/bin/python benchmarks/profile_ops.py --program flax_unet --batch 2     # diffusers-Flax's
 
-The program is issue #8's (benchmarks/peer_models.py, random weights). XLA:CPU is asked to emit a
-trace event per executed thunk (--xla_cpu_enable_xprof_traceme); the events of a few calls are
+The program is the peers benchmark's (benchmarks/peer_models.py, random weights). XLA:CPU is
+asked to emit a trace event per executed thunk (--xla_cpu_enable_xprof_traceme); the events of a few calls are
 summed per HLO instruction, per kind (a fusion is named by the notable ops inside it: convolution,
 dot, reduce, exponential, transpose, ...) and per model module (from the instructions' op_name
 metadata; instructions without it are listed as "(no metadata)"). Times are thread times
 summed over XLA's threads: they add up to more than the wall time when ops run side by side, and
 work YNNPACK hands to its own worker threads is not counted. The findings quoted in
-benchmarks/README.md ("what is left") come from this script.
+benchmarks/README.md (2026-11-22, "What is left") come from this script.
 """
 
 import argparse

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/xla_cpu_ab.py --programs train --batch 8 --repeats 8
     .venv/bin/python benchmarks/xla_cpu_ab.py --types LIBRARY_FUSION_TYPE_REDUCE  # other sets
 
-Each program (issue #8's UNet forward and train step, the kl-f8 decode; benchmarks/peer_models.py
+Each program (peer_models.py's UNet forward and train step, the kl-f8 decode; their random
 weights) is compiled twice from one lowering: with XLA's defaults, and with the flag passed as a
 per-compile option (`Lowered.compile(compiler_options)`), so both run in the same process, timed
 round-robin. Separate processes on a shared 2-core machine differ by 10-30% from run to run; this

@@ -9,8 +9,6 @@ the parameters and the tokenizer, and caches compiled functions per input shape.
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -566,9 +564,3 @@ def example_conditioning(config, cs_cfg, cs, rng) -> dict[str, Any]:
 def to_uint8(images: np.ndarray) -> np.ndarray:
   """[-1, 1] float images -> uint8 [B, H, W, 3]."""
   return np.asarray(np.clip((np.asarray(images) + 1.0) * 127.5 + 0.5, 0, 255), np.uint8)
-
-
-def save_json(path: str, obj: Any) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)

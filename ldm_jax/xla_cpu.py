@@ -2,10 +2,10 @@
 
 jaxlib 0.10's XLA:CPU hands dots, convolutions and reductions to YNNPACK. Its convolutions run the
 64-channel 3x3 convolutions of a UNet's first level on one thread (measured on 2 cores: CPU time /
-wall time ~1.0 at [8, 32, 32, 64]), where XLA's own Eigen convolutions use every core: summed
-over the UNet's convolutions with their gradients, Eigen took 909 ms against YNNPACK's 1065 at
-batch 8. So ldm_jax keeps YNNPACK for dots and reductions and gives convolutions back to Eigen
-(benchmarks/README.md, "XLA:CPU convolutions", has the figures).
+wall time ~1.0 at [8, 32, 32, 64]), where XLA's own Eigen convolutions use every core and are
+faster summed over the UNet's convolutions with their gradients. So ldm_jax keeps YNNPACK for dots
+and reductions and gives convolutions back to Eigen (see benchmarks/README.md, 2026-12-02, "XLA:CPU
+convolutions").
 
 The flag only changes which kernel library XLA:CPU calls; accelerator backends ignore it. It is set
 only when all of these hold, so it never overrides a choice or aborts a process:

@@ -4,7 +4,6 @@ Each returns (model config, params) for `LatentDiffusion`; every component goes 
 importer, so a missing, unexpected or mis-shaped tensor anywhere raises `WeightLoadError`.
 """
 
-import os
 from typing import Any, Mapping
 
 import ml_collections
@@ -55,7 +54,7 @@ def _first_stage_as_cond(sd: Mapping[str, Any], first_stage_sd: Mapping[str, Any
   return {}
 
 
-def _cond_params(kind: str, sd: Mapping[str, Any], module, yaml_kwargs: Mapping[str, Any]):
+def _cond_params(kind: str, sd: Mapping[str, Any], module):
   if kind in ("none", "identity"):
     if sd:
       raise WeightLoadError(f"cond_stage kind {kind!r} has no weights, but the checkpoint has "
@@ -118,8 +117,7 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool | None = None,
       "unet": {"params": unet_convert.unet_from_compvis(parts["unet"], unet)},
       "cond_stage": (_first_stage_as_cond(parts["cond_stage"], parts["first_stage"])
                      if cond.get("kind") == "first_stage" else
-                     _cond_params(cond.get("kind", "none"), parts["cond_stage"], cs,
-                                  cond.get("kwargs", {}))),
+                     _cond_params(cond.get("kind", "none"), parts["cond_stage"], cs)),
   }
   return config, params
 
@@ -248,8 +246,3 @@ def load_diffusers(folder: str) -> tuple[ml_collections.ConfigDict, dict[str, An
           "bert": text_convert.bert_from_hf}[cond["kind"]]
     params["cond_stage"] = {"params": fn(te_sd, cs)}
   return config, params
-
-
-def default_output_name(source: str) -> str:
-  base = os.path.basename(os.path.normpath(source))
-  return os.path.splitext(base)[0] + "_ldm_jax"

@@ -268,14 +268,3 @@ class LayoutTransform:
                                   num_classes=self.num_classes, max_objects=self.max_objects,
                                   rng=rng if self.shuffle else None)
     return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Compose:
-  """Applies transforms in order, each called as t(record, rng) with the same generator."""
-  transforms: tuple = ()
-
-  def __call__(self, record: dict[str, Any], rng: np.random.Generator | None = None) -> dict:
-    for t in self.transforms:
-      record = t(record, rng)
-    return record

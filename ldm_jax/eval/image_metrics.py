@@ -89,8 +89,3 @@ def ssim(x: jax.Array, y: jax.Array, data_range: float) -> jax.Array:
   vxy = uxy - uxc * uyc
   s = ((2.0 * ux * uy + c1) * (2.0 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
   return jnp.mean(s, axis=(1, 2, 3))  # [B]; equal pixel counts: mean over pixels, then channels
-
-
-def data_range_of(images) -> float:
-  """255 for integer images, 2 for floats (taken to be in [-1, 1], the model's scale)."""
-  return 255.0 if np.issubdtype(np.asarray(images).dtype, np.integer) else 2.0

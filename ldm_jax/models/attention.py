@@ -66,8 +66,8 @@ class FeedForward(nn.Module):
 
   The first Dense ("proj", kernel [C, 2 * inner]) is applied as two matmuls with the value and
   gate halves of its kernel: the same function as one Dense followed by a split, without the
-  [B, L, 2 * inner] concatenation the split costs in the backward pass (UNet train step on CPU:
-  -6 to -10%; benchmarks/README.md).
+  [B, L, 2 * inner] concatenation the split costs in the backward pass (see benchmarks/README.md,
+  2026-11-22, commit 34c6112).
   """
   mult: int = 4
   dtype: Dtype = jnp.float32

@@ -36,7 +36,7 @@ class GroupNorm(nn.Module):
   nn.GroupNorm with its default fast variance (E[x^2] - E[x]^2, clipped at 0), but the sums run
   over the positions first ([B, C]) and over each group's channels second: two row reductions
   that XLA:CPU runs much faster than nn.GroupNorm's reduction over axes (1, 2, 4) of
-  [B, H, W, G, C / G] (kl-f8 decode at 256 px: 0.80x -> 0.91x torch; benchmarks/README.md).
+  [B, H, W, G, C / G] (see benchmarks/README.md, 2026-11-22, commit c837307: the kl-f8 decode).
 
   The epsilon has no default on purpose: the UNet uses 1e-5, the autoencoder and the spatial
   transformer 1e-6, and a wrong epsilon silently changes a loaded model's outputs.
@@ -93,8 +93,8 @@ class Conv(nn.Module):
 
   When the kernel is larger than the (unpadded) feature map and the stride is 1, it is computed
   as im2col + one matmul: XLA's CPU backend rewrites such a convolution into a form that misses
-  its fast kernels (a 3x3 conv on LPIPS's 2x2 last-VGG-block maps at 32 px ran ~100x slower than
-  the matmul; benchmarks/README.md). Same function, different summation order.
+  its fast kernels (a 3x3 conv on LPIPS's 2x2 last-VGG-block maps at 32 px is about 100x slower
+  than the matmul; see benchmarks/README.md, 2026-11-22). Same function, different summation order.
 
   `upsample_first` makes it conv(nearest_x2(x)) (the Upsample block, `kernels.upsample_conv`).
   """
