@@ -1,4 +1,4 @@
-"""Stage 2: fine-tunes Stable Diffusion 2.x 768-v (KL-f8 latents, OpenCLIP ViT-H/14 text).
+"""Stage 2: fine-tunes Stable Diffusion 2.x 768-v or 512-base (KL-f8 latents, OpenCLIP ViT-H/14 text).
 
 Starts from a converted SD 2.x "768-v" model (the released `v2-inference-v.yaml` network:
 865.9M-parameter UNet, mc 320, mult 1-2-4-4, attention at factors 4-2-1 with 64-channel heads and
@@ -13,7 +13,10 @@ Convert the weights first (nothing is downloaded), then point init_from at the o
       --config.init_from=models/sd21 --config.data.data_dir=/data/captioned_images
   python train.py --config configs/sd_v2_finetune.py:tiny --workdir /tmp/sd2_tiny \
       --config.first_stage_checkpoint=/tmp/kl_f8_tiny
-Variants: '' (the fine-tuning run), 'tiny' (2 CPU steps on shapes, a fresh miniature SD 2).
+Variants: '' (the 768-v fine-tuning run), 'base' (the 512-base model: eps-prediction, 512 px,
+`v2-inference.yaml`), 'tiny' / 'base_tiny' (2 CPU steps on shapes, a fresh miniature SD 2 of each).
+The inpainting, depth-to-image and x4 upscaling models of the family build on 'base':
+configs/sd_v2_inpainting.py, sd_v2_depth.py and sd_x4_upscaler.py.
 The trainer builds the network from init_from's own saved config; `config.model` states the SD 2.x
 network that folder must hold (tests/test_configs.py checks it against v2-inference-v.yaml and the
 released parameter counts) and is what a from-scratch run (init_from='') would build.
@@ -23,17 +26,21 @@ from configs import common
 from configs import sd_v1_finetune
 
 INIT_FROM = "models/sd21"  # Placeholder: the `--out` folder of ldm_jax.convert for SD 2.x (768-v).
+BASE_INIT_FROM = "models/sd21_base"  # ... and for the 512-base model.
 
 
 def get_config(arg: str = ""):
-  if arg not in ("", "tiny"):
-    raise ValueError(f"configs/sd_v2_finetune.py: unknown variant {arg!r}; expected '' or 'tiny'.")
+  if arg not in ("", "tiny", "base", "base_tiny"):
+    raise ValueError(f"configs/sd_v2_finetune.py: unknown variant {arg!r}; expected '', 'tiny', "
+                     f"'base' or 'base_tiny'.")
+  base = arg.startswith("base")
+  tiny = arg.endswith("tiny")
   # SD 1.x's recipe (captioned images, AdamW, bf16, remat, FSDP, the kl-f8 first stage, sampling)
   # with SD 2.x's network: a UNet of 64-channel heads and Dense projections, the OpenCLIP text
-  # tower and v-prediction.
-  c = sd_v1_finetune.get_config(arg)
-  c.model.diffusion.parameterization = "v"  # The 768-v model predicts v.
-  if arg == "tiny":
+  # tower, and v-prediction for the 768-v model (512-base predicts eps, as SD 1.x).
+  c = sd_v1_finetune.get_config("tiny" if tiny else "")
+  c.model.diffusion.parameterization = "eps" if base else "v"
+  if tiny:
     c.model.unet = common.unet_kwargs(
         in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
         attention_resolutions=(2, 1), num_head_channels=32, use_spatial_transformer=True,
@@ -44,9 +51,10 @@ def get_config(arg: str = ""):
                     activation="gelu", epsilon=1e-5, output_layer="penultimate"),
         tokenizer=dict(kind="shapes", path=""))  # The built-in shapes word tokenizer.
     return c                         # A fresh miniature SD 2 on shapes, as sd_v1_finetune:tiny.
-  c.init_from = INIT_FROM
-  c.data.image_size = 768            # The 768-v model; latents 96x96x4.
-  c.data.min_size = 768
+  c.init_from = BASE_INIT_FROM if base else INIT_FROM
+  size = 512 if base else 768        # Latents 64x64x4 (512-base) or 96x96x4 (768-v).
+  c.data.image_size = size
+  c.data.min_size = size
   c.model.unet = common.unet_kwargs(
       in_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
       attention_resolutions=(4, 2, 1),
@@ -62,5 +70,5 @@ def get_config(arg: str = ""):
       kwargs=dict(vocab_size=49408, max_length=77, width=1024, layers=24, heads=16, mlp_dim=4096,
                   activation="gelu", epsilon=1e-5, output_layer="penultimate"),
       tokenizer=dict(kind="openclip", path=""))  # The converted model folder carries it.
-  c.model.diffusion.image_size = 96  # 768 px / 8.
+  c.model.diffusion.image_size = size // 8
   return c

@@ -108,7 +108,7 @@ def check_config(config, num_devices: int | None = None) -> None:
     _check_choice("model.diffusion.parameterization", model.diffusion.parameterization,
                   ("eps", "x0", "v"))
     _check_choice("model.diffusion.conditioning_key", model.diffusion.conditioning_key,
-                  (None, "concat", "crossattn", "hybrid", "adm"))
+                  (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm"))
     _check_choice("model.diffusion.beta_schedule", model.diffusion.beta_schedule,
                   ("linear", "sqrt_linear", "sqrt", "cosine"))
     if model.unet.in_channels < model.first_stage.kwargs.embed_dim:

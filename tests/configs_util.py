@@ -154,10 +154,19 @@ def check_config_builds(name: str, variant: str) -> dict:
   assert d.image_size == latent, "diffusion.image_size is the latent size"
   assert d.channels == fs_kw.embed_dim == unet.out_channels
   concat = unet.in_channels - fs_kw.embed_dim
-  assert concat > 0 if d.conditioning_key == "concat" else concat == 0
+  # The Stable Diffusion family's concat widths: [hole mask, masked-image latents], the depth
+  # map, the low-resolution RGB image.
+  family_concat = {"LatentInpaintDiffusion": 1 + fs_kw.embed_dim, "LatentDepth2ImageDiffusion": 1,
+                   "LatentUpscaleDiffusion": 3}
+  if d.get("model_target", None) in family_concat:
+    assert concat == family_concat[d.model_target]
+  else:
+    assert concat > 0 if d.conditioning_key == "concat" else concat == 0
+  if d.conditioning_key == "hybrid-adm":  # The upscaler's noise level is the class label.
+    assert unet.num_classes > d.low_scale.max_noise_level
   # The width the cond stage produces (read from its fields; traced below for tiny variants).
   width = {"class": "embed_dim", "spatial_rescaler": "out_channels"}.get(kind, "width")
-  if d.conditioning_key == "crossattn":
+  if d.conditioning_key in ("crossattn", "hybrid", "hybrid-adm") and kind != "first_stage":
     assert unet.use_spatial_transformer
     assert cs["kwargs"][width] == unet.context_dim, "the context width feeds cross-attention"
     # Classifier-free guidance needs condition dropout (layout2img's box tokens have no null).
@@ -168,7 +177,7 @@ def check_config_builds(name: str, variant: str) -> dict:
     assert c.data.image_size * cs["kwargs"]["multiplier"] ** cs["kwargs"]["n_stages"] == latent
   if variant == "tiny":
     assert m["unet_out"] == (1, latent, latent, unet.out_channels)
-    if d.conditioning_key == "crossattn":
+    if d.conditioning_key in ("crossattn", "hybrid", "hybrid-adm") and kind != "first_stage":
       assert m["cond_out"][-1] == unet.context_dim
     if kind == "spatial_rescaler":
       assert m["cond_out"] == (1, latent, latent, concat)

@@ -31,7 +31,14 @@ FIXTURE_OF = {
     "semantic_synthesis": "semantic_synthesis.yaml",
     "sd_v1_finetune": "sd_v1_inference.yaml",
     "sd_v2_finetune": "sd_v2_v.yaml",
+    "sd_v2_inpainting": "sd_v2_inpainting.yaml",
+    "sd_v2_depth": "sd_v2_depth.yaml",
+    "sd_x4_upscaler": "sd_x4_upscaler.yaml",
 }
+# Variants that describe another released network than the config's default one.
+VARIANT_FIXTURES = {("sd_v2_finetune", "base"): "sd_v2_base.yaml"}
+# Diffusion fields of the Stable Diffusion family's models (inpainting, depth, upscaler).
+FAMILY_FIELDS = ("model_target", "concat_keys", "masked_image_key", "depth_eps", "low_scale")
 DIFFUSION_FIELDS = ("timesteps", "beta_schedule", "linear_start", "linear_end", "parameterization",
                     "conditioning_key", "scale_by_std", "image_size", "channels")
 
@@ -44,7 +51,8 @@ def test_the_zoo_is_complete():
   wanted = {"kl_f4", "kl_f8", "kl_f16", "kl_f32", "vq_f4", "vq_f8", "vq_f16", "celebahq_ldm_vq4",
             "ffhq_ldm_vq4", "lsun_bedrooms_ldm_vq4", "lsun_churches_ldm_kl8", "cin256_v2",
             "txt2img_laion", "sr_openimages_x4", "inpainting_vq4", "layout2img",
-            "semantic_synthesis", "sd_v1_finetune", "sd_v2_finetune", "shapes_ldm_class"}
+            "semantic_synthesis", "sd_v1_finetune", "sd_v2_finetune", "sd_v2_inpainting",
+            "sd_v2_depth", "sd_x4_upscaler", "shapes_ldm_class"}
   assert wanted <= set(EXPERIMENTS), sorted(wanted - set(EXPERIMENTS))
 
 
@@ -69,10 +77,12 @@ def test_real_variant_validates(name):
 # The paper's LDMs against the original YAMLs.
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(FIXTURE_OF))
-def test_networks_match_the_original_yaml(name):
-  c = get_config(name, "")
-  ref = compvis_config.load_compvis_config(FIXTURES / FIXTURE_OF[name])
+@pytest.mark.parametrize("name,variant,fixture",
+                         [(n, "", f) for n, f in sorted(FIXTURE_OF.items())] +
+                         [(n, v, f) for (n, v), f in sorted(VARIANT_FIXTURES.items())])
+def test_networks_match_the_original_yaml(name, variant, fixture):
+  c = get_config(name, variant)
+  ref = compvis_config.load_compvis_config(FIXTURES / fixture)
   for part, builder in (("first_stage", build.build_first_stage), ("unet", build.build_unet)):
     ours = module_fields(builder(c.model[part]))
     theirs = module_fields(builder(ref[part]))
@@ -98,6 +108,15 @@ def test_networks_match_the_original_yaml(name):
   if not rd["scale_by_std"]:
     assert d.scale_factor == rd["scale_factor"]
   assert c.train.loss_type == rd["loss_type"]
+  for k in FAMILY_FIELDS:
+    ours = d.get(k, None)
+    ours = ours.to_dict() if hasattr(ours, "to_dict") else ours
+    ours = tuple(ours) if isinstance(ours, list) else ours
+    theirs = rd.get(k)
+    theirs = tuple(theirs) if isinstance(theirs, list) else theirs
+    if k == "model_target" and theirs == "LatentDiffusion":
+      theirs = None  # Plain text-to-image: our configs leave the target out.
+    assert ours == theirs, f"diffusion.{k}: ours {ours!r}, yaml {theirs!r}"
 
 
 def test_unconditional_vq4_ldms_share_the_celebahq_network():
@@ -112,6 +131,7 @@ def test_ldm_first_stages_are_the_zoo_autoencoders():
   # A stage-1 workdir of the named config must load as the LDM's first stage, tiny included.
   pairs = {"celebahq_ldm_vq4": "vq_f4", "cin256_v2": "vq_f4", "lsun_churches_ldm_kl8": "kl_f8",
            "txt2img_laion": "kl_f8", "sd_v1_finetune": "kl_f8", "sd_v2_finetune": "kl_f8",
+           "sd_v2_inpainting": "kl_f8", "sd_v2_depth": "kl_f8",
            "shapes_ldm_class": "shapes_autoencoder"}
   for ldm, ae in pairs.items():
     for v in VARIANTS:

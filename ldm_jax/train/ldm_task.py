@@ -58,18 +58,25 @@ def task_inputs(model: ldm_lib.LatentDiffusion, batch: Mapping[str, Any], config
   """Per-family conditioning inputs made on the host from an image batch (this host's shard).
 
   super-resolution (cond 'identity', concat): the image bicubic-downsampled to latent size;
-  inpainting (cond 'first_stage'): random holes -> masked image + keep-mask (pixel resolution);
+  inpainting (cond 'first_stage', and Stable Diffusion's text inpainting models): random holes ->
+    masked image + keep-mask (pixel resolution);
+  the x4 upscaler: its low-resolution input noised as `upscaler_inputs` says;
+  depth-to-image: `depth_inputs`;
   layout (box-token transformer): `transforms.layout_tokens` of the boxes;
   semantic synthesis ('spatial_rescaler'): one-hot class maps [B, H, W, classes + 1] (0 = background).
   """
   kind, key = model.cond_kind, model.config.diffusion.conditioning_key
   images = np.asarray(batch["image"], np.float32)  # [B, H, W, 3] in [-1, 1]
   out: dict[str, np.ndarray] = {}
-  if kind == "identity" and key in ("concat", "hybrid"):
+  if (kind == "identity" and key in ("concat", "hybrid")) or model.is_upscaler:
     f = model.downsample_factor
     lowres = [transforms.bicubic_down(transforms.to_uint8(im), f) for im in images]
     out["concat"] = np.stack([transforms.to_float(x) for x in lowres])  # [B, H/f, W/f, 3]
-  elif kind == "first_stage":
+    if model.is_upscaler:
+      out["concat"], out["noise_level"] = upscaler_inputs(model, out["concat"], rng)
+  elif model.is_depth:
+    out["concat"] = depth_inputs(model, images, batch)
+  elif kind == "first_stage" or model.is_text_inpainting:
     masker = transforms.InpaintTransform(kind=config.data.inpaint_masks)
     masks = np.stack([masker({"image": im}, rng)["mask"] for im in images])  # [B, H, W, 1]
     out["inpaint_mask"], out["masked_image"] = masks, images * masks
@@ -82,6 +89,38 @@ def task_inputs(model: ldm_lib.LatentDiffusion, batch: Mapping[str, Any], config
   elif kind == "spatial_rescaler":
     out["seg"] = class_maps(images, batch, int(model.cond_stage_config["kwargs"]["in_channels"]))
   return out
+
+
+def upscaler_inputs(model: ldm_lib.LatentDiffusion, lowres: np.ndarray, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """The x4 upscaler's training input, as LatentUpscaleDiffusion makes it: each sample's noise level
+  drawn uniformly from [0, max_noise_level), its low-resolution image noised to that level by the
+  low-scale schedule. lowres [B, h, w, 3] in [-1, 1] -> (concat [B, h, w, 3], levels [B] int32,
+  the class label the UNet embeds)."""
+  levels = rng.integers(0, model.max_noise_level, size=len(lowres)).astype(np.int32)
+  ls = model.low_scale_schedule
+  a = np.asarray(ls.alphas_cumprod, np.float64)[levels][:, None, None, None]  # [B, 1, 1, 1]
+  noise = rng.standard_normal(lowres.shape)
+  return (np.sqrt(a) * lowres + np.sqrt(1.0 - a) * noise).astype(np.float32), levels
+
+
+def depth_inputs(model: ldm_lib.LatentDiffusion, images: np.ndarray,
+                 batch: Mapping[str, Any]) -> np.ndarray:
+  """A depth-to-image model's concat [B, h, w, 1] from the batch's depth maps [B, H, W].
+
+  No depth estimator is bundled: the data must carry `depth`. Built-in shapes images (which carry
+  boxes) imply one: flat objects in front (depth 1) of a far background (0).
+  """
+  if "depth" in batch:
+    depth = np.asarray(batch["depth"], np.float32)
+  elif "boxes" in batch:
+    depth = (images < 0.9).any(-1).astype(np.float32)  # [B, H, W]: not white = an object
+  else:
+    raise ValueError("a depth-to-image model trains on depth maps, but the batch has no 'depth' "
+                     f"(keys: {sorted(batch)}); no depth estimator is bundled, so the data source "
+                     "must provide one per image.")
+  f = model.downsample_factor
+  return model.depth_condition(depth, images.shape[1] // f, images.shape[2] // f)
 
 
 def class_maps(images: np.ndarray, batch: Mapping[str, Any], channels: int) -> np.ndarray:
@@ -123,8 +162,11 @@ def encode_batch(model: ldm_lib.LatentDiffusion, batch: Mapping[str, Any], rng: 
   if "image" in arrays:
     out["z"] = model.encode(arrays["image"], rng)
   if "masked_image" in arrays:
-    out["concat"] = model.condition(images=arrays["masked_image"],
-                                    mask=arrays["inpaint_mask"]).concat
+    if model.is_text_inpainting:  # [hole mask, masked-image latent] in the model's concat_keys order
+      out["concat"] = model.inpaint_concat(arrays["masked_image"], arrays["inpaint_mask"])
+    else:
+      out["concat"] = model.condition(images=arrays["masked_image"],
+                                      mask=arrays["inpaint_mask"]).concat
   if "tokens" in out and not trains_cond_stage(model, config):
     out["context"] = ldm_lib.cond_stage_fn(model.cond_stage, model.params["cond_stage"],
                                            out.pop("tokens"))
@@ -148,7 +190,9 @@ def make_loss_fn(model: ldm_lib.LatentDiffusion, config):
   def conditioning(params, batch, rng) -> ldm_lib.Conditioning:
     b = batch["z"].shape[0]
     drop = jax.random.bernoulli(rng, drop_prob, (b,)) if drop_prob > 0 else None
-    cond = ldm_lib.Conditioning(concat=batch.get("concat"))
+    # Concat inputs and the upscaler's noise level are kept when the condition is dropped, as
+    # CompVis's hybrid models keep them in their unconditional branch.
+    cond = ldm_lib.Conditioning(concat=batch.get("concat"), y=batch.get("noise_level"))
     if "seg" in batch:  # Semantic maps through the (trainable) spatial rescaler.
       variables = params["cond_stage"] if train_cs else frozen_cs
       cond.concat = cond_stage.apply(variables, batch["seg"])  # [B, h, w, c]
