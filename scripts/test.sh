@@ -20,6 +20,8 @@ python -m pip install -q --no-deps open-clip-torch==3.3.0
 python -m pip install -q --no-deps lpips==0.1.4 taming-transformers==0.0.1
 # The original CompVis `ldm` package (pure-torch modules only): the reference for CompVis key layouts.
 python -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5
+# OpenAI's guided_diffusion (pure torch): the reference EncoderUNetModel of the noisy-latent classifier.
+python -m pip install -q --no-deps guided-diffusion-sdk==1.0.0
 # pytorch-fid (the FID Inception reference) needs torchvision, which must stay out of site-packages
 # (transformers and diffusers would import it): both go to .venv/fid-refs, which tests/eval adds.
 [ -d .venv/fid-refs/pytorch_fid ] ||
