@@ -174,3 +174,19 @@ def test_encoder_kwargs_from_unet():
                     attention_resolutions=(8, 4, 2), channel_mult=(1, 2, 3, 5),
                     num_head_channels=32, num_classes=1000, image_size=64, pool="attention")
   classifier_lib.EncoderUNet(**kw).trunk_layout()  # a valid network
+
+
+def test_bfloat16_trunk_keeps_float32_logits():
+  """dtype=bfloat16 computes the trunk in bf16 and the head in float32, near the fp32 logits."""
+  cfg = CONFIGS["attention"]
+  ref = _reference(cfg)
+  sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+  x, t = _inputs()
+  full = _reference_logits(ref, x, t)
+  model = classifier_lib.EncoderUNet(num_classes=CLASSES, image_size=IMAGE, dtype=jnp.bfloat16,
+                                     **cfg)
+  logits = _apply(model, convert_classifier.classifier_from_state_dict(sd, model), x, t)
+  assert logits.dtype == jnp.float32
+  scale = np.abs(full).max()
+  err = np.abs(np.asarray(logits) - full).max()
+  assert 1e-6 * scale < err < 0.05 * scale  # bf16 rounding shows, but only as rounding
