@@ -173,14 +173,17 @@ class EncoderUNet(nn.Module):
     emb = nn.Dense(ted, name="time_embed_2", **kw)(nn.silu(emb))  # [B, 4 mc]
 
     h = x.astype(self.dtype)
-    means = []  # per-block spatial means, for the spatial heads
+    spatial = self.pool.startswith("spatial")
+    means = []  # per-block spatial means, read by the spatial heads only
     for block in inputs:
       for layer in block:
         h = self._layer(layer, h, emb, deterministic)
-      means.append(h.astype(jnp.float32).mean(axis=(1, 2)))  # [B, C_block]
+      if spatial:
+        means.append(h.astype(jnp.float32).mean(axis=(1, 2)))  # [B, C_block]
     for layer in middle:
       h = self._layer(layer, h, emb, deterministic)  # [B, H / f, W / f, C]
-    means.append(h.astype(jnp.float32).mean(axis=(1, 2)))
+    if spatial:
+      means.append(h.astype(jnp.float32).mean(axis=(1, 2)))
     return self._head(h.astype(jnp.float32), means)
 
   def _head(self, h, means):
