@@ -43,8 +43,7 @@ def null_inputs(model: ldm_lib.LatentDiffusion) -> dict[str, np.ndarray]:
   if model.is_text:
     return {"tokens": model.tokenize([""])[0]}
   if model.cond_kind == "class":
-    n = int(model.cond_stage_config.get("kwargs", {}).get("n_classes", 1))
-    return {"label": np.int32(n - 1)}
+    return {"label": np.int32(model.null_label)}
   return {}
 
 
