@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.first_stage_checkpoint = ""  # Stage 2: the trained autoencoder (workdir or saved model).
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "shapes"       # 'shapes' | 'folder' | 'tfds' | 'latent_cache'.
+  c.data.source = "shapes"       # A name in ldm_jax.data.sources.SOURCES.
   c.data.name = ""               # TFDS dataset name (e.g. 'celeb_a_hq/256').
   c.data.split = "train"
   c.data.data_dir = ""           # TFDS data_dir, image folder root or latent cache directory.

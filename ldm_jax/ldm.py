@@ -37,7 +37,11 @@ SAMPLING_DEFAULTS = {"sampler": "ddim", "steps": 50, "guidance": 1.0}
 
 def diffusion_section(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """The model config's `diffusion` section with every field the defaults give filled in."""
-  return ml_collections.ConfigDict(diffusion_defaults.with_defaults(config.get("diffusion")))
+  # Updating the typed defaults (not building from the merged dict) keeps their types: a saved
+  # integer scale_factor still becomes a float field that training may set to 0.18.
+  section = ml_collections.ConfigDict(diffusion_defaults.DEFAULTS)
+  section.update(dict(config.get("diffusion") or {}))
+  return section
 
 
 class LatentDiffusion:

@@ -16,6 +16,7 @@ from ldm_jax import ldm as ldm_lib
 from ldm_jax import parallel
 from ldm_jax.data import transforms
 from ldm_jax.diffusion import objectives
+from ldm_jax.models import conditioning as conditioning_lib
 
 FROZEN_TEXT = ("clip", "openclip", "bert")
 
@@ -64,7 +65,7 @@ def task_inputs(model: ldm_lib.LatentDiffusion, batch: Mapping[str, Any], config
   kind, key = model.cond_kind, model.config.diffusion.conditioning_key
   images = np.asarray(batch["image"], np.float32)  # [B, H, W, 3] in [-1, 1]
   out: dict[str, np.ndarray] = {}
-  if kind == "identity" and key in ("concat", "hybrid"):
+  if kind == "identity" and conditioning_lib.takes_concat(key):
     f = model.downsample_factor
     lowres = [transforms.bicubic_down(transforms.to_uint8(im), f) for im in images]
     out["concat"] = np.stack([transforms.to_float(x) for x in lowres])  # [B, H/f, W/f, 3]

@@ -22,3 +22,7 @@ def test_the_model_fills_a_partial_section_from_the_same_table():
   assert {k: section[k] for k in defaults.DEFAULTS if k != "timesteps"} == {
       k: v for k, v in defaults.DEFAULTS.items() if k != "timesteps"}
   assert ldm_lib.diffusion_section({}).to_dict() == defaults.DEFAULTS
+  # The defaults' types hold: an integer scale factor is a float field training can set.
+  section = ldm_lib.diffusion_section({"diffusion": {"scale_factor": 1}})
+  section.scale_factor = 0.18215
+  assert section.scale_factor == 0.18215
