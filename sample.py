@@ -16,6 +16,7 @@ import sys
 
 from ldm_jax import compile_cache
 from ldm_jax import sample_cli
+from ldm_jax.diffusion import samplers
 
 
 def parse_args(argv):
@@ -41,7 +42,7 @@ def parse_args(argv):
                                           "size and bit depth); no depth estimator is bundled")
   how = p.add_argument_group("sampler")
   # --sampler / --steps / --guidance default to the model's recommended settings (its config).
-  how.add_argument("--sampler", choices=["ddim", "plms", "ddpm", "dpmpp_2m", "euler_a"],
+  how.add_argument("--sampler", choices=samplers.NAMES,
                    help="default: the model's recommendation, else ddim")
   how.add_argument("--steps", type=int, help="default: the model's recommendation, else 50")
   how.add_argument("--eta", type=sample_cli.finite_float, default=0.0,

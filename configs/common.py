@@ -17,6 +17,8 @@ Each experiment file defines `get_config(arg)` returning a ConfigDict; `arg` pic
 import ml_collections
 from ml_collections import config_dict
 
+from ldm_jax.diffusion import defaults as diffusion_defaults
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -26,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.first_stage_checkpoint = ""  # Stage 2: the trained autoencoder (workdir or saved model).
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "shapes"       # 'shapes' | 'folder' | 'tfds' | 'latent_cache'.
+  c.data.source = "shapes"       # A name in ldm_jax.data.sources.SOURCES.
   c.data.name = ""               # TFDS dataset name (e.g. 'celeb_a_hq/256').
   c.data.split = "train"
   c.data.data_dir = ""           # TFDS data_dir, image folder root or latent cache directory.
@@ -173,15 +175,13 @@ def unet_kwargs(*, in_channels, model_channels, out_channels=None, channel_mult=
               dropout=dropout, legacy=legacy, adm_in_channels=adm_in_channels)
 
 
-def diffusion(*, linear_start=0.0015, linear_end=0.0195, timesteps=1000, beta_schedule="linear",
-              parameterization="eps", conditioning_key=None, scale_factor=1.0,
-              scale_by_std=False, image_size=32, channels=4) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      timesteps=timesteps, beta_schedule=beta_schedule, linear_start=linear_start,
-      linear_end=linear_end, cosine_s=8e-3, zero_terminal_snr=False,
-      parameterization=parameterization, conditioning_key=conditioning_key,
-      scale_factor=scale_factor, scale_by_std=scale_by_std, image_size=image_size,
-      channels=channels))
+def diffusion(**fields) -> ml_collections.ConfigDict:
+  """model.diffusion: the defaults of `ldm_jax.diffusion.defaults` with `fields` replaced."""
+  unknown = sorted(set(fields) - set(diffusion_defaults.DEFAULTS))
+  if unknown:
+    raise TypeError(f"common.diffusion({unknown[0]}=...): unknown field; expected some of "
+                    f"{sorted(diffusion_defaults.DEFAULTS)}.")
+  return ml_collections.ConfigDict(diffusion_defaults.with_defaults(fields))
 
 
 def sampling(*, guidance: float, sampler: str = "ddim", steps: int = 50

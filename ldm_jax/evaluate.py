@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from ldm_jax import sample_cli
+from ldm_jax.diffusion import samplers
 
 UserError = sample_cli.UserError  # One class, so model-loading errors from sample_cli pass through.
 MODES = ("samples", "folder", "autoencoder", "stats")
@@ -233,7 +234,7 @@ def set_metrics(features: dict[str, np.ndarray], reference: Reference | None, *,
 class SampleSettings:
   """How `evaluate_model` samples (the sampler arguments of `ldm_jax.sampling.sample`)."""
   num_samples: int = 50
-  sampler: str = "ddim"  # One of ldm_jax.ldm.SAMPLERS.
+  sampler: str = "ddim"  # One of ldm_jax.diffusion.samplers.NAMES.
   steps: int = 50
   eta: float = 0.0
   guidance: float = 1.0
@@ -245,13 +246,12 @@ class SampleSettings:
 
 def check_settings(s: SampleSettings, model, prefix: str = "--") -> None:
   """A UserError naming the first impossible setting (prefix: '--' for flags, 'config.eval.')."""
-  from ldm_jax import ldm as ldm_lib
   if s.num_samples < 1:
     raise UserError(f"{prefix}num_samples={s.num_samples}: expected >= 1.")
   if s.batch_size < 1:
     raise UserError(f"{prefix}batch_size={s.batch_size}: expected >= 1.")
-  if s.sampler not in ldm_lib.SAMPLERS:
-    raise UserError(f"{prefix}sampler={s.sampler!r}: expected one of {list(ldm_lib.SAMPLERS)}.")
+  if s.sampler not in samplers.NAMES:
+    raise UserError(f"{prefix}sampler={s.sampler!r}: expected one of {list(samplers.NAMES)}.")
   t = int(model.config.diffusion.timesteps)
   if not 1 <= s.steps <= t:
     raise UserError(f"{prefix}steps={s.steps}: expected 1 <= steps <= {t}.")
@@ -374,7 +374,7 @@ def parse_args(argv) -> argparse.Namespace:
   sample_cli.add_model_arguments(s)
   s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   s.add_argument("--num_samples", type=int, default=50)
-  s.add_argument("--sampler", default="ddim", choices=list(sample_cli.SAMPLER_NAMES))
+  s.add_argument("--sampler", default="ddim", choices=samplers.NAMES)
   s.add_argument("--steps", type=int, default=50)
   s.add_argument("--eta", type=sample_cli.finite_float, default=0.0)
   s.add_argument("--guidance", type=sample_cli.finite_float, default=1.0,
@@ -421,8 +421,8 @@ def _check_positive(args, *names) -> None:
 
 
 def run_samples(args) -> dict:
-  settings = SampleSettings(num_samples=args.num_samples, sampler=sample_cli.SAMPLER_NAMES[
-      args.sampler], steps=args.steps, eta=args.eta, guidance=args.guidance, seed=args.seed,
+  settings = SampleSettings(num_samples=args.num_samples, sampler=args.sampler,
+                            steps=args.steps, eta=args.eta, guidance=args.guidance, seed=args.seed,
                             batch_size=args.batch_size, prompts=tuple(sample_cli.read_prompts(args)),
                             labels=tuple(args.class_label or ()))
   if args.reference and reference_kind(args.reference) != "stats":  # Fail before any work.

@@ -17,39 +17,31 @@ import ml_collections
 import numpy as np
 
 from ldm_jax import family
+# `sample` returns floats in [-1, 1]; users convert them with `ldm_jax.ldm.to_uint8`.
+from ldm_jax.data.transforms import to_uint8  # pylint: disable=unused-import
+from ldm_jax.diffusion import defaults as diffusion_defaults
+from ldm_jax.diffusion import samplers as samplers_lib
 from ldm_jax.diffusion import schedules as schedules_lib
 from ldm_jax.models import build
+from ldm_jax.models import conditioning as conditioning_lib
 from ldm_jax.models import tokenizers as tokenizers_lib
 from ldm_jax.models import word_tokenizer
+from ldm_jax.models.conditioning import Conditioning
 
-# 'hybrid-adm': concat + cross-attention + a class label (the x4 upscaler's noise level).
-CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm")
 WORD_TOKENIZERS = ("shapes", "wordlevel")
-SAMPLERS = ("ddim", "plms", "ddpm", "dpmpp_2m", "euler_ancestral")
 # What a model without recommended sampling settings (config section `sampling`) is sampled with.
 # Guidance 1.0 is no classifier-free guidance: the only safe choice for a model that may have been
 # trained without condition dropout.
 SAMPLING_DEFAULTS = {"sampler": "ddim", "steps": 50, "guidance": 1.0}
 
 
-@dataclasses.dataclass
-class Conditioning:
-  """What the UNet is conditioned on; any field may be None. A pytree, so it passes through jit."""
-  context: jax.Array | None = None  # [B, L, D] for cross-attention
-  concat: jax.Array | None = None   # [B, h, w, c] concatenated to z_t on channels
-  y: jax.Array | None = None        # [B] class labels or [B, adm] vectors for 'adm'
-
-
-jax.tree_util.register_dataclass(Conditioning, data_fields=["context", "concat", "y"],
-                                 meta_fields=[])
-
-
-def model_config_defaults() -> ml_collections.ConfigDict:
-  """Defaults of the diffusion part of a model config (the paper's LDM settings)."""
-  return ml_collections.ConfigDict(dict(
-      timesteps=1000, beta_schedule="linear", linear_start=0.0015, linear_end=0.0195,
-      cosine_s=8e-3, zero_terminal_snr=False, parameterization="eps", conditioning_key=None,
-      scale_factor=1.0, scale_by_std=False, image_size=32, channels=4))
+def diffusion_section(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """The model config's `diffusion` section with every field the defaults give filled in."""
+  # Updating the typed defaults (not building from the merged dict) keeps their types: a saved
+  # integer scale_factor still becomes a float field that training may set to 0.18.
+  section = ml_collections.ConfigDict(diffusion_defaults.DEFAULTS)
+  section.update(dict(config.get("diffusion") or {}))
+  return section
 
 
 class LatentDiffusion:
@@ -66,12 +58,8 @@ class LatentDiffusion:
     # A private, unlocked copy: trainers adjust fields (remat, scale_factor) on their own model.
     config = ml_collections.ConfigDict(
         config.to_dict() if hasattr(config, "to_dict") else dict(config))
-    diffusion = model_config_defaults()
-    diffusion.update(dict(config.get("diffusion", {})))
-    config.diffusion = diffusion
-    if diffusion.conditioning_key not in CONDITIONING_KEYS:
-      raise ValueError(f"model.diffusion.conditioning_key={diffusion.conditioning_key!r}; "
-                       f"expected one of {CONDITIONING_KEYS}.")
+    diffusion = config.diffusion = diffusion_section(config)
+    conditioning_lib.check_conditioning_key(diffusion.conditioning_key)
     check_sampling_config(config.get("sampling", {}), int(diffusion.timesteps))
     self.config = config
     self.params = dict(params)
@@ -123,6 +111,12 @@ class LatentDiffusion:
   @property
   def is_depth(self) -> bool:
     return self.config.diffusion.get("model_target") == family.DEPTH_TARGET
+
+  @property
+  def null_label(self) -> int:
+    """The class label that stands for 'no class' (classifier-free guidance) in a class model."""
+    return conditioning_lib.null_label(
+        int(self.cond_stage_config.get("kwargs", {}).get("n_classes", 1)))
 
   @property
   def max_noise_level(self) -> int:
@@ -264,7 +258,7 @@ class LatentDiffusion:
       if key == "adm":
         return Conditioning(y=labels)
       return Conditioning(context=cond_stage_fn(self.cond_stage, self.params["cond_stage"], labels))
-    if key in ("concat", "hybrid") or kind == "spatial_rescaler":
+    if conditioning_lib.takes_concat(key) or kind == "spatial_rescaler":
       if images is None:
         raise ValueError("this model is conditioned by concatenation: give the conditioning image.")
       c = jnp.asarray(images)
@@ -337,8 +331,8 @@ class LatentDiffusion:
       context = cond_stage_fn(self.cond_stage, self.params["cond_stage"], tokens)
       return dataclasses.replace(cond, context=context)
     if self.cond_kind == "class":
-      null = int(self.cond_stage_config.get("kwargs", {}).get("n_classes", 1)) - 1
-      return dataclasses.replace(self.condition(labels=[null] * batch), concat=cond.concat)
+      return dataclasses.replace(self.condition(labels=[self.null_label] * batch),
+                                 concat=cond.concat)
     return cond
 
   # ----------------------------------------------------------------------------------------------
@@ -427,9 +421,9 @@ def check_sampling_config(section: Mapping[str, Any], timesteps: int) -> None:
   if unknown:
     raise ValueError(f"model.sampling.{unknown[0]}: unknown setting; expected only "
                      f"{sorted(SAMPLING_DEFAULTS)}.")
-  if "sampler" in section and section["sampler"] not in SAMPLERS:
+  if "sampler" in section and section["sampler"] not in samplers_lib.NAMES:
     raise ValueError(f"model.sampling.sampler={section['sampler']!r}: expected one of "
-                     f"{list(SAMPLERS)}.")
+                     f"{list(samplers_lib.NAMES)}.")
   steps = section.get("steps", 1)
   if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= timesteps:
     raise ValueError(f"model.sampling.steps={steps!r}: expected an integer in [1, {timesteps}].")
@@ -476,14 +470,8 @@ def cond_stage_fn(cond_stage, variables, inputs):
 
 def denoise_fn(unet, variables, conditioning_key, z_t, t, cond: Conditioning, *,
                deterministic=True, rngs=None):
-  """Routes the conditioning into the UNet as the CompVis DiffusionWrapper does."""
-  x, context, y = z_t, None, None
-  if conditioning_key in ("concat", "hybrid", "hybrid-adm"):
-    x = jnp.concatenate([z_t, cond.concat.astype(z_t.dtype)], axis=-1)  # [B, h, w, C + c]
-  if conditioning_key in ("crossattn", "hybrid", "hybrid-adm"):
-    context = cond.context
-  if conditioning_key in ("adm", "hybrid-adm"):
-    y = cond.y
+  """The UNet's prediction for z_t [B, h, w, C] at t, the conditioning routed by its key."""
+  x, context, y = conditioning_lib.unet_inputs(conditioning_key, z_t, cond)
   t = jnp.broadcast_to(jnp.asarray(t), (z_t.shape[0],))
   out = unet.apply(variables, x, t, context, y, deterministic=deterministic, rngs=rngs)
   return out.astype(jnp.float32)
@@ -492,8 +480,7 @@ def denoise_fn(unet, variables, conditioning_key, z_t, t, cond: Conditioning, *,
 def init_params(config: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
   """Random variables for first stage, UNet and condition encoder, from the model config."""
   config = ml_collections.ConfigDict(dict(config))
-  diffusion = model_config_defaults()
-  diffusion.update(dict(config.get("diffusion", {})))
+  diffusion = diffusion_section(config)
   fs = build.build_first_stage(config.first_stage)
   unet = build.build_unet(config.unet)
   cs_cfg = dict(config.get("cond_stage", {}) or {"kind": "none"})
@@ -512,16 +499,9 @@ def init_params(config: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
   cond = Conditioning(context=dummy_cond["context"], y=dummy_cond["y"],
                       concat=(jnp.zeros((1, h, w, dummy_cond["concat_channels"]))
                               if dummy_cond["concat_channels"] else None))
-  key = diffusion.conditioning_key
 
   def unet_init(k):
-    x, context, y = z, None, None
-    if key in ("concat", "hybrid", "hybrid-adm"):
-      x = jnp.concatenate([z, cond.concat], -1)
-    if key in ("crossattn", "hybrid", "hybrid-adm"):
-      context = cond.context
-    if key in ("adm", "hybrid-adm"):
-      y = cond.y
+    x, context, y = conditioning_lib.unet_inputs(diffusion.conditioning_key, z, cond)
     return unet.init(k, x, jnp.zeros((1,), jnp.int32), context, y)
 
   params["unet"] = jax.jit(unet_init)(k_unet)
@@ -534,7 +514,7 @@ def example_conditioning(config, cs_cfg, cs, rng) -> dict[str, Any]:
   kind = cs_cfg.get("kind", "none")
   out = {"variables": {}, "context": None, "y": None, "concat_channels": 0}
   key = config.get("diffusion", {}).get("conditioning_key")
-  if key in ("concat", "hybrid", "hybrid-adm"):
+  if conditioning_lib.takes_concat(key):
     out["concat_channels"] = int(unet.in_channels) - int(config.first_stage.kwargs.embed_dim)
   if kind in build.TEXT_ENCODERS:
     length = int(cs_cfg.get("kwargs", {}).get("max_length", 77))
@@ -560,7 +540,3 @@ def example_conditioning(config, cs_cfg, cs, rng) -> dict[str, Any]:
     out["context"] = jnp.zeros((1, 1, int(unet.context_dim)))
   return out
 
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] float images -> uint8 [B, H, W, 3]."""
-  return np.asarray(np.clip((np.asarray(images) + 1.0) * 127.5 + 0.5, 0, 255), np.uint8)

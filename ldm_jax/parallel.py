@@ -14,6 +14,7 @@ Typical use, as in big_vision: parameters are born sharded,
   batch = make_global_batch(local_numpy_batch, mesh)
 """
 
+import math
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -26,6 +27,11 @@ import numpy as np
 # little memory and costs an all-gather per use.
 DEFAULT_MIN_SHARD_SIZE = 2**14
 BATCH_AXES = ('data', 'fsdp')
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalars in a parameter tree, also of an abstract one (ShapeDtypeStruct leaves)."""
+  return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def make_mesh(axes: Mapping[str, int],

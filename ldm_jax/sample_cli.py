@@ -12,8 +12,6 @@ from typing import Any
 
 import numpy as np
 
-SAMPLER_NAMES = {"ddim": "ddim", "plms": "plms", "ddpm": "ddpm", "dpmpp_2m": "dpmpp_2m",
-                 "euler_a": "euler_ancestral"}
 # jax.random.PRNGKey folds seeds modulo 2**32 (2**32 gives the same noise as 0) and cannot take
 # 2**63 or more: seeds outside [0, 2**32) would silently repeat or crash.
 SEED_LIMIT = 2 ** 32
@@ -320,13 +318,9 @@ def resolve_sampling(args, model) -> None:
   """Fills --sampler / --steps / --guidance left out with the model's recommended settings (else
   the library defaults) and prints what will be used; an explicit flag always wins."""
   from ldm_jax import ldm as ldm_lib
-  cli_name = {v: k for k, v in SAMPLER_NAMES.items()}
-  chosen = model.sampling_settings(
-      sampler=SAMPLER_NAMES[args.sampler] if args.sampler else None, steps=args.steps,
-      guidance=args.guidance)
-  args.sampler, args.steps, args.guidance = (cli_name[chosen["sampler"]], chosen["steps"],
-                                             chosen["guidance"])
-  print(f"Sampling with {ldm_lib.describe_sampling(dict(chosen, sampler=args.sampler))}")
+  chosen = model.sampling_settings(sampler=args.sampler, steps=args.steps, guidance=args.guidance)
+  args.sampler, args.steps, args.guidance = chosen["sampler"], chosen["steps"], chosen["guidance"]
+  print(f"Sampling with {ldm_lib.describe_sampling(chosen)}")
 
 
 def upscaler_default_size(args, model, raw: dict[str, np.ndarray]) -> None:
@@ -409,7 +403,7 @@ def run(args) -> list[str]:
   paths, records, all_images = [], [], []
   for start in range(0, len(reqs), args.batch_size):
     chunk = reqs[start:start + args.batch_size]
-    kwargs = dict(height=h, width=w, sampler=SAMPLER_NAMES[args.sampler], steps=args.steps,
+    kwargs = dict(height=h, width=w, sampler=args.sampler, steps=args.steps,
                   eta=args.eta, guidance=args.guidance, guidance_rescale=args.guidance_rescale,
                   seeds=[r["seed"] for r in chunk], progress=not args.no_progress)
     if "prompt" in chunk[0]:

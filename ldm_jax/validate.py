@@ -8,6 +8,10 @@ import math
 
 import jax
 
+from ldm_jax.data import sources
+from ldm_jax.models import conditioning
+from ldm_jax.train.step import NONFINITE_MODES
+
 GROUPS = 32
 
 
@@ -90,13 +94,13 @@ def check_config(config, num_devices: int | None = None) -> None:
   compilation checks against the target topology's.
   """
   _check_choice("stage", config.stage, ("autoencoder", "ldm"))
-  _check_choice("data.source", config.data.source, ("shapes", "folder", "tfds", "latent_cache"))
+  _check_choice("data.source", config.data.source, sources.NAMES)
   if config.data.batch_size < 1:
     _fail("data.batch_size", config.data.batch_size, "expected >= 1")
   if config.train.num_steps < 0:
     _fail("train.num_steps", config.train.num_steps, "expected >= 0")
   _check_choice("train.compute_dtype", config.train.compute_dtype, ("float32", "bfloat16"))
-  _check_choice("train.nonfinite", config.train.nonfinite, ("stop", "skip"))
+  _check_choice("train.nonfinite", config.train.nonfinite, NONFINITE_MODES)
   if not 0.0 <= config.train.cond_drop_prob < 1.0:
     _fail("train.cond_drop_prob", config.train.cond_drop_prob, "expected in [0, 1)")
   check_mesh(config.mesh, num_devices)
@@ -108,7 +112,7 @@ def check_config(config, num_devices: int | None = None) -> None:
     _check_choice("model.diffusion.parameterization", model.diffusion.parameterization,
                   ("eps", "x0", "v"))
     _check_choice("model.diffusion.conditioning_key", model.diffusion.conditioning_key,
-                  (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm"))
+                  conditioning.CONDITIONING_KEYS)
     _check_choice("model.diffusion.beta_schedule", model.diffusion.beta_schedule,
                   ("linear", "sqrt_linear", "sqrt", "cosine"))
     if model.unet.in_channels < model.first_stage.kwargs.embed_dim:

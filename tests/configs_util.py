@@ -10,13 +10,13 @@ of the tests into the tiny variants (test_configs.py) and the full-size ones (te
 import dataclasses
 import functools
 import importlib
-import math
 import pathlib
 
 import jax
 import jax.numpy as jnp
 
 from ldm_jax import validate
+from ldm_jax.parallel import count_params
 from ldm_jax.models import build
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,10 +28,6 @@ TEXT_TOKENIZERS = ("shapes", "bert", "clip", "openclip", None)
 
 def get_config(name: str, variant: str = ""):
   return importlib.import_module(f"configs.{name}").get_config(variant)
-
-
-def count_params(tree) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def module_fields(module) -> dict:

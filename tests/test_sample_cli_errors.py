@@ -242,3 +242,14 @@ def test_damaged_params_one_line_naming_the_flag(good_config, tmp_path, capsys):
                          str(tmp_path / "out")], capsys)
   assert_refused(code, lines, f"cannot load the model --checkpoint={model_dir}:",
                  os.path.join(model_dir, "params"))
+
+
+def test_sampler_flags_offer_the_registry_names():
+  """sample.py and evaluate.py take every name of `diffusion.samplers` (aliases included) as is."""
+  from ldm_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
+  for name in samplers.NAMES:
+    assert sample.parse_args(NO_MODEL[:2] + ["--sampler", name, "--outdir", "o"]).sampler == name
+    argv = ["samples", "--checkpoint", "ckpt", "--sampler", name, "--out", "r.json"]
+    assert evaluate.parse_args(argv).sampler == name
+  with pytest.raises(SystemExit):
+    sample.parse_args(NO_MODEL[:2] + ["--sampler", "heun", "--outdir", "o"])

@@ -24,6 +24,7 @@ from ldm_jax import ldm as ldm_lib
 from ldm_jax import parallel
 from ldm_jax import sampling
 from ldm_jax.diffusion import samplers as samplers_lib
+from ldm_jax.models import conditioning
 from ldm_jax.models import tokenizers as tokenizers_lib
 from ldm_jax.train import ldm_task
 from ldm_jax.train import ldm_trainer
@@ -179,7 +180,7 @@ def _sampling_inputs(model: ldm_lib.LatentDiffusion, n: int) -> dict[str, Any]:
   if kind == "spatial_rescaler":
     channels = int(model.cond_stage_config["kwargs"]["in_channels"])
     return {"images": np.zeros((n, h * f, h * f, channels), np.float32)}
-  if model.config.diffusion.conditioning_key in ("concat", "hybrid"):
+  if conditioning.takes_concat(model.config.diffusion.conditioning_key):
     channels = int(model.config.unet.in_channels) - model.latent_channels
     return {"images": np.zeros((n, h, h, channels), np.float32)}
   return {}

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import yaml
 
 from ldm_jax import family
+from ldm_jax.models import conditioning
 
 
 class CompVisConfigError(ValueError):
@@ -371,7 +372,7 @@ def translate_compvis_config(config: Mapping[str, Any], *, source: str = "<confi
     key = "concat" if params.get("concat_mode", True) else "crossattn"
   if cond_node == "__is_unconditional__" and not params.get("force_null_conditioning", False):
     key = None
-  if key not in (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm"):
+  if key not in conditioning.CONDITIONING_KEYS:
     raise CompVisConfigError(f"{p}.conditioning_key={key!r}; expected null, concat, crossattn, "
                              "hybrid, adm or hybrid-adm")
   diffusion["conditioning_key"] = key

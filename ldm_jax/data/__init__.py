@@ -7,6 +7,7 @@ TFDS):
 - `folder`: `ImageFolderSource` over jpg/png/webp files with .txt / metadata.jsonl captions;
 - `tfds_source`: `TfdsSource` over TFDS ArrayRecord datasets, without TensorFlow;
 - `transforms`: crops, flips, [-1, 1] floats, super-resolution pairs, inpainting masks, layouts;
+- `sources`: the registry of sources by name (`config.data.source`), what each yields;
 - `loader`: `make_dataset` / `make_loader`, a resumable, per-host-sharded Grain loader;
-- `latent_cache`: encode a dataset once and train on the cached latents.
+- `latent_cache`: a dataset encoded once (by an encoder function it is given) and its source.
 """

@@ -10,16 +10,17 @@ interrupted mid-way is never mistaken for a complete one. Latents are stored as 
 them (e.g. the posterior *sample* times the scale factor, or the raw moments if you prefer to sample
 per epoch: that choice belongs to `encode_fn`).
 
-CLI: `python -m ldm_jax.data.latent_cache --checkpoint CKPT --data shapes --out_dir DIR`.
+CLI: `python -m ldm_jax.cli.latent_cache --checkpoint CKPT --data shapes --out_dir DIR`.
 """
 
-import argparse
 import collections
 import json
 import os
 from typing import Any, Callable, Iterable
 
 import numpy as np
+
+from ldm_jax.data import transforms
 
 INDEX_FILE = "index.json"
 CACHE_VERSION = 1
@@ -28,7 +29,6 @@ _PASSTHROUGH_KEYS = ("label", "caption", "boxes", "box_labels")
 
 def _batches_from_source(source, batch_size: int) -> Iterable[dict[str, np.ndarray]]:
   """Sequential, unshuffled batches of a random-access source, uint8 images made [-1, 1] floats."""
-  from ldm_jax.data import transforms  # pylint: disable=g-import-not-at-top
   n = len(source)
   for start in range(0, n, batch_size):
     records = [source[i] for i in range(start, min(n, start + batch_size))]
@@ -140,7 +140,7 @@ class LatentCacheSource:
     path = os.path.join(out_dir, INDEX_FILE)
     if not os.path.exists(path):
       raise FileNotFoundError(f"no latent cache index at {path}; build one with "
-                              "build_latent_cache or `python -m ldm_jax.data.latent_cache`")
+                              "build_latent_cache or `python -m ldm_jax.cli.latent_cache`")
     with open(path) as f:
       self.index = json.load(f)
     if self.index.get("version") != CACHE_VERSION:
@@ -182,53 +182,3 @@ class LatentCacheSource:
 
   def __repr__(self) -> str:
     return f"LatentCacheSource(out_dir={self.out_dir!r}, num_examples={len(self)})"
-
-
-# ---------------------------------------------------------------- CLI -----------------------------
-def _parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog="python -m ldm_jax.data.latent_cache",
-      description="Encode a dataset with a trained autoencoder into a sharded latent cache.")
-  p.add_argument("--checkpoint", required=True,
-                 help="model checkpoint; its `encode` maps images in [-1, 1] to latents")
-  p.add_argument("--out_dir", required=True, help="output directory (must not hold a cache)")
-  p.add_argument("--data", default="shapes", choices=["shapes", "folder", "tfds"],
-                 help="source name, as DataConfig.name")
-  p.add_argument("--root", default="", help="image folder root (--data folder)")
-  p.add_argument("--caption_source", default=None, choices=["txt", "jsonl"],
-                 help="folder captions")
-  p.add_argument("--tfds_name", default="", help="TFDS dataset name (--data tfds)")
-  p.add_argument("--split", default="train", help="TFDS split")
-  p.add_argument("--data_dir", default=None, help="TFDS data_dir")
-  p.add_argument("--size", type=int, default=256, help="image size (resize + center crop)")
-  p.add_argument("--length", type=int, default=10_000, help="shapes: number of examples")
-  p.add_argument("--batch_size", type=int, default=32, help="encode batch size")
-  p.add_argument("--shard_size", type=int, default=1024, help="examples per shard")
-  p.add_argument("--max_examples", type=int, default=None, help="stop after this many")
-  return p.parse_args(argv)
-
-
-def main(argv=None) -> None:
-  args = _parse_args(argv)
-  from ldm_jax.data import loader, transforms  # pylint: disable=g-import-not-at-top
-  source = loader.make_dataset(name=args.data, size=args.size, length=args.length,
-                               root=args.root, caption_source=args.caption_source,
-                               tfds_name=args.tfds_name, split=args.split,
-                               data_dir=args.data_dir)
-  it = loader.make_loader(source, batch_size=args.batch_size, seed=0, shuffle=False, num_epochs=1,
-                          process_index=0, process_count=1, drop_remainder=False,
-                          transform=transforms.ImageTransform(args.size))
-  try:
-    import ldm_jax  # pylint: disable=g-import-not-at-top
-    model = ldm_jax.LatentDiffusion.from_checkpoint(args.checkpoint)
-  except (ImportError, AttributeError) as e:
-    raise SystemExit(f"cannot load --checkpoint {args.checkpoint!r}: "
-                     f"ldm_jax.LatentDiffusion.from_checkpoint is unavailable ({e})") from None
-  index = build_latent_cache(it, model.encode, args.out_dir, args.shard_size,
-                             max_examples=args.max_examples)
-  print(f"wrote {index['num_examples']} latents of shape {index['latent_shape']} in "
-        f"{len(index['shards'])} shards to {args.out_dir}")
-
-
-if __name__ == "__main__":
-  main()

@@ -1,4 +1,5 @@
-"""Sources by name, and a Grain loader: per-host shards, seeded epoch shuffles, resumable state.
+"""A Grain loader over the sources of `sources.py`: per-host shards, seeded epoch shuffles, resumable
+state.
 
     source = make_dataset(DataConfig(name="shapes", size=64))
     it = make_loader(source, batch_size=32, seed=0, transform=ImageTransform(64, flip=True))
@@ -26,37 +27,17 @@ from absl import flags
 import grain
 import numpy as np
 
+from ldm_jax.data import sources
 from ldm_jax.data import transforms as transforms_lib
+from ldm_jax.data.sources import DataConfig
 
 STATE_VERSION = 1
 
 
 # ---------------------------------------------------------------- sources by name -----------------
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """Which source to build (the `data` block of an experiment config)."""
-  name: str = "shapes"  # "shapes", "folder", "tfds" or "latents"
-  # shapes
-  seed: int = 0  # base seed of the generated examples
-  size: int = 64  # image size in pixels
-  num_objects: int = 1  # 1, or 2 objects at distinct corners
-  length: int = 10_000  # virtual length of the generated dataset
-  # folder ("root") and latents ("root" = cache directory)
-  root: str = ""
-  min_size: int = 0  # folder: drop images whose shorter side is smaller
-  caption_source: str | None = None  # folder: None, "txt" or "jsonl"
-  labels_from_subfolders: bool = False  # folder: class labels from sub-folder names
-  # tfds
-  tfds_name: str = ""
-  split: str = "train"
-  data_dir: str | None = None
-  image_key: str = "image"
-  label_key: str | None = None
-  caption_key: str | None = None
-
-
 def make_dataset(config: DataConfig | Mapping[str, Any] | None = None, **kwargs):
-  """Builds a random-access source from a DataConfig, a mapping (e.g. a ConfigDict) or kwargs."""
+  """Builds a random-access source from a DataConfig, a mapping (e.g. a ConfigDict) or kwargs;
+  the name picks the source in `sources.SOURCES`."""
   if config is None:
     config = {}
   if not isinstance(config, DataConfig):
@@ -68,24 +49,7 @@ def make_dataset(config: DataConfig | Mapping[str, Any] | None = None, **kwargs)
     config = DataConfig(**values)
   elif kwargs:
     config = dataclasses.replace(config, **kwargs)
-
-  if config.name == "shapes":
-    from ldm_jax.data.shapes import ShapesSource  # pylint: disable=g-import-not-at-top
-    return ShapesSource(seed=config.seed, size=config.size, num_objects=config.num_objects,
-                        length=config.length)
-  if config.name == "folder":
-    from ldm_jax.data.folder import ImageFolderSource  # pylint: disable=g-import-not-at-top
-    return ImageFolderSource(config.root, min_size=config.min_size,
-                             caption_source=config.caption_source,
-                             labels_from_subfolders=config.labels_from_subfolders)
-  if config.name == "tfds":
-    from ldm_jax.data.tfds_source import TfdsSource  # pylint: disable=g-import-not-at-top
-    return TfdsSource(config.tfds_name, config.split, config.data_dir, image_key=config.image_key,
-                      label_key=config.label_key, caption_key=config.caption_key)
-  if config.name == "latents":
-    from ldm_jax.data.latent_cache import LatentCacheSource  # pylint: disable=g-import-not-at-top
-    return LatentCacheSource(config.root)
-  raise ValueError(f"data name={config.name!r}; expected 'shapes', 'folder', 'tfds' or 'latents'")
+  return sources.get(config.name).build(config)
 
 
 # ---------------------------------------------------------------- loader --------------------------

@@ -23,6 +23,8 @@ from ldm_jax.diffusion import samplers_dpm
 from ldm_jax.diffusion.objectives import check_parameterization
 from ldm_jax.diffusion.schedules import Schedule
 
+# The sampler registry: every name a sampler is known by, here and only here. A new sampler is a
+# loop with the signature of `samplers_ddim.ddim` added to SAMPLERS (and to `sampler_timesteps`).
 SAMPLERS = {
     'ddim': samplers_ddim.ddim,
     'plms': samplers_ddim.plms,
@@ -30,6 +32,18 @@ SAMPLERS = {
     'dpmpp_2m': samplers_dpm.dpmpp_2m,
     'euler_ancestral': samplers_dpm.euler_ancestral,
 }
+# Short names the command lines have always offered, accepted wherever a sampler is named.
+ALIASES = {'euler_a': 'euler_ancestral'}
+# Every accepted name: the argparse choices of the command lines and the check of config fields.
+NAMES = tuple(SAMPLERS) + tuple(ALIASES)
+
+
+def resolve(sampler: str) -> str:
+  """The registry name of `sampler` (an alias is replaced); ValueError for an unknown name."""
+  name = ALIASES.get(sampler, sampler)
+  if name not in SAMPLERS:
+    raise ValueError(f'sampler={sampler!r}: expected one of {NAMES}')
+  return name
 
 _STATIC = ('denoise', 'sampler', 'steps', 'eta', 'parameterization', 'strength', 'grid',
            'clip_x0', 'progress', 'return_trajectory')
@@ -63,7 +77,8 @@ def sample(denoise: Callable, schedule: Schedule, x_T: jnp.ndarray, cond: Any, r
            return_trajectory: bool = False, step_noise: Optional[jnp.ndarray] = None):
   """Samples x_0 [B, H, W, C] from x_T (standard normal noise of the same shape).
 
-  sampler: 'ddim' | 'plms' | 'ddpm' | 'dpmpp_2m' | 'euler_ancestral'; steps: 1..T.
+  sampler: a name in NAMES ('ddim', 'plms', 'ddpm', 'dpmpp_2m', 'euler_ancestral' or its alias
+    'euler_a'); steps: 1..T.
   eta: DDIM only (0 deterministic). grid: 'uniform' | 'quad' | 'trailing' (ddim, plms).
   clip_x0: ddpm only, clamps the x0 prediction to [-1, 1] like the original `clip_denoised`.
   x0 [B, H, W, C]: the clean latent for img2img and inpainting.
@@ -75,8 +90,7 @@ def sample(denoise: Callable, schedule: Schedule, x_T: jnp.ndarray, cond: Any, r
   step_noise [N, B, H, W, C]: replaces the per-iteration noise drawn from rng (to reproduce another
     implementation's noise exactly); rng still drives the inpainting noise.
   """
-  if sampler not in SAMPLERS:
-    raise ValueError(f'sampler={sampler!r}: expected one of {tuple(SAMPLERS)}')
+  sampler = resolve(sampler)
   check_parameterization(parameterization)
   T = schedule.num_timesteps
   if not isinstance(steps, int) or not 1 <= steps <= T:
@@ -128,6 +142,7 @@ def sample(denoise: Callable, schedule: Schedule, x_T: jnp.ndarray, cond: Any, r
 
 def sampler_timesteps(sampler: str, num_timesteps: int, steps: int, grid: str = 'uniform'):
   """The descending timesteps at which `sampler` calls the network (one per outer step)."""
+  sampler = resolve(sampler)
   if sampler in ('ddim', 'plms'):
     return base.ddim_timesteps(num_timesteps, steps, grid)[::-1]
   if sampler == 'ddpm':
@@ -136,4 +151,5 @@ def sampler_timesteps(sampler: str, num_timesteps: int, steps: int, grid: str = 
     return samplers_dpm.dpmpp_2m_timesteps(num_timesteps, steps)
   if sampler == 'euler_ancestral':
     return samplers_dpm.euler_timesteps(num_timesteps, steps)
-  raise ValueError(f'sampler={sampler!r}: expected one of {tuple(SAMPLERS)}')
+  raise NotImplementedError(f'sampler={sampler!r} is registered in SAMPLERS but has no timesteps '
+                            f'here; add it to sampler_timesteps')

@@ -23,7 +23,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Dtype = Any
 
@@ -250,8 +249,3 @@ def inception_template(dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.floa
   model = FIDInceptionV3(dtype=dtype, param_dtype=param_dtype, resize_input=False)
   x = jax.ShapeDtypeStruct((1, 75, 75, 3), jnp.float32)
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
-
-
-def count_params(params: Any) -> int:
-  """Total number of scalars in a parameter tree."""
-  return int(sum(np.prod(np.shape(v)) for v in jax.tree_util.tree_leaves(params)))

@@ -12,7 +12,6 @@ Use `model.apply({"params": p}, x, method=model.encode)` etc.; `__call__` of Aut
 posterior sample from the 'sample' rng stream.
 """
 
-import math
 from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
@@ -253,8 +252,3 @@ def abstract_params(model: _FirstStage):
     rngs = {"params": jax.random.key(0), "sample": jax.random.key(1)}
     return model.init(rngs, x)["params"]
   return jax.eval_shape(init, x)
-
-
-def count_params(tree) -> int:
-  """Number of scalars in a parameter tree (also of an abstract one: nothing is allocated)."""
-  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))

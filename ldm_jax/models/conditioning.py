@@ -1,5 +1,8 @@
-"""Non-text conditioning encoders (class labels, spatial maps).
+"""How a UNet is conditioned, and the non-text conditioning encoders (class labels, spatial maps).
 
+* `CONDITIONING_KEYS` and `unet_inputs`: how a condition enters the UNet (CompVis DiffusionWrapper's
+  `conditioning_key`: concatenated to z_t, as cross-attention context, as a class/ADM vector y);
+  `Conditioning` holds the three inputs. A new way in is a key here and a branch in `unet_inputs`.
 * `ClassEmbedder`: class labels [B] -> [B, 1, D] cross-attention context (CompVis ClassEmbedder).
   The classifier-free-guidance null class is the last index (`null_label`, e.g. 1000 of 1001 for
   cin256-v2); with `ucg_rate` > 0 training replaces labels by it with that probability.
@@ -12,6 +15,7 @@ Modules are built from a model config by `ldm_jax.models.build.build_cond_stage`
 `cond_stage_config`s are translated by `ldm_jax.convert.compvis_config`.
 """
 
+import dataclasses
 import math
 from typing import Any
 
@@ -22,6 +26,61 @@ import numpy as np
 
 
 Dtype = Any
+
+# Every conditioning_key a model may have. 'hybrid' is concat + cross-attention; 'hybrid-adm' adds a
+# class label y (the x4 upscaler's noise level).
+CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm")
+_CONCAT_KEYS = ("concat", "hybrid", "hybrid-adm")
+_CONTEXT_KEYS = ("crossattn", "hybrid", "hybrid-adm")
+_Y_KEYS = ("adm", "hybrid-adm")
+
+
+@dataclasses.dataclass
+class Conditioning:
+  """What the UNet is conditioned on; any field may be None. A pytree, so it passes through jit."""
+  context: jax.Array | None = None  # [B, L, D] for cross-attention
+  concat: jax.Array | None = None   # [B, h, w, c] concatenated to z_t on channels
+  y: jax.Array | None = None        # [B] class labels or [B, adm] vectors for 'adm'
+
+
+jax.tree_util.register_dataclass(Conditioning, data_fields=["context", "concat", "y"],
+                                 meta_fields=[])
+
+
+def check_conditioning_key(key, field: str = "model.diffusion.conditioning_key") -> None:
+  if key not in CONDITIONING_KEYS:
+    raise ValueError(f"{field}={key!r}; expected one of {CONDITIONING_KEYS}.")
+
+
+def takes_concat(key) -> bool:
+  """Whether a model with this conditioning_key concatenates a condition to z_t."""
+  return key in _CONCAT_KEYS
+
+
+def takes_context(key) -> bool:
+  """Whether a model with this conditioning_key reads a cross-attention context."""
+  return key in _CONTEXT_KEYS
+
+
+def takes_y(key) -> bool:
+  """Whether a model with this conditioning_key reads a class label / ADM vector y."""
+  return key in _Y_KEYS
+
+
+def unet_inputs(key, z_t, cond: Conditioning):
+  """(x, context, y) for `UNet.__call__(x, t, context, y)`, routed as the CompVis
+  DiffusionWrapper does: x is z_t [B, h, w, C], or [B, h, w, C + c] with cond.concat appended."""
+  x = z_t
+  if takes_concat(key):
+    x = jnp.concatenate([z_t, cond.concat.astype(z_t.dtype)], axis=-1)  # [B, h, w, C + c]
+  context = cond.context if takes_context(key) else None
+  y = cond.y if takes_y(key) else None
+  return x, context, y
+
+
+def null_label(n_classes: int) -> int:
+  """The classifier-free-guidance null class of a class embedder: the last index."""
+  return n_classes - 1
 
 
 class ClassEmbedder(nn.Module):
@@ -35,7 +94,7 @@ class ClassEmbedder(nn.Module):
   @property
   def null_label(self) -> int:
     """The unconditional class used for classifier-free guidance (the last index)."""
-    return self.n_classes - 1
+    return null_label(self.n_classes)
 
   @nn.compact
   def __call__(self, labels, deterministic: bool = True):

@@ -10,11 +10,11 @@ import os
 from typing import Any, Callable, Iterable, Iterator
 
 from ldm_jax import evaluate
+from ldm_jax.diffusion import samplers
 
 
 def check_eval_config(config) -> None:
   """ValueError naming the first impossible `config.eval` field (only when every_steps > 0)."""
-  from ldm_jax import ldm as ldm_lib
   from ldm_jax.models import build
   ev = config.get("eval")
   if ev is None or not ev.every_steps:
@@ -28,8 +28,8 @@ def check_eval_config(config) -> None:
   for field in ("num_samples", "steps", "batch_size", "inception_batch", "is_splits"):
     if ev[field] < 1:
       fail(field, "expected >= 1")
-  if ev.sampler not in ldm_lib.SAMPLERS:
-    fail("sampler", f"expected one of {list(ldm_lib.SAMPLERS)}")
+  if ev.sampler not in samplers.NAMES:
+    fail("sampler", f"expected one of {list(samplers.NAMES)}")
   if ev.steps > config.model.diffusion.timesteps:
     fail("steps", f"expected <= model.diffusion.timesteps = {config.model.diffusion.timesteps}")
   if ev.guidance < 0 or ev.pr_k < 0:

@@ -9,28 +9,13 @@ from typing import Any
 import jax
 
 from ldm_jax.data import loader as loader_lib
+from ldm_jax.data import sources
 from ldm_jax.data import transforms
 
 
-def data_config(config) -> loader_lib.DataConfig:
-  d = config.data
-  common = dict(seed=config.seed, size=d.image_size)
-  if d.source == "shapes":
-    return loader_lib.DataConfig(name="shapes", num_objects=d.num_objects,
-                                 length=d.num_examples, **common)
-  if d.source == "folder":
-    return loader_lib.DataConfig(name="folder", root=d.data_dir, min_size=d.min_size,
-                                 caption_source=("txt" if d.caption_key else None),
-                                 labels_from_subfolders=bool(d.label_key), **common)
-  if d.source == "tfds":
-    return loader_lib.DataConfig(name="tfds", tfds_name=d.name, split=d.split,
-                                 data_dir=d.data_dir or None, image_key=d.image_key,
-                                 label_key=d.label_key or None,
-                                 caption_key=d.caption_key or None, **common)
-  if d.source == "latent_cache":
-    return loader_lib.DataConfig(name="latents", root=d.data_dir, **common)
-  raise ValueError(f"config.data.source={d.source!r}; expected 'shapes', 'folder', 'tfds' or "
-                   f"'latent_cache'.")
+def data_config(config) -> sources.DataConfig:
+  """The DataConfig of an experiment config's `data` block (the source named by data.source)."""
+  return sources.data_config(config.data, config.seed)
 
 
 class Pipeline:
@@ -47,8 +32,9 @@ class Pipeline:
                        f"{devices} devices of the mesh.")
     self.source = loader_lib.make_dataset(data_config(config))
     transform = None
-    if config.data.source != "latent_cache" and (config.data.random_crop or config.data.random_flip
-                                                 or config.data.source != "shapes"):
+    kind = sources.get(config.data.source, "config.data.source")
+    if kind.yields == sources.IMAGES and (config.data.random_crop or config.data.random_flip
+                                          or not kind.drawn_at_size):
       transform = transforms.ImageTransform(size=config.data.image_size,
                                             random_crop=config.data.random_crop,
                                             flip=config.data.random_flip)

@@ -16,6 +16,7 @@ from ldm_jax import ldm as ldm_lib
 from ldm_jax import parallel
 from ldm_jax.data import transforms
 from ldm_jax.diffusion import objectives
+from ldm_jax.models import conditioning as conditioning_lib
 
 FROZEN_TEXT = ("clip", "openclip", "bert")
 
@@ -43,8 +44,7 @@ def null_inputs(model: ldm_lib.LatentDiffusion) -> dict[str, np.ndarray]:
   if model.is_text:
     return {"tokens": model.tokenize([""])[0]}
   if model.cond_kind == "class":
-    n = int(model.cond_stage_config.get("kwargs", {}).get("n_classes", 1))
-    return {"label": np.int32(n - 1)}
+    return {"label": np.int32(model.null_label)}
   return {}
 
 
@@ -68,7 +68,7 @@ def task_inputs(model: ldm_lib.LatentDiffusion, batch: Mapping[str, Any], config
   kind, key = model.cond_kind, model.config.diffusion.conditioning_key
   images = np.asarray(batch["image"], np.float32)  # [B, H, W, 3] in [-1, 1]
   out: dict[str, np.ndarray] = {}
-  if (kind == "identity" and key in ("concat", "hybrid")) or model.is_upscaler:
+  if (kind == "identity" and conditioning_lib.takes_concat(key)) or model.is_upscaler:
     f = model.downsample_factor
     lowres = [transforms.bicubic_down(transforms.to_uint8(im), f) for im in images]
     out["concat"] = np.stack([transforms.to_float(x) for x in lowres])  # [B, H/f, W/f, 3]

@@ -17,7 +17,7 @@ def sample_inputs(model: ldm_lib.LatentDiffusion, config) -> dict:
     prompts = list(config.log.sample_prompts) or ["" for _ in range(n)]
     return {"prompts": [prompts[i % len(prompts)] for i in range(n)]}
   if model.cond_kind == "class":
-    classes = int(model.cond_stage_config.get("kwargs", {}).get("n_classes", 2)) - 1
+    classes = model.null_label  # The real classes are the labels below the null one.
     return {"labels": [i % max(classes, 1) for i in range(n)]}
   return {"num_samples": n}
 

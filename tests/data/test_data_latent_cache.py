@@ -57,7 +57,7 @@ def test_build_from_a_loader_and_train_from_the_cache(tmp_path):
   out = str(tmp_path / "cache")
   index = lc.build_latent_cache(it, _encode, out, shard_size=16, max_examples=20)
   assert index["num_examples"] == 20 and [s["count"] for s in index["shards"]] == [16, 4]
-  cache = loader.make_dataset(name="latents", root=out)
+  cache = loader.make_dataset(name="latent_cache", root=out)
   batches = list(loader.make_loader(cache, batch_size=5, seed=0, num_epochs=1, process_index=0,
                                     process_count=1, read_threads=1, read_buffer_size=8))
   assert len(batches) == 4 and batches[0]["latents"].shape == (5, 4, 4, 2)
@@ -75,7 +75,30 @@ def test_missing_cache_and_cli_help(tmp_path):
     lc.build_latent_cache([], _encode, str(tmp_path / "x"), shard_size=0)
   with pytest.raises(ValueError, match="no examples"):
     lc.build_latent_cache([], _encode, str(tmp_path / "y"))
-  res = subprocess.run([sys.executable, "-m", "ldm_jax.data.latent_cache", "--help"],
+  res = subprocess.run([sys.executable, "-m", "ldm_jax.cli.latent_cache", "--help"],
                        capture_output=True, text=True, check=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
   assert "--checkpoint" in res.stdout and "--out_dir" in res.stdout
+
+
+def test_cli_refuses_a_missing_checkpoint_in_one_line(tmp_path):
+  res = subprocess.run([sys.executable, "-m", "ldm_jax.cli.latent_cache", "--checkpoint",
+                        str(tmp_path / "nothing"), "--out_dir", str(tmp_path / "cache"),
+                        "--size", "16", "--length", "4"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  assert res.returncode == 2, res.stderr
+  assert "--checkpoint" in res.stderr and "nothing" in res.stderr
+  assert "Traceback" not in res.stderr
+  assert not os.path.exists(tmp_path / "cache" / lc.INDEX_FILE)
+
+
+def test_the_cache_library_does_not_import_the_model():
+  """The cache takes its encoder as a function: importing it loads no LatentDiffusion."""
+  code = ("import sys; import ldm_jax.data.latent_cache, ldm_jax.data.loader; "
+          "print('ldm_jax.ldm' in sys.modules)")
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  assert res.stdout.strip() == "False"

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion import samplers_base
 from ldm_jax.diffusion.samplers import SAMPLERS, sample, sampler_timesteps
 from ldm_jax.diffusion.schedules import Schedule
@@ -179,3 +180,22 @@ def test_bad_settings_are_named(schedule):
     sample(stand_in, schedule, x_T, None, jax.random.key(0), steps=1001)
   with pytest.raises(ValueError, match="sampler='heun'"):
     sample(stand_in, schedule, x_T, None, jax.random.key(0), sampler='heun')
+
+
+def test_the_registry_names_every_sampler_and_its_alias(schedule):
+  """NAMES is every accepted name; an alias runs exactly the sampler it stands for."""
+  assert set(samplers.NAMES) == set(SAMPLERS) | set(samplers.ALIASES)
+  assert all(target in SAMPLERS for target in samplers.ALIASES.values())
+  assert samplers.resolve('euler_a') == 'euler_ancestral' == samplers.resolve('euler_ancestral')
+  with pytest.raises(ValueError, match=r"sampler='euler'.*'euler_a'"):
+    samplers.resolve('euler')
+  _, x_T = arrays()
+  by_alias = sample(stand_in, schedule, x_T, None, jax.random.key(3), sampler='euler_a', steps=4)
+  by_name = sample(stand_in, schedule, x_T, None, jax.random.key(3), sampler='euler_ancestral',
+                   steps=4)
+  np.testing.assert_array_equal(np.asarray(by_alias), np.asarray(by_name))
+  np.testing.assert_array_equal(sampler_timesteps('euler_a', 1000, 4),
+                                sampler_timesteps('euler_ancestral', 1000, 4))
+  # Every registered sampler has its timesteps (a new one must be added there too).
+  for name in SAMPLERS:
+    assert len(sampler_timesteps(name, 1000, 4)) == 4

@@ -14,6 +14,7 @@ import fid_reference
 from ldm_jax.convert import inception as convert
 from ldm_jax.convert.common import WeightLoadError
 from ldm_jax.eval import inception
+from ldm_jax.parallel import count_params
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -83,7 +84,7 @@ def test_converted_npz_equals_direct_pth_import(weights):
                                 sd["Mixed_7c.branch_pool.bn.running_var"].numpy())
   np.testing.assert_array_equal(from_npz["fc"]["kernel"], sd["fc.weight"].numpy().T)
   n_torch = sum(v.numel() for k, v in sd.items() if not k.endswith("num_batches_tracked"))
-  assert inception.count_params(from_npz) == n_torch == 23_885_392
+  assert count_params(from_npz) == n_torch == 23_885_392
 
 
 def test_bad_weights_are_reported(weights, tmp_path):

@@ -19,7 +19,8 @@ from ldm_jax.convert.autoencoder import (WeightLoadError, autoencoder_from_compv
                                          autoencoder_from_diffusers,
                                          autoencoder_kwargs_from_diffusers_config)
 from ldm_jax.models.autoencoder import (AutoencoderKL, DiagonalGaussian, VectorQuantizer, VQModel,
-                                        abstract_params, count_params)
+                                        abstract_params)
+from ldm_jax.parallel import count_params
 
 TINY = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
             in_channels=3, resolution=16, z_channels=4)
