@@ -30,6 +30,7 @@ from ldm_jax.train import ae_losses
 from ldm_jax.train import inputs
 from ldm_jax.train import loop
 from ldm_jax.train import optim
+from ldm_jax.train import step as step_lib
 
 log = logging.getLogger("ldm_jax.train")
 
@@ -81,6 +82,7 @@ def make_step(ae, disc, config, opt_g, opt_d, use_lpips: bool):
   # disc_factor 0 switches the GAN off for the whole run (not just before disc_start): the step
   # then neither runs nor updates the discriminator.
   gan = loss_cfg.disc_factor > 0
+  accum = int(config.train.grad_accum_steps)
 
   def apply_disc(disc_vars, images):
     """Train-mode logits (BatchNorm uses batch statistics, as in CompVis) and new batch_stats."""
@@ -91,6 +93,8 @@ def make_step(ae, disc, config, opt_g, opt_d, use_lpips: bool):
   def step(state: AEState, batch, lpips_params):
     x = batch["image"].astype(jnp.float32)  # [B, H, W, 3]
     rng, r_sample, r_drop = jax.random.split(state.rng, 3)
+    # CompVis's global_step (disc_start's clock) counts optimizer updates, not micro-batches.
+    global_step = step_lib.optimizer_updates(state.step, accum)
     perceptual = None
     if use_lpips:
       perceptual = lambda a, b: lpips_model.apply({"params": lpips_params}, a, b)  # [B]
@@ -120,13 +124,12 @@ def make_step(ae, disc, config, opt_g, opt_d, use_lpips: bool):
         extra["logvar"] = params["logvar"]
       loss, metrics = losses.generator(
           x, reconstruct, ae_losses.get_leaf(params, last_path), discriminator=discriminator,
-          global_step=state.step, perceptual=perceptual, **extra)
+          global_step=global_step, perceptual=perceptual, **extra)
       return loss, (metrics, reconstruct(ae_losses.get_leaf(params, last_path)))
 
     (g_total, (g_metrics, recon)), grads = jax.value_and_grad(
         generator_loss, has_aux=True)(state.params)
-    updates, opt_state = opt_g.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    params, opt_state = step_lib.apply_gradients(opt_g, grads, state.opt_state, state.params)
 
     fake = jax.lax.stop_gradient(recon)
 
@@ -135,15 +138,14 @@ def make_step(ae, disc, config, opt_g, opt_d, use_lpips: bool):
       logits_real, new_vars = apply_disc(variables, x)
       variables = dict(variables, **new_vars)
       logits_fake, new_vars = apply_disc(variables, fake)
-      loss, metrics = losses.discriminator(logits_real, logits_fake, global_step=state.step)
+      loss, metrics = losses.discriminator(logits_real, logits_fake, global_step=global_step)
       return loss, (new_vars, metrics)
 
     if gan:
       (d_total, (new_vars, d_metrics)), d_grads = jax.value_and_grad(
           discriminator_loss, has_aux=True)(state.disc_vars["params"])
-      d_updates, disc_opt_state = opt_d.update(d_grads, state.disc_opt_state,
-                                               state.disc_vars["params"])
-      disc_params = jax.tree.map(lambda p, u: p + u, state.disc_vars["params"], d_updates)
+      disc_params, disc_opt_state = step_lib.apply_gradients(
+          opt_d, d_grads, state.disc_opt_state, state.disc_vars["params"])
       disc_vars = dict(state.disc_vars, **new_vars, params=disc_params)
     else:
       d_total, d_metrics = jnp.zeros((), jnp.float32), {}
@@ -153,7 +155,7 @@ def make_step(ae, disc, config, opt_g, opt_d, use_lpips: bool):
                    grad_norm=optax.global_norm(grads))
     finite = jnp.isfinite(g_total) & jnp.isfinite(d_total) & jnp.isfinite(metrics["grad_norm"])
     metrics["nonfinite"] = (~finite).astype(jnp.int32)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    keep = lambda new, old: step_lib.keep_if_finite(finite, new, old)
     new_state = AEState(step=state.step + 1, params=keep(params, state.params),
                         opt_state=keep(opt_state, state.opt_state),
                         disc_vars=keep(disc_vars, state.disc_vars),
@@ -187,9 +189,12 @@ def init_state(ae, disc, opt_g, opt_d, first_images, rng, learn_logvar=False) ->
 
 # The optimizers and the jitted step, shared with ahead-of-time compilation (ldm_jax.aot).
 def make_optimizers(config):
-  """(generator optimizer, discriminator optimizer), CompVis's lr scaled by the batch."""
-  lr = config.loss.base_learning_rate * config.data.batch_size * config.train.grad_accum_steps
-  return optim.make_gan_optimizer(learning_rate=lr), optim.make_gan_optimizer(learning_rate=lr)
+  """(generator optimizer, discriminator optimizer): CompVis's lr scaled by the effective batch
+  (batch x accumulation), each accumulating `train.grad_accum_steps` micro-batches per update."""
+  accum = config.train.grad_accum_steps
+  lr = optim.scale_lr_by_batch(config.loss.base_learning_rate, config.data.batch_size, accum)
+  return (optim.make_gan_optimizer(learning_rate=lr, grad_accum_steps=accum),
+          optim.make_gan_optimizer(learning_rate=lr, grad_accum_steps=accum))
 
 
 def jit_step(step_fn, mesh, state_shardings):
