@@ -8,6 +8,11 @@ One jitted step updates both players, as CompVis's two optimizer_idx passes do:
    forward.
 2. discriminator: hinge (or vanilla) loss on real images and the (detached) reconstructions, switched
    on at `disc_start` like the generator's adversarial term.
+Both optimizers accumulate `train.grad_accum_steps` micro-batches per update, as stage 2's does, and
+a non-finite loss or gradient leaves every buffer as it was (step.py's guard).
+
+`AutoencoderTask` is this stage's task for the training skeleton (`trainer.train`); the functions
+it uses are shared with ahead-of-time compilation (ldm_jax.aot) and the benchmarks.
 """
 
 import json
@@ -27,10 +32,9 @@ from ldm_jax.models import build
 from ldm_jax.models import discriminator as disc_lib
 from ldm_jax.models import lpips as lpips_lib
 from ldm_jax.train import ae_losses
-from ldm_jax.train import inputs
-from ldm_jax.train import loop
 from ldm_jax.train import optim
 from ldm_jax.train import step as step_lib
+from ldm_jax.train import trainer
 
 log = logging.getLogger("ldm_jax.train")
 
@@ -204,47 +208,44 @@ def jit_step(step_fn, mesh, state_shardings):
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
+class AutoencoderTask(trainer.Task):
+  """Stage 1 for the training skeleton: the autoencoder and its discriminator, one step for both."""
+
+  def build(self, mesh, first_batch):
+    config = self.config
+    self.ae = build.build_first_stage(config.model.first_stage, config.train.compute_dtype)
+    self.disc = make_discriminator(config)
+    self.lpips_params = load_lpips(config)
+    self.opt_g, self.opt_d = make_optimizers(config)
+    # ActNorm initialises on real images: this host's first batch.
+    self.first_images = np.asarray(first_batch["image"], np.float32)
+
+  def init_state(self):
+    def init_fn(rng):
+      return init_state(self.ae, self.disc, self.opt_g, self.opt_d, self.first_images, rng,
+                        learn_logvar=self.config.loss.learn_logvar)
+    return init_fn, (jax.random.PRNGKey(self.config.seed),)
+
+  def after_resume(self, start_step):
+    save_first_stage_config(self.workdir, self.config)
+
+  def make_step(self, mesh, state_shardings):
+    use_lpips = self.lpips_params is not None and self.config.loss.perceptual_weight > 0
+    step_fn = make_step(self.ae, self.disc, self.config, self.opt_g, self.opt_d, use_lpips)
+    lpips_params = (jax.device_put(self.lpips_params, parallel.replicated(mesh)) if use_lpips
+                    else None)
+    return jit_step(step_fn, mesh, state_shardings), (lpips_params,)
+
+  def batches(self, pipeline, mesh, start_step):
+    def next_batch():
+      host = pipeline.next()
+      return parallel.make_global_batch({"image": np.asarray(host["image"], np.float32)}, mesh)
+    return next_batch
+
+
 def train(config, workdir: str) -> dict:
-  parallel.maybe_initialize_distributed()
-  loop.write_config(workdir, config)
-  mesh = loop.make_mesh(config)
-  ae = build.build_first_stage(config.model.first_stage, config.train.compute_dtype)
-  disc = make_discriminator(config)
-  lpips_params = load_lpips(config)
-  opt_g, opt_d = make_optimizers(config)
-  pipeline = inputs.make_pipeline(config, mesh=mesh)
-
-  first_images = np.asarray(pipeline.peek()["image"], np.float32)
-
-  def init_fn(rng):
-    return init_state(ae, disc, opt_g, opt_d, first_images, rng,
-                      learn_logvar=config.loss.learn_logvar)
-
-  state = parallel.init_sharded(init_fn, jax.random.PRNGKey(config.seed), mesh=mesh,
-                                min_size=config.mesh.min_shard_size)
-  state_shardings = jax.tree.map(lambda a: a.sharding, state)
-  checkpointer = loop.make_checkpointer(workdir, config)
-  state, start_step = loop.resume(checkpointer, state, pipeline, workdir)
-  save_first_stage_config(workdir, config)
-
-  use_lpips = lpips_params is not None and config.loss.perceptual_weight > 0
-  step_fn = make_step(ae, disc, config, opt_g, opt_d, use_lpips)
-  lp = jax.device_put(lpips_params, parallel.replicated(mesh)) if use_lpips else None
-  jitted = jit_step(step_fn, mesh, state_shardings)
-
-  def train_step(state, batch):
-    return jitted(state, batch, lp)
-
-  def next_batch():
-    host = pipeline.next()
-    return parallel.make_global_batch({"image": np.asarray(host["image"], np.float32)}, mesh)
-
-  state, last = loop.run_loop(workdir=workdir, config=config, state=state, start_step=start_step,
-                              train_step=train_step, next_batch=next_batch, loader=pipeline,
-                              checkpointer=checkpointer)
-  loop.write_summary(workdir, last)
-  checkpointer.close()
-  return last
+  """Trains the first stage in `workdir` (see `trainer.train`); returns the last metrics."""
+  return trainer.train(AutoencoderTask(config, workdir))
 
 
 FIRST_STAGE_FILE = "first_stage.json"
@@ -283,17 +284,13 @@ def load_autoencoder(path: str, first_stage_config=None) -> dict[str, Any]:
       os.path.join(path, "params")):
     _, params = model_io.load_saved_model(path)
     return params["first_stage"]
-  ckptr = workdir_lib.read_checkpoints(path)
-  if ckptr is None:
+  # The autoencoder's params as checkpointed (the state has no EMA).
+  params = workdir_lib.restore_trained_params(path, use_ema=False)
+  if params is None:
     raise model_io.CheckpointNotFoundError(
-        f"{path}: not an autoencoder workdir (no checkpoints/) nor a saved model.")
-  try:
-    if ckptr.latest_step() is None:
-      raise model_io.CheckpointNotFoundError(f"{path}: no complete checkpoint in {ckptr.workdir}.")
-    state, _, _ = ckptr.restore_newest()
-  finally:
-    ckptr.close()
-  return {"params": jax.tree.map(np.asarray, state["params"]["autoencoder"])}
+        f"{path}: not an autoencoder workdir with a complete checkpoint in "
+        f"{os.path.join(path, workdir_lib.CHECKPOINT_SUBDIR)}, nor a saved model.")
+  return {"params": params["autoencoder"]}
 
 
 def read_first_stage_config(path: str) -> ml_collections.ConfigDict:

@@ -174,16 +174,18 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                  donate_argnums=donate_argnums)
 
 
-def compile_step(train_step: Callable, state: Any,
-                 batch: Any) -> Tuple[Any, Dict[str, float]]:
+def compile_step(train_step: Callable, state: Any, batch: Any,
+                 *args: Any) -> Tuple[Any, Dict[str, float]]:
   """Ahead-of-time compiles the step; returns (compiled, cost figures).
 
-  `state` and `batch` may be concrete arrays or ShapeDtypeStructs (with
-  shardings). The figures are per device, from XLA: argument/output/temp/
+  `state`, `batch` and any further arguments of the step (`args`) may be
+  concrete arrays or ShapeDtypeStructs (with shardings). Calling the jitted
+  step afterwards with arguments of the same shapes and shardings reuses this
+  compilation. The figures are per device, from XLA: argument/output/temp/
   generated-code bytes of `memory_analysis()` and flops/bytes accessed of
   `cost_analysis()` (absent keys where the backend does not report them).
   """
-  compiled = train_step.lower(state, batch).compile()
+  compiled = train_step.lower(state, batch, *args).compile()
   info: Dict[str, float] = {}
   mem = compiled.memory_analysis()
   if mem is not None:
