@@ -81,19 +81,29 @@ def load_first_stage(path: str, model: ldm_lib.LatentDiffusion):
 # from abstract parameters.
 # ------------------------------------------------------------------------------------------------
 def make_optimizer(config):
-  """(AdamW with the config's schedule, that schedule as a function of the update count)."""
+  """(AdamW with the config's schedule, that schedule as a function of the update count).
+
+  The schedule runs over optimizer updates: warmup_steps counts updates, and a decay ends at the
+  run's last one, num_steps // grad_accum_steps (num_steps counts micro-batches).
+  """
   lr = config.train.learning_rate
+  accum = config.train.grad_accum_steps
   if config.train.scale_lr_by_batch:
-    lr = optim.scale_lr_by_batch(lr, config.data.batch_size, config.train.grad_accum_steps)
+    lr = optim.scale_lr_by_batch(lr, config.data.batch_size, accum)
+  updates = config.train.num_steps // accum
+  if config.train.schedule != "constant" and updates <= config.train.warmup_steps:
+    raise ValueError(
+        f"config.train.schedule={config.train.schedule!r} decays over the run's optimizer updates, "
+        f"num_steps // grad_accum_steps = {config.train.num_steps} // {accum} = {updates}: "
+        f"expected more than config.train.warmup_steps={config.train.warmup_steps}.")
   optimizer = optim.make_optimizer(
       learning_rate=lr, warmup_steps=config.train.warmup_steps, schedule=config.train.schedule,
-      total_steps=config.train.num_steps, weight_decay=config.train.weight_decay,
+      total_steps=updates, weight_decay=config.train.weight_decay,
       b1=config.train.b1, b2=config.train.b2,
       grad_clip_norm=config.train.grad_clip_norm or None,
-      grad_accum_steps=config.train.grad_accum_steps)
+      grad_accum_steps=accum)
   lr_fn = optim.learning_rate_fn(learning_rate=lr, warmup_steps=config.train.warmup_steps,
-                                 schedule=config.train.schedule,
-                                 total_steps=config.train.num_steps)
+                                 schedule=config.train.schedule, total_steps=updates)
   return optimizer, lr_fn
 
 
