@@ -94,5 +94,7 @@ def test_accumulated_updates_equal_updates_on_the_stacked_batch():
     got, want = _reconstruct(ae, after, images), _reconstruct(ae, expected, images)
     moved = np.max(np.abs(want - _reconstruct(ae, big[u], images)))  # What one update changes.
     assert np.max(np.abs(got - want)) < 1e-2 * moved, (u, np.max(np.abs(got - want)), moved)
-  # num_steps counts micro-steps, as in stage 2: K * UPDATES steps made UPDATES updates.
+  # num_steps counts micro-steps, as in stage 2: K * UPDATES steps made UPDATES updates, of both.
   assert int(micro[-1].step) == K * UPDATES
+  assert int(micro[-1].opt_state.gradient_step) == UPDATES
+  assert int(micro[-1].disc_opt_state.gradient_step) == UPDATES
