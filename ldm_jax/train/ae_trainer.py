@@ -8,6 +8,11 @@ One jitted step updates both players, as CompVis's two optimizer_idx passes do:
    forward.
 2. discriminator: hinge (or vanilla) loss on real images and the (detached) reconstructions, switched
    on at `disc_start` like the generator's adversarial term.
+Both optimizers accumulate `train.grad_accum_steps` micro-batches per update, as stage 2's does, and
+a non-finite loss or gradient leaves every buffer as it was (step.py's guard).
+
+`AutoencoderTask` is this stage's task for the training skeleton (`trainer.train`); the functions
+it uses are shared with ahead-of-time compilation (ldm_jax.aot) and the benchmarks.
 """
 
 import json
@@ -27,9 +32,9 @@ from ldm_jax.models import build
 from ldm_jax.models import discriminator as disc_lib
 from ldm_jax.models import lpips as lpips_lib
 from ldm_jax.train import ae_losses
-from ldm_jax.train import inputs
-from ldm_jax.train import loop
 from ldm_jax.train import optim
+from ldm_jax.train import step as step_lib
+from ldm_jax.train import trainer
 
 log = logging.getLogger("ldm_jax.train")
 
@@ -81,6 +86,7 @@ def make_step(ae, disc, config, opt_g, opt_d, use_lpips: bool):
   # disc_factor 0 switches the GAN off for the whole run (not just before disc_start): the step
   # then neither runs nor updates the discriminator.
   gan = loss_cfg.disc_factor > 0
+  accum = int(config.train.grad_accum_steps)
 
   def apply_disc(disc_vars, images):
     """Train-mode logits (BatchNorm uses batch statistics, as in CompVis) and new batch_stats."""
@@ -91,6 +97,8 @@ def make_step(ae, disc, config, opt_g, opt_d, use_lpips: bool):
   def step(state: AEState, batch, lpips_params):
     x = batch["image"].astype(jnp.float32)  # [B, H, W, 3]
     rng, r_sample, r_drop = jax.random.split(state.rng, 3)
+    # CompVis's global_step (disc_start's clock) counts optimizer updates, not micro-batches.
+    global_step = step_lib.optimizer_updates(state.step, accum)
     perceptual = None
     if use_lpips:
       perceptual = lambda a, b: lpips_model.apply({"params": lpips_params}, a, b)  # [B]
@@ -120,13 +128,12 @@ def make_step(ae, disc, config, opt_g, opt_d, use_lpips: bool):
         extra["logvar"] = params["logvar"]
       loss, metrics = losses.generator(
           x, reconstruct, ae_losses.get_leaf(params, last_path), discriminator=discriminator,
-          global_step=state.step, perceptual=perceptual, **extra)
+          global_step=global_step, perceptual=perceptual, **extra)
       return loss, (metrics, reconstruct(ae_losses.get_leaf(params, last_path)))
 
     (g_total, (g_metrics, recon)), grads = jax.value_and_grad(
         generator_loss, has_aux=True)(state.params)
-    updates, opt_state = opt_g.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    params, opt_state = step_lib.apply_gradients(opt_g, grads, state.opt_state, state.params)
 
     fake = jax.lax.stop_gradient(recon)
 
@@ -135,15 +142,14 @@ def make_step(ae, disc, config, opt_g, opt_d, use_lpips: bool):
       logits_real, new_vars = apply_disc(variables, x)
       variables = dict(variables, **new_vars)
       logits_fake, new_vars = apply_disc(variables, fake)
-      loss, metrics = losses.discriminator(logits_real, logits_fake, global_step=state.step)
+      loss, metrics = losses.discriminator(logits_real, logits_fake, global_step=global_step)
       return loss, (new_vars, metrics)
 
     if gan:
       (d_total, (new_vars, d_metrics)), d_grads = jax.value_and_grad(
           discriminator_loss, has_aux=True)(state.disc_vars["params"])
-      d_updates, disc_opt_state = opt_d.update(d_grads, state.disc_opt_state,
-                                               state.disc_vars["params"])
-      disc_params = jax.tree.map(lambda p, u: p + u, state.disc_vars["params"], d_updates)
+      disc_params, disc_opt_state = step_lib.apply_gradients(
+          opt_d, d_grads, state.disc_opt_state, state.disc_vars["params"])
       disc_vars = dict(state.disc_vars, **new_vars, params=disc_params)
     else:
       d_total, d_metrics = jnp.zeros((), jnp.float32), {}
@@ -153,7 +159,7 @@ def make_step(ae, disc, config, opt_g, opt_d, use_lpips: bool):
                    grad_norm=optax.global_norm(grads))
     finite = jnp.isfinite(g_total) & jnp.isfinite(d_total) & jnp.isfinite(metrics["grad_norm"])
     metrics["nonfinite"] = (~finite).astype(jnp.int32)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    keep = lambda new, old: step_lib.keep_if_finite(finite, new, old)
     new_state = AEState(step=state.step + 1, params=keep(params, state.params),
                         opt_state=keep(opt_state, state.opt_state),
                         disc_vars=keep(disc_vars, state.disc_vars),
@@ -187,9 +193,12 @@ def init_state(ae, disc, opt_g, opt_d, first_images, rng, learn_logvar=False) ->
 
 # The optimizers and the jitted step, shared with ahead-of-time compilation (ldm_jax.aot).
 def make_optimizers(config):
-  """(generator optimizer, discriminator optimizer), CompVis's lr scaled by the batch."""
-  lr = config.loss.base_learning_rate * config.data.batch_size * config.train.grad_accum_steps
-  return optim.make_gan_optimizer(learning_rate=lr), optim.make_gan_optimizer(learning_rate=lr)
+  """(generator optimizer, discriminator optimizer): CompVis's lr scaled by the effective batch
+  (batch x accumulation), each accumulating `train.grad_accum_steps` micro-batches per update."""
+  accum = config.train.grad_accum_steps
+  lr = optim.scale_lr_by_batch(config.loss.base_learning_rate, config.data.batch_size, accum)
+  return (optim.make_gan_optimizer(learning_rate=lr, grad_accum_steps=accum),
+          optim.make_gan_optimizer(learning_rate=lr, grad_accum_steps=accum))
 
 
 def jit_step(step_fn, mesh, state_shardings):
@@ -199,47 +208,44 @@ def jit_step(step_fn, mesh, state_shardings):
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
+class AutoencoderTask(trainer.Task):
+  """Stage 1 for the training skeleton: the autoencoder and its discriminator, one step for both."""
+
+  def build(self, mesh, first_batch):
+    config = self.config
+    self.ae = build.build_first_stage(config.model.first_stage, config.train.compute_dtype)
+    self.disc = make_discriminator(config)
+    self.lpips_params = load_lpips(config)
+    self.opt_g, self.opt_d = make_optimizers(config)
+    # ActNorm initialises on real images: this host's first batch.
+    self.first_images = np.asarray(first_batch["image"], np.float32)
+
+  def init_state(self):
+    def init_fn(rng):
+      return init_state(self.ae, self.disc, self.opt_g, self.opt_d, self.first_images, rng,
+                        learn_logvar=self.config.loss.learn_logvar)
+    return init_fn, (jax.random.PRNGKey(self.config.seed),)
+
+  def after_resume(self, start_step):
+    save_first_stage_config(self.workdir, self.config)
+
+  def make_step(self, mesh, state_shardings):
+    use_lpips = self.lpips_params is not None and self.config.loss.perceptual_weight > 0
+    step_fn = make_step(self.ae, self.disc, self.config, self.opt_g, self.opt_d, use_lpips)
+    lpips_params = (jax.device_put(self.lpips_params, parallel.replicated(mesh)) if use_lpips
+                    else None)
+    return jit_step(step_fn, mesh, state_shardings), (lpips_params,)
+
+  def batches(self, pipeline, mesh, start_step):
+    def next_batch():
+      host = pipeline.next()
+      return parallel.make_global_batch({"image": np.asarray(host["image"], np.float32)}, mesh)
+    return next_batch
+
+
 def train(config, workdir: str) -> dict:
-  parallel.maybe_initialize_distributed()
-  loop.write_config(workdir, config)
-  mesh = loop.make_mesh(config)
-  ae = build.build_first_stage(config.model.first_stage, config.train.compute_dtype)
-  disc = make_discriminator(config)
-  lpips_params = load_lpips(config)
-  opt_g, opt_d = make_optimizers(config)
-  pipeline = inputs.make_pipeline(config, mesh=mesh)
-
-  first_images = np.asarray(pipeline.peek()["image"], np.float32)
-
-  def init_fn(rng):
-    return init_state(ae, disc, opt_g, opt_d, first_images, rng,
-                      learn_logvar=config.loss.learn_logvar)
-
-  state = parallel.init_sharded(init_fn, jax.random.PRNGKey(config.seed), mesh=mesh,
-                                min_size=config.mesh.min_shard_size)
-  state_shardings = jax.tree.map(lambda a: a.sharding, state)
-  checkpointer = loop.make_checkpointer(workdir, config)
-  state, start_step = loop.resume(checkpointer, state, pipeline, workdir)
-  save_first_stage_config(workdir, config)
-
-  use_lpips = lpips_params is not None and config.loss.perceptual_weight > 0
-  step_fn = make_step(ae, disc, config, opt_g, opt_d, use_lpips)
-  lp = jax.device_put(lpips_params, parallel.replicated(mesh)) if use_lpips else None
-  jitted = jit_step(step_fn, mesh, state_shardings)
-
-  def train_step(state, batch):
-    return jitted(state, batch, lp)
-
-  def next_batch():
-    host = pipeline.next()
-    return parallel.make_global_batch({"image": np.asarray(host["image"], np.float32)}, mesh)
-
-  state, last = loop.run_loop(workdir=workdir, config=config, state=state, start_step=start_step,
-                              train_step=train_step, next_batch=next_batch, loader=pipeline,
-                              checkpointer=checkpointer)
-  loop.write_summary(workdir, last)
-  checkpointer.close()
-  return last
+  """Trains the first stage in `workdir` (see `trainer.train`); returns the last metrics."""
+  return trainer.train(AutoencoderTask(config, workdir))
 
 
 FIRST_STAGE_FILE = "first_stage.json"
@@ -278,17 +284,13 @@ def load_autoencoder(path: str, first_stage_config=None) -> dict[str, Any]:
       os.path.join(path, "params")):
     _, params = model_io.load_saved_model(path)
     return params["first_stage"]
-  ckptr = workdir_lib.read_checkpoints(path)
-  if ckptr is None:
+  # The autoencoder's params as checkpointed (the state has no EMA).
+  params = workdir_lib.restore_trained_params(path, use_ema=False)
+  if params is None:
     raise model_io.CheckpointNotFoundError(
-        f"{path}: not an autoencoder workdir (no checkpoints/) nor a saved model.")
-  try:
-    if ckptr.latest_step() is None:
-      raise model_io.CheckpointNotFoundError(f"{path}: no complete checkpoint in {ckptr.workdir}.")
-    state, _, _ = ckptr.restore_newest()
-  finally:
-    ckptr.close()
-  return {"params": jax.tree.map(np.asarray, state["params"]["autoencoder"])}
+        f"{path}: not an autoencoder workdir with a complete checkpoint in "
+        f"{os.path.join(path, workdir_lib.CHECKPOINT_SUBDIR)}, nor a saved model.")
+  return {"params": params["autoencoder"]}
 
 
 def read_first_stage_config(path: str) -> ml_collections.ConfigDict:

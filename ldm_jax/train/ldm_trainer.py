@@ -8,8 +8,11 @@
    included) is then written to `<workdir>/model`, so the workdir alone can be sampled from.
 2. State: trainable params (UNet, plus the jointly trained text transformer) born sharded on the mesh,
    with AdamW state and the EMA.
-3. Loop: images -> latents outside the step (frozen), the pure step inside, checkpoints with the data
-   iterator state, preemption-safe.
+3. Loop (`trainer.train`, the skeleton both stages share): images -> latents outside the step
+   (frozen), the pure step inside, checkpoints with the data iterator state, preemption-safe.
+
+`LatentDiffusionTask` is this stage's task for the skeleton; the functions above it are shared
+with ahead-of-time compilation (ldm_jax.aot).
 """
 
 import logging
@@ -21,12 +24,11 @@ import numpy as np
 from ldm_jax import ldm as ldm_lib
 from ldm_jax import model_io
 from ldm_jax import parallel
-from ldm_jax.train import inputs
 from ldm_jax.train import ldm_task
-from ldm_jax.train import loop
 from ldm_jax.train import optim
 from ldm_jax.train import state as state_lib
 from ldm_jax.train import step as step_lib
+from ldm_jax.train import trainer
 
 log = logging.getLogger("ldm_jax.train")
 
@@ -79,19 +81,29 @@ def load_first_stage(path: str, model: ldm_lib.LatentDiffusion):
 # from abstract parameters.
 # ------------------------------------------------------------------------------------------------
 def make_optimizer(config):
-  """(AdamW with the config's schedule, that schedule as a function of the update count)."""
+  """(AdamW with the config's schedule, that schedule as a function of the update count).
+
+  The schedule runs over optimizer updates: warmup_steps counts updates, and a decay ends at the
+  run's last one, num_steps // grad_accum_steps (num_steps counts micro-batches).
+  """
   lr = config.train.learning_rate
+  accum = config.train.grad_accum_steps
   if config.train.scale_lr_by_batch:
-    lr = optim.scale_lr_by_batch(lr, config.data.batch_size, config.train.grad_accum_steps)
+    lr = optim.scale_lr_by_batch(lr, config.data.batch_size, accum)
+  updates = config.train.num_steps // accum
+  if config.train.schedule != "constant" and updates <= config.train.warmup_steps:
+    raise ValueError(
+        f"config.train.schedule={config.train.schedule!r} decays over the run's optimizer updates, "
+        f"num_steps // grad_accum_steps = {config.train.num_steps} // {accum} = {updates}: "
+        f"expected more than config.train.warmup_steps={config.train.warmup_steps}.")
   optimizer = optim.make_optimizer(
       learning_rate=lr, warmup_steps=config.train.warmup_steps, schedule=config.train.schedule,
-      total_steps=config.train.num_steps, weight_decay=config.train.weight_decay,
+      total_steps=updates, weight_decay=config.train.weight_decay,
       b1=config.train.b1, b2=config.train.b2,
       grad_clip_norm=config.train.grad_clip_norm or None,
-      grad_accum_steps=config.train.grad_accum_steps)
+      grad_accum_steps=accum)
   lr_fn = optim.learning_rate_fn(learning_rate=lr, warmup_steps=config.train.warmup_steps,
-                                 schedule=config.train.schedule,
-                                 total_steps=config.train.num_steps)
+                                 schedule=config.train.schedule, total_steps=updates)
   return optimizer, lr_fn
 
 
@@ -122,61 +134,59 @@ def make_step(model: ldm_lib.LatentDiffusion, config, optimizer, lr_fn, mesh, st
       state_shardings=state_shardings)
 
 
-def train(config, workdir: str) -> dict:
-  parallel.maybe_initialize_distributed()
-  loop.write_config(workdir, config)
-  mesh = loop.make_mesh(config)
-  pipeline = inputs.make_pipeline(config, mesh=mesh)
-  first = pipeline.peek()
-  if "image" not in first and (config.model.diffusion.scale_by_std and not config.init_from and
-                               not os.path.isdir(os.path.join(workdir, model_io.MODEL_SUBDIR))):
-    raise ValueError("config.data.source='latent_cache' with scale_by_std: the scale is estimated "
-                     "from images; build the cache with the trained model and set "
-                     "config.model.diffusion.scale_factor instead.")
-  model = build_model(config, workdir, first.get("image"))
+class LatentDiffusionTask(trainer.Task):
+  """Stage 2 for the training skeleton: the diffusion loss on frozen-first-stage latents."""
 
-  # --- Optimiser and state, born sharded. ---
-  optimizer, lr_fn = make_optimizer(config)
-  model = training_model(model, config)
-  state = parallel.init_sharded(init_state_fn(config, optimizer),
-                                ldm_task.trainable_params(model, config),
-                                jax.random.PRNGKey(config.seed + 1), mesh=mesh,
-                                min_size=config.mesh.min_shard_size)
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  checkpointer = loop.make_checkpointer(workdir, config)
-  state, start_step = loop.resume(checkpointer, state, pipeline, workdir)
+  def build(self, mesh, first_batch):
+    config, workdir = self.config, self.workdir
+    if "image" not in first_batch and (
+        config.model.diffusion.scale_by_std and not config.init_from and
+        not os.path.isdir(os.path.join(workdir, model_io.MODEL_SUBDIR))):
+      raise ValueError("config.data.source='latent_cache' with scale_by_std: the scale is "
+                       "estimated from images; build the cache with the trained model and set "
+                       "config.model.diffusion.scale_factor instead.")
+    self.model = training_model(build_model(config, workdir, first_batch.get("image")), config)
+    self.optimizer, self.lr_fn = make_optimizer(config)
+    if "eval" in config and config.eval.every_steps:
+      from ldm_jax.train import eval_hook  # Local: only runs with config.eval need the metrics.
+      self.run_eval = eval_hook.make_train_hook(config, workdir)
+      self.evaluate = self._evaluate
 
-  train_step = make_step(model, config, optimizer, lr_fn, mesh, state_shardings)
+  def init_state(self):
+    return init_state_fn(self.config, self.optimizer), (
+        ldm_task.trainable_params(self.model, self.config),
+        jax.random.PRNGKey(self.config.seed + 1))
 
-  # The encoder's key is a function of the step, so a resumed run encodes as an unbroken one.
-  encode_rng, batch_step = jax.random.PRNGKey(config.seed + 2), start_step
-  def next_batch():
-    nonlocal batch_step
-    sub = jax.random.fold_in(encode_rng, batch_step)
-    batch_step += 1
-    host = pipeline.next()
-    return ldm_task.encode_batch(model, host, sub, config, mesh)
+  def make_step(self, mesh, state_shardings):
+    return make_step(self.model, self.config, self.optimizer, self.lr_fn, mesh,
+                     state_shardings), ()
 
-  def on_sample(state, step, check):
+  def batches(self, pipeline, mesh, start_step):
+    # The encoder's key is a function of the step, so a resumed run encodes as an unbroken one.
+    encode_rng, batch_step = jax.random.PRNGKey(self.config.seed + 2), start_step
+
+    def next_batch():
+      nonlocal batch_step
+      sub = jax.random.fold_in(encode_rng, batch_step)
+      batch_step += 1
+      return ldm_task.encode_batch(self.model, pipeline.next(), sub, self.config, mesh)
+    return next_batch
+
+  def _trained_model(self, state) -> ldm_lib.LatentDiffusion:
+    """The model with the state's EMA weights (or its raw ones when the run keeps no EMA)."""
+    trained = state.ema_params if state.ema_params is not None else state.params
+    return ldm_task.apply_trained(self.model, trained)
+
+  def sample(self, state, step, check):
     del check  # One sampling call: the loop checks before it.
     from ldm_jax.train import samples as samples_lib
-    trained = state.ema_params if state.ema_params is not None else state.params
-    return samples_lib.log_sample_grid(ldm_task.apply_trained(model, trained), config, workdir,
+    return samples_lib.log_sample_grid(self._trained_model(state), self.config, self.workdir,
                                        step)
 
-  run_eval = None
-  if "eval" in config and config.eval.every_steps:
-    from ldm_jax.train import eval_hook  # Local: only runs with config.eval need the metrics.
-    run_eval = eval_hook.make_train_hook(config, workdir)
+  def _evaluate(self, state, step, check):
+    return self.run_eval(self._trained_model(state), step, check)
 
-  def on_eval(state, step, check):
-    trained = state.ema_params if state.ema_params is not None else state.params
-    return run_eval(ldm_task.apply_trained(model, trained), step, check)
 
-  state, last = loop.run_loop(workdir=workdir, config=config, state=state, start_step=start_step,
-                              train_step=train_step, next_batch=next_batch, loader=pipeline,
-                              checkpointer=checkpointer, on_sample=on_sample,
-                              on_eval=on_eval if run_eval else None)
-  loop.write_summary(workdir, last)
-  checkpointer.close()
-  return last
+def train(config, workdir: str) -> dict:
+  """Trains a latent diffusion model in `workdir` (see `trainer.train`); returns the last metrics."""
+  return trainer.train(LatentDiffusionTask(config, workdir))

@@ -1,16 +1,17 @@
-"""What both training stages share: workdir set-up, logging, the host loop around a jitted step.
+"""The training skeleton's parts: workdir files, metric logging, resume, the host loop around a step.
 
-The loop follows MaxText's habits: the step is compiled once before step 1 (its memory analysis is
-logged), metrics are fetched one step late so the host never waits on the device, checkpoints are
-saved asynchronously with the data iterator state beside the model, and SIGTERM (preemption) saves
-and exits cleanly, also when it arrives during a long sample or evaluation phase (see `run_loop`).
+`trainer.train` puts them together for both stages. The loop follows MaxText's habits: metrics are
+fetched one step late so the host never waits on the device, checkpoints are saved asynchronously
+with the data iterator state beside the model, and SIGTERM (preemption) saves and exits cleanly,
+also when it arrives during a long sample or evaluation phase (see `run_loop`). (The skeleton
+compiles the step before step 1 and logs its memory analysis.)
 """
 
 import json
 import logging
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
@@ -148,8 +149,7 @@ def run_loop(*, workdir: str, config, state: Any, start_step: int,
              next_batch: Callable[[], Any], loader: Any,
              checkpointer: checkpoint_lib.Checkpointer,
              on_sample: Callable[[Any, int], None] | None = None,
-             on_eval: Callable[[Any, int], dict] | None = None,
-             extra_json: Callable[[], dict] | None = None) -> tuple[Any, dict]:
+             on_eval: Callable[[Any, int], dict] | None = None) -> tuple[Any, dict]:
   """The host loop: step, log one step late, checkpoint, sample, evaluate, stop on preemption.
 
   on_sample(state, step, check) -> uint8 grid or None, every config.log.sample_every steps.
@@ -189,8 +189,6 @@ def run_loop(*, workdir: str, config, state: Any, start_step: int,
     extra = {"data": gather_host_states(loader.get_state())
              if hasattr(loader, "get_state") else None,
              "config": json.loads(config.to_json_best_effort())}
-    if extra_json is not None:
-      extra.update(extra_json())
     checkpointer.save(step, state, extra_json=extra, force=force)
 
   with preemption.PreemptionGuard() as guard:
@@ -249,8 +247,3 @@ def gather_host_states(state: Any) -> Any:
   every = np.asarray(multihost_utils.process_allgather(padded))  # [P, max n]
   return {"processes": [json.loads(every[i, :n].tobytes()) for i, n in enumerate(sizes)]}
 
-
-def iterate(loader: Any) -> Callable[[], Any]:
-  """A `next_batch` callable over a loader iterator."""
-  it: Iterator = iter(loader)
-  return lambda: next(it)

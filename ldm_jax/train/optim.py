@@ -5,7 +5,8 @@ eps 1e-8, weight decay 0.01 on all parameters) and scales the base learning
 rate by the global batch size (`lr = accumulate * n_gpus * batch * base_lr`);
 its autoencoders and their discriminator use `Adam(lr, betas=(0.5, 0.9))`.
 `make_optimizer` builds the former (optionally with warmup, decay, global
-norm clipping and gradient accumulation), `make_gan_optimizer` the latter.
+norm clipping), `make_gan_optimizer` the latter; both accumulate gradients
+through `accumulate`, which defines what `train.grad_accum_steps` means.
 
 optax's AdamW multiplies the decay by the learning rate, as torch does, so
 the two agree step for step (tested against torch.optim.AdamW).
@@ -92,8 +93,6 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int = 0,
   equal one step on a batch of k * b. Clipping applies to the averaged
   gradient. Pass `learning_rate` already scaled (see `scale_lr_by_batch`).
   """
-  if grad_accum_steps < 1:
-    raise ValueError(f'grad_accum_steps={grad_accum_steps}: expected >= 1')
   if grad_clip_norm is not None and grad_clip_norm <= 0:
     raise ValueError(f'grad_clip_norm={grad_clip_norm}: expected > 0 or None')
   lr = learning_rate_fn(learning_rate=learning_rate, warmup_steps=warmup_steps,
@@ -104,20 +103,38 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int = 0,
     parts.append(optax.clip_by_global_norm(grad_clip_norm))
   parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps,
                            weight_decay=weight_decay))
-  tx = optax.chain(*parts)
-  if grad_accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=grad_accum_steps)
-    tx = tx.gradient_transformation()
-  return tx
+  return accumulate(optax.chain(*parts), grad_accum_steps)
+
+
+def accumulate(tx: optax.GradientTransformation,
+               grad_accum_steps: int) -> optax.GradientTransformation:
+  """`tx` applied once per `grad_accum_steps` calls, to their averaged gradients.
+
+  The other calls return zero updates (the parameters stay bit-identical), so
+  with k micro-batches of size b the k-th call makes the update of one call on
+  the k * b examples. Every optimizer of both stages goes through here, so a
+  train step means one micro-batch everywhere. k = 1 returns `tx` itself (and
+  its state keeps the structure of checkpoints written without accumulation).
+  """
+  if grad_accum_steps < 1:
+    raise ValueError(f'grad_accum_steps={grad_accum_steps}: expected >= 1')
+  if grad_accum_steps == 1:
+    return tx
+  return optax.MultiSteps(
+      tx, every_k_schedule=grad_accum_steps).gradient_transformation()
 
 
 def make_gan_optimizer(*, learning_rate: float, b1: float = 0.5,
                        b2: float = 0.9, eps: float = 1e-8,
-                       grad_clip_norm: Optional[float] = None
+                       grad_clip_norm: Optional[float] = None,
+                       grad_accum_steps: int = 1
                        ) -> optax.GradientTransformation:
-  """Adam(betas 0.5, 0.9), LDM's optimizer for autoencoder and discriminator."""
+  """Adam(betas 0.5, 0.9), LDM's optimizer for autoencoder and discriminator.
+
+  With `grad_accum_steps > 1` it accumulates as `make_optimizer` does.
+  """
   parts = []
   if grad_clip_norm is not None:
     parts.append(optax.clip_by_global_norm(grad_clip_norm))
   parts.append(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
-  return optax.chain(*parts)
+  return accumulate(optax.chain(*parts), grad_accum_steps)

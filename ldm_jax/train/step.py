@@ -48,6 +48,31 @@ def check_finite(metrics: Dict[str, Any], step: int) -> None:
         " Lower the learning rate, enable clipping, or use nonfinite='skip'.")
 
 
+def keep_if_finite(ok: jax.Array, new: Any, old: Any) -> Any:
+  """`new` where `ok`, else `old`, leaf by leaf: the non-finite guard of both stages.
+
+  With the old state donated the select happens in place, so a bad step leaves
+  params, moments and EMA exactly as they were and NaNs never reach them.
+  """
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def apply_gradients(optimizer: optax.GradientTransformation, grads: Any,
+                    opt_state: Any, params: Any) -> Tuple[Any, Any]:
+  """(new params, new optimizer state) after one call of `optimizer`.
+
+  An accumulating optimizer (`optim.accumulate`) returns zero updates on all
+  but every k-th call, so the params only change then.
+  """
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def optimizer_updates(micro_steps: jax.Array, grad_accum_steps: int) -> jax.Array:
+  """How many optimizer updates `micro_steps` train steps have made."""
+  return micro_steps // grad_accum_steps
+
+
 def _cast_floats(tree: Any, dtype: Any) -> Any:
   def one(x):
     return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
@@ -108,17 +133,14 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = apply_gradients(optimizer, grads, state.opt_state,
+                                        state.params)
     ema, ema_n = state.ema_params, state.ema_num_updates
     if ema_decay is not None and ema is not None:
       ema_n = ema_n + 1
       ema = state_lib.ema_update(ema, params, ema_n, ema_decay, ema_warmup)
 
-    # A bad step keeps every buffer of the old state (a select, in place
-    # thanks to donation), so NaNs never reach params, moments or EMA.
-    keep = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(ok, n, o), new, old)
+    keep = lambda new, old: keep_if_finite(ok, new, old)
     skipped = state.skipped_steps + (1 - ok.astype(jnp.int32))
     new_state = state.replace(
         step=state.step + 1,
@@ -134,7 +156,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                    nonfinite=1 - ok.astype(jnp.int32),
                    skipped_steps=new_state.skipped_steps)
     if learning_rate_fn is not None:
-      opt_steps = (state.step - state.skipped_steps) // grad_accum_steps
+      opt_steps = optimizer_updates(state.step - state.skipped_steps,
+                                    grad_accum_steps)
       metrics['lr'] = jnp.asarray(learning_rate_fn(opt_steps), jnp.float32)
     return new_state, metrics
 
@@ -151,16 +174,18 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                  donate_argnums=donate_argnums)
 
 
-def compile_step(train_step: Callable, state: Any,
-                 batch: Any) -> Tuple[Any, Dict[str, float]]:
+def compile_step(train_step: Callable, state: Any, batch: Any,
+                 *args: Any) -> Tuple[Any, Dict[str, float]]:
   """Ahead-of-time compiles the step; returns (compiled, cost figures).
 
-  `state` and `batch` may be concrete arrays or ShapeDtypeStructs (with
-  shardings). The figures are per device, from XLA: argument/output/temp/
+  `state`, `batch` and any further arguments of the step (`args`) may be
+  concrete arrays or ShapeDtypeStructs (with shardings). Calling the jitted
+  step afterwards with arguments of the same shapes and shardings reuses this
+  compilation. The figures are per device, from XLA: argument/output/temp/
   generated-code bytes of `memory_analysis()` and flops/bytes accessed of
   `cost_analysis()` (absent keys where the backend does not report them).
   """
-  compiled = train_step.lower(state, batch).compile()
+  compiled = train_step.lower(state, batch, *args).compile()
   info: Dict[str, float] = {}
   mem = compiled.memory_analysis()
   if mem is not None:

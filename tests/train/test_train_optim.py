@@ -151,3 +151,19 @@ def test_grad_accumulation_equals_one_big_batch():
                              jax.tree.leaves(init))) > 1e-4
   np.testing.assert_allclose(lr_big, [0.0, 2.5e-3])
   np.testing.assert_allclose(lr_acc, [0.0] * k + [2.5e-3] * k)
+
+
+def test_stage2_schedule_decays_over_the_runs_optimizer_updates():
+  from configs import common
+  from ldm_jax.train import ldm_trainer
+  c = common.base_config()
+  c.train.update(num_steps=8, grad_accum_steps=2, schedule='cosine',
+                 warmup_steps=0, learning_rate=1e-3, scale_lr_by_batch=False)
+  _, lr_fn = ldm_trainer.make_optimizer(c)
+  # 8 micro-steps make 4 updates: the cosine ends at the 4th, not halfway.
+  np.testing.assert_allclose(float(lr_fn(0)), 1e-3)
+  np.testing.assert_allclose(float(lr_fn(2)), 5e-4, rtol=1e-6)
+  np.testing.assert_allclose(float(lr_fn(4)), 0.0, atol=1e-12)
+  c.train.warmup_steps = 4
+  with pytest.raises(ValueError, match=r'num_steps // grad_accum_steps = 8 // 2 = 4'):
+    ldm_trainer.make_optimizer(c)
