@@ -26,9 +26,10 @@ from typing import Any, Mapping
 import yaml
 
 from ldm_jax import family
+from ldm_jax.errors import ConfigError
 
 
-class CompVisConfigError(ValueError):
+class CompVisConfigError(ConfigError):
   """The YAML cannot be translated; the message names the YAML path and the offending value."""
 
 
