@@ -1,5 +1,5 @@
 """Evaluates samples and models with the paper's metrics (FID, IS, precision/recall, PSNR, SSIM,
-LPIPS, rFID). See ldm_jax/evaluate.py for the modes and examples:
+LPIPS, rFID). See ldm_jax/cli/evaluate.py for the modes and examples:
 
   python evaluate.py samples --checkpoint workdirs/shapes_ldm --num_samples 1000 \
       --inception fid_inception.npz --reference data/shapes_val --out results/ldm.json
@@ -7,7 +7,7 @@ LPIPS, rFID). See ldm_jax/evaluate.py for the modes and examples:
 
 import sys
 
-from ldm_jax import evaluate
+from ldm_jax.cli.evaluate import main
 
 if __name__ == "__main__":
-  sys.exit(evaluate.main())
+  sys.exit(main())

@@ -17,31 +17,28 @@ import ml_collections
 import numpy as np
 
 from ldm_jax import family
+from ldm_jax import model_io
+from ldm_jax import sampling
+from ldm_jax.data import shapes as shapes_lib
 # `sample` returns floats in [-1, 1]; users convert them with `ldm_jax.ldm.to_uint8`.
 from ldm_jax.data.transforms import to_uint8  # pylint: disable=unused-import
-from ldm_jax.diffusion import defaults as diffusion_defaults
 from ldm_jax.diffusion import samplers as samplers_lib
 from ldm_jax.diffusion import schedules as schedules_lib
 from ldm_jax.models import build
 from ldm_jax.models import conditioning as conditioning_lib
 from ldm_jax.models import tokenizers as tokenizers_lib
 from ldm_jax.models import word_tokenizer
-from ldm_jax.models.conditioning import Conditioning
+# The networks' pure functions live in networks.py, beneath the sampler and the loader; they are
+# re-exported here because `ldm.Conditioning`, `ldm.init_params`, ... are how callers name them.
+# pylint: disable-next=unused-import
+from ldm_jax.networks import (Conditioning, cond_stage_fn, decode_fn, denoise_fn, encode_fn,
+                              diffusion_section, example_conditioning, init_params)
 
 WORD_TOKENIZERS = ("shapes", "wordlevel")
 # What a model without recommended sampling settings (config section `sampling`) is sampled with.
 # Guidance 1.0 is no classifier-free guidance: the only safe choice for a model that may have been
 # trained without condition dropout.
 SAMPLING_DEFAULTS = {"sampler": "ddim", "steps": 50, "guidance": 1.0}
-
-
-def diffusion_section(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """The model config's `diffusion` section with every field the defaults give filled in."""
-  # Updating the typed defaults (not building from the merged dict) keeps their types: a saved
-  # integer scale_factor still becomes a float field that training may set to 0.18.
-  section = ml_collections.ConfigDict(diffusion_defaults.DEFAULTS)
-  section.update(dict(config.get("diffusion") or {}))
-  return section
 
 
 class LatentDiffusion:
@@ -140,7 +137,8 @@ class LatentDiffusion:
       tok_cfg = dict(self.cond_stage_config.get("tokenizer", {}))
       path = self._tokenizer_path or tok_cfg.get("path")
       if tok_cfg.get("kind") in WORD_TOKENIZERS:
-        self._tokenizer = word_tokenizer.load_word_tokenizer(path or "")
+        self._tokenizer = word_tokenizer.load_word_tokenizer(path or "",
+                                                             shapes_lib.caption_words())
         return self._tokenizer
       if not path:
         raise ValueError("model.cond_stage.tokenizer.path is empty: a text model needs a local "
@@ -364,7 +362,6 @@ class LatentDiffusion:
     x4 upscaler's augmentation of its low-resolution `images` (default 20).
     depth_map: depth-to-image models, [B, H, W] supplied by the user (no estimator is bundled).
     """
-    from ldm_jax import sampling  # Local: sampling imports this module.
     s = self.sampling_settings(sampler=sampler, steps=steps, guidance=guidance)
     if any(v != "given" for v in s["source"].values()):
       print(f"LatentDiffusion.sample: {describe_sampling(s)}")
@@ -386,13 +383,11 @@ class LatentDiffusion:
     return cls(config, params, **kwargs)
 
   def save(self, path: str) -> None:
-    from ldm_jax import model_io
     model_io.save_model(path, self.config, self.params)
 
   @classmethod
   def from_checkpoint(cls, path: str, *, use_ema: bool = True, **kwargs) -> "LatentDiffusion":
     """A directory written by `save`, by `python -m ldm_jax.convert`, or a training workdir."""
-    from ldm_jax import model_io
     config, params = model_io.load_model(path, use_ema=use_ema)
     return cls(config, params, **kwargs)
 
@@ -444,99 +439,4 @@ def describe_sampling(settings: Mapping[str, Any]) -> str:
       notes.append(f"{', '.join(names)} from {words}")
   return text + (f" ({'; '.join(notes)})" if notes else "")
 
-
-# ------------------------------------------------------------------------------------------------
-# Pure jitted functions (module objects are static: hashable dataclasses).
-# ------------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=(0,))
-def encode_fn(first_stage, variables, images, rng, scale_factor):
-  if hasattr(first_stage, "quantize"):  # VQ: LDMs diffuse the pre-quantisation latents.
-    h = first_stage.apply(variables, images, method=first_stage.encode)
-    return h * scale_factor
-  posterior = first_stage.apply(variables, images, method=first_stage.encode)
-  z = posterior.mode() if rng is None else posterior.sample(rng)
-  return z * scale_factor  # [B, H/f, W/f, C]
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def decode_fn(first_stage, variables, latents, scale_factor):
-  return first_stage.apply(variables, latents / scale_factor, method=first_stage.decode)
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def cond_stage_fn(cond_stage, variables, inputs):
-  return cond_stage.apply(variables, inputs)
-
-
-def denoise_fn(unet, variables, conditioning_key, z_t, t, cond: Conditioning, *,
-               deterministic=True, rngs=None):
-  """The UNet's prediction for z_t [B, h, w, C] at t, the conditioning routed by its key."""
-  x, context, y = conditioning_lib.unet_inputs(conditioning_key, z_t, cond)
-  t = jnp.broadcast_to(jnp.asarray(t), (z_t.shape[0],))
-  out = unet.apply(variables, x, t, context, y, deterministic=deterministic, rngs=rngs)
-  return out.astype(jnp.float32)
-
-
-def init_params(config: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
-  """Random variables for first stage, UNet and condition encoder, from the model config."""
-  config = ml_collections.ConfigDict(dict(config))
-  diffusion = diffusion_section(config)
-  fs = build.build_first_stage(config.first_stage)
-  unet = build.build_unet(config.unet)
-  cs_cfg = dict(config.get("cond_stage", {}) or {"kind": "none"})
-  cs = build.build_cond_stage(cs_cfg)
-  k_fs, k_unet, k_cs = jax.random.split(rng, 3)
-  ae = config.first_stage.kwargs
-  f = 2 ** (len(ae.ch_mult) - 1)
-  res = int(ae.get("resolution", 64))
-  res = max(f * 4, min(res, f * 8))  # Small dummy input: parameter shapes do not depend on it.
-  fs_rngs = {"params": k_fs, "sample": jax.random.fold_in(k_fs, 1)}
-  params = {"first_stage": jax.jit(fs.init)(fs_rngs, jnp.zeros((1, res, res, ae.in_channels)))}
-  dummy_cond = example_conditioning(config, cs_cfg, cs, k_cs)
-  params["cond_stage"] = dummy_cond.pop("variables")
-  h = w = max(diffusion.image_size // 4, 2 ** len(config.unet.channel_mult))
-  z = jnp.zeros((1, h, w, config.unet.in_channels - dummy_cond["concat_channels"]))
-  cond = Conditioning(context=dummy_cond["context"], y=dummy_cond["y"],
-                      concat=(jnp.zeros((1, h, w, dummy_cond["concat_channels"]))
-                              if dummy_cond["concat_channels"] else None))
-
-  def unet_init(k):
-    x, context, y = conditioning_lib.unet_inputs(diffusion.conditioning_key, z, cond)
-    return unet.init(k, x, jnp.zeros((1,), jnp.int32), context, y)
-
-  params["unet"] = jax.jit(unet_init)(k_unet)
-  return params
-
-
-def example_conditioning(config, cs_cfg, cs, rng) -> dict[str, Any]:
-  """Dummy conditioning inputs for initialisation, plus the condition encoder's variables."""
-  unet = config.unet
-  kind = cs_cfg.get("kind", "none")
-  out = {"variables": {}, "context": None, "y": None, "concat_channels": 0}
-  key = config.get("diffusion", {}).get("conditioning_key")
-  if conditioning_lib.takes_concat(key):
-    out["concat_channels"] = int(unet.in_channels) - int(config.first_stage.kwargs.embed_dim)
-  if kind in build.TEXT_ENCODERS:
-    length = int(cs_cfg.get("kwargs", {}).get("max_length", 77))
-    tokens = jnp.zeros((1, length), jnp.int32)
-    out["variables"] = jax.jit(cs.init)(rng, tokens)
-    out["context"] = cs.apply(out["variables"], tokens)
-  elif kind == "class":
-    labels = jnp.zeros((1,), jnp.int32)
-    out["variables"] = jax.jit(cs.init)(rng, labels)
-    if key == "adm":
-      out["y"] = labels
-    else:
-      out["context"] = cs.apply(out["variables"], labels)
-  elif kind == "spatial_rescaler":
-    ch = int(cs_cfg["kwargs"].get("in_channels", 3))
-    size = 2 ** int(cs_cfg["kwargs"].get("n_stages", 1)) * 8
-    out["variables"] = jax.jit(cs.init)(rng, jnp.zeros((1, size, size, ch)))
-  elif key == "adm":
-    out["y"] = jnp.zeros((1, int(unet.adm_in_channels)))
-  if key == "hybrid-adm":
-    out["y"] = jnp.zeros((1,), jnp.int32)  # The noise level, a class label.
-  if key == "crossattn" and out["context"] is None:
-    out["context"] = jnp.zeros((1, 1, int(unet.context_dim)))
-  return out
 

@@ -1,14 +1,16 @@
-"""Saving and loading whole `LatentDiffusion` models (config + parameters) as Orbax checkpoints.
+"""Loading models for inference, and saving them: saved model directories and training workdirs.
 
-Layout of a saved model directory:
+What it reads (the names are `workdir_layout`'s):
 
-    <dir>/config.json     the model config (first_stage, unet, cond_stage, diffusion)
-    <dir>/params/         Orbax StandardCheckpointer tree {first_stage, unet, cond_stage}
+  * a saved model directory: config.json (checked field by field) + params/ (Orbax);
+  * a stage-2 training workdir: its model/ directory, with the trained parts replaced by the newest
+    complete checkpoint's EMA (or raw) weights;
+  * a stage-1 (autoencoder) workdir: first_stage.json + the newest checkpoint's autoencoder;
+  * a CompVis first stage (.ckpt + its YAML), for evaluating the zoo's autoencoders.
 
-A training workdir of stage 2 holds such a directory in `<workdir>/model` (written when training
-starts, first stage included) and Orbax training checkpoints in `<workdir>/checkpoints`; loading a
-workdir takes the model directory and replaces the trained parts with the newest checkpoint's EMA
-(or raw) weights. Every load is checked leaf by leaf against the shapes the config implies.
+Readers open checkpoints read-only: they create, delete and rename nothing, so they are safe while
+a trainer is saving into the same workdir. Every load is checked leaf by leaf against the shapes
+the config implies. Mistakes raise `ldm_jax.errors` types naming the path.
 """
 
 import json
@@ -22,22 +24,23 @@ from typing import Any, Mapping
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 import orbax.checkpoint as ocp
+import yaml
 
+from ldm_jax import networks
+from ldm_jax import workdir_layout as layout
+from ldm_jax.convert import autoencoder as ae_convert
 from ldm_jax.convert import common
+from ldm_jax.convert import compvis_config
+from ldm_jax.convert import torch_io
+from ldm_jax.models import build
+# pylint: disable-next=unused-import
+from ldm_jax.errors import CheckpointNotFoundError, CheckpointRestoreError, ConfigError
 
-MODEL_SUBDIR = "model"
+MODEL_SUBDIR = layout.MODEL_DIR  # The name the trainer and older callers use.
 
 log = logging.getLogger("ldm_jax")
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-  """No model checkpoint at the given path."""
-
-
-class ConfigError(ValueError):
-  """A saved model's config.json that no model can be built from; the message names the file,
-  the field, the value and what was expected."""
 
 
 # Fields of a saved config.json checked before anything is built from it: (section path, field,
@@ -137,8 +140,7 @@ def _flat_str(tree: Mapping[str, Any]) -> dict[str, Any]:
 
 def check_against_config(config, params: Mapping[str, Any], what: str) -> dict[str, Any]:
   """Returns params as numpy after checking every leaf against the config's shapes (or raises)."""
-  from ldm_jax import ldm  # Local import: ldm imports this module lazily too.
-  template = jax.eval_shape(lambda: ldm.init_params(config, jax.random.PRNGKey(0)))
+  template = jax.eval_shape(lambda: networks.init_params(config, jax.random.PRNGKey(0)))
   flat = _flat_str(params)
   return common.strict_load(template, flat, lambda path: ("/".join(path), common.identity),
                             what=what)
@@ -183,11 +185,11 @@ def save_model(path: str, config, params: Mapping[str, Any], *,
   those parameters are removed and written again, else FileExistsError says what was found.
   """
   path = os.path.abspath(path)
-  params_dir = os.path.join(path, "params")
+  params_dir = layout.params_dir(path)
   leftovers = [os.path.join(path, n) for n in (os.listdir(path) if os.path.isdir(path) else [])
-               if n.startswith("params")]  # params/ and Orbax's params.orbax-checkpoint-tmp-*
+               if n.startswith(layout.PARAMS_DIR)]  # params/ and Orbax's params.orbax-checkpoint-tmp-*
   if leftovers:
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if os.path.isfile(layout.config_path(path)):
       raise FileExistsError(f"{path} already holds a saved model; choose a new directory.")
     if not replace_incomplete:
       raise FileExistsError(
@@ -208,13 +210,13 @@ def save_model(path: str, config, params: Mapping[str, Any], *,
     ckptr.save(params_dir, params)
     ckptr.wait_until_finished()
   # config.json last: its presence marks a complete directory.
-  write_text_atomic(os.path.join(path, "config.json"),
+  write_text_atomic(layout.config_path(path),
                     config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def read_config(path: str) -> ml_collections.ConfigDict:
   """The checked config.json of a saved model directory (ConfigError if malformed)."""
-  cfg_path = os.path.join(path, "config.json")
+  cfg_path = layout.config_path(path)
   try:
     with open(cfg_path, encoding="utf-8") as f:
       config = json.load(f)
@@ -231,7 +233,7 @@ def read_config(path: str) -> ml_collections.ConfigDict:
 
 def load_saved_model(path: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
   config = read_config(path)
-  params_dir = os.path.join(os.path.abspath(path), "params")
+  params_dir = layout.params_dir(os.path.abspath(path))
   if not os.path.isdir(params_dir):
     raise CheckpointNotFoundError(f"{path}: no params/ directory next to config.json.")
   with ocp.StandardCheckpointer() as ckptr:
@@ -250,18 +252,125 @@ def load_model(path: str, *, use_ema: bool = True) -> tuple[ml_collections.Confi
   """A saved model directory, or a training workdir (newest checkpoint, EMA weights by default)."""
   if not os.path.exists(path):
     raise CheckpointNotFoundError(f"{path}: no such file or directory.")
-  if os.path.isdir(os.path.join(path, "params")):
+  if layout.is_saved_model(path):
     return load_saved_model(path)
-  model_dir = os.path.join(path, MODEL_SUBDIR)
-  if not os.path.isfile(os.path.join(model_dir, "config.json")):
+  model_dir = layout.model_dir(path)
+  if not os.path.isfile(layout.config_path(model_dir)):
     raise CheckpointNotFoundError(
         f"{path}: neither a saved model (config.json + params/) nor a training workdir "
         f"(model/ + checkpoints/).")
   config, params = load_saved_model(model_dir)
-  from ldm_jax.train import workdir as workdir_lib  # Local: training code is optional here.
-  trained = workdir_lib.restore_trained_params(path, use_ema=use_ema)
+  trained = restore_trained_params(path, use_ema=use_ema)
   if trained is not None:
     merged = dict(params)
     merged.update({k: v for k, v in trained.items() if k in params})
     params = check_against_config(config, merged, what=f"training workdir {path}")
   return config, params
+
+
+# ------------------------------------------------------------------------------------------------
+# Training checkpoints, read-only.
+# ------------------------------------------------------------------------------------------------
+def complete_steps(workdir: str) -> list[int]:
+  """The workdir's finished checkpoint steps, oldest first ([] without checkpoints/).
+
+  A step is finished once Orbax has written its done-file; saves in flight live in
+  `<step>.orbax-checkpoint-tmp-*` directories, which are not digits and are never listed.
+  """
+  root = epath.Path(layout.checkpoints_dir(workdir))
+  if not root.is_dir():
+    return []
+  return sorted(int(p.name) for p in root.iterdir()
+                if p.name.isdigit() and (p / layout.STEP_DONE_FILE).exists()
+                and (p / layout.STATE_ITEM).is_dir())
+
+
+def read_newest_state(workdir: str) -> dict[str, Any] | None:
+  """The newest readable checkpoint's training state as saved (nested dicts of numpy arrays), or
+  None when the workdir has no finished checkpoint.
+
+  A step that cannot be read is logged and the next older one is tried; CheckpointRestoreError
+  when none can. Nothing in the workdir is created, removed or renamed (the trainer alone sets
+  unreadable steps aside when it resumes).
+  """
+  failures = []
+  for step in reversed(complete_steps(workdir)):
+    state_dir = epath.Path(layout.checkpoints_dir(workdir)) / str(step) / layout.STATE_ITEM
+    try:
+      with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(state_dir)
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax raises many types for damaged files (ValueError, OSError, tensorstore errors...).
+      first_line = str(e).splitlines()[0] if str(e) else ""
+      failures.append(f"step {step}: {type(e).__name__}: {first_line}")
+      log.warning("%s: checkpoint step %d cannot be read (%s: %s); trying the previous one.",
+                  workdir, step, type(e).__name__, first_line)
+      continue
+    return jax.tree.map(np.asarray, dict(state))
+  if failures:
+    raise CheckpointRestoreError(f"no checkpoint under {layout.checkpoints_dir(workdir)} can be "
+                                 f"read: {'; '.join(failures)}.")
+  return None
+
+
+def restore_trained_params(workdir: str, *, use_ema: bool = True) -> dict[str, Any] | None:
+  """The newest readable checkpoint's trained parameters ({'unet': ..., ...}) as numpy, or None.
+
+  EMA weights when the run kept them and `use_ema`, else the raw parameters.
+  """
+  state = read_newest_state(workdir)
+  if state is None:
+    return None
+  params = state.get("ema_params") if use_ema else None
+  if not params:
+    params = state["params"]
+  return dict(params)
+
+
+# ------------------------------------------------------------------------------------------------
+# First stages alone (evaluating autoencoders).
+# ------------------------------------------------------------------------------------------------
+def read_first_stage_config(workdir: str) -> ml_collections.ConfigDict:
+  """The first_stage.json of a stage-1 workdir."""
+  path = layout.first_stage_path(workdir)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except FileNotFoundError:
+    raise CheckpointNotFoundError(f"{workdir}: no {layout.FIRST_STAGE_FILE} (not an autoencoder "
+                                  f"workdir).") from None
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConfigError(f"{path}: not a JSON first-stage config ({e}).") from None
+
+
+def load_first_stage(path: str) -> tuple[dict, dict[str, Any]]:
+  """(first-stage config, variables {'params': ...}) of an autoencoder workdir, a stage-2 workdir
+  or a saved model; the newest checkpoint's weights for workdirs (EMA for stage 2)."""
+  if layout.is_autoencoder_workdir(path):
+    cfg = read_first_stage_config(path).to_dict()
+    state = read_newest_state(path)
+    if state is None:
+      raise CheckpointNotFoundError(f"{path}: no complete checkpoint in "
+                                    f"{layout.checkpoints_dir(path)}.")
+    return cfg, {"params": state["params"]["autoencoder"]}
+  config, params = load_model(path, use_ema=True)
+  return config.first_stage.to_dict(), params["first_stage"]
+
+
+def load_compvis_first_stage(ckpt: str, yaml_path: str) -> tuple[dict, dict[str, Any]]:
+  """(first-stage config, variables) of a CompVis first stage (e.g. the zoo's kl-f8 model.ckpt
+  with its config.yaml), or of the first stage inside a whole CompVis LDM checkpoint."""
+  try:
+    with open(yaml_path, encoding="utf-8") as f:
+      node = (yaml.safe_load(f) or {}).get("model")
+  except FileNotFoundError:
+    raise CheckpointNotFoundError(f"{yaml_path}: no such YAML config.") from None
+  if node is None:
+    raise ConfigError(f"{yaml_path}: no top-level 'model' entry.")
+  cfg = compvis_config.first_stage_config(node, "model")
+  state_dict = torch_io.load_state_dict(ckpt)
+  prefix = "first_stage_model."  # A whole LDM checkpoint holds its first stage under this prefix.
+  if any(k.startswith(prefix) for k in state_dict):
+    state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  module = build.build_first_stage(cfg)
+  return cfg, {"params": ae_convert.autoencoder_from_compvis(state_dict, module)}

@@ -14,12 +14,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import ldm as ldm_lib
+from ldm_jax import errors
+from ldm_jax import networks
+from ldm_jax import parallel
 from ldm_jax.diffusion import guidance as guidance_lib
 from ldm_jax.diffusion import samplers as samplers_lib
 
+# jax.random.PRNGKey folds seeds modulo 2**32 (2**32 gives the same noise as 0) and cannot take
+# 2**63 or more: seeds outside [0, 2**32) would silently repeat or crash.
+SEED_LIMIT = 2 ** 32
 
-class SamplingInputError(ValueError):
+
+class SamplingInputError(errors.InputError):
   """Inputs that cannot be sampled (wrong sizes, missing condition): a user mistake."""
 
 
@@ -32,19 +38,18 @@ class UNetDenoiser:
 
   def __call__(self, x_t, t, c):
     if not self.guided:
-      return ldm_lib.denoise_fn(self.unet, c["params"], self.conditioning_key, x_t, t, c["cond"])
+      return networks.denoise_fn(self.unet, c["params"], self.conditioning_key, x_t, t, c["cond"])
     # One batched pass over [uncond, cond] (uncond first, as CompVis).
     both = jax.tree.map(lambda u, v: jnp.concatenate([u, v], 0), c["uncond"], c["cond"])
     x2 = jnp.concatenate([x_t, x_t], 0)  # [2B, h, w, C]
     t2 = jnp.concatenate([t, t], 0)
-    out_u, out_c = jnp.split(ldm_lib.denoise_fn(self.unet, c["params"], self.conditioning_key,
+    out_u, out_c = jnp.split(networks.denoise_fn(self.unet, c["params"], self.conditioning_key,
                                                 x2, t2, both), 2)
     return guidance_lib.combine_guidance(out_u, out_c, c["scale"], c["rescale"])
 
 
 def shard_batch(mesh, payload, x_T, x0, mask):
   """Places batch-leading inputs on the mesh's batch axes and the UNet parameters replicated."""
-  from ldm_jax import parallel  # Local: single-device sampling needs no mesh code.
   batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
   n = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
   if x_T.shape[0] % n:
@@ -103,13 +108,15 @@ def negative_prompts(negative_prompt, batch: int, model, guided: bool) -> list[s
   return negative
 
 
-def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=None, tokens=None,
+def sample(model, *, prompts=None, labels=None, images=None, tokens=None,
            num_samples=None, height=None, width=None, sampler=None, steps=None, eta=0.0,
            guidance=None, guidance_rescale=0.0, seed=0, seeds=None, x_T=None, init_image=None,
            strength=None, mask=None, negative_prompt=None, noise_level=None, depth_map=None,
            progress=False, decode=True,
            decode_tile=None, paste_known=True, mesh=None, as_numpy=True) -> np.ndarray:
   """See `LatentDiffusion.sample`; returns float32 images [B, H, W, 3] in [-1, 1] (or latents).
+
+  model: a `LatentDiffusion` (ldm.py), which sits above this module and calls it.
 
   sampler / steps / guidance: None takes the model's recommended setting (`sampling_settings`).
   seeds: one per sample (default seed, seed+1, ...): x_T of sample i comes from seeds[i] alone.
@@ -231,3 +238,16 @@ def sample(model: ldm_lib.LatentDiffusion, *, prompts=None, labels=None, images=
     m = np.asarray(mask, np.float32)
     images = m * np.asarray(init_image, np.float32) + (1.0 - m) * images
   return images
+
+
+def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
+  """uint8 [N, H, W, 3] -> one uint8 image with the samples in rows of `cols`."""
+  n, h, w, c = images.shape
+  cols = cols or int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / cols))
+  grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+  for i, img in enumerate(images):
+    r, col = divmod(i, cols)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h,
+         pad + col * (w + pad):pad + col * (w + pad) + w] = img
+  return grid

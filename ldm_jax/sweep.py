@@ -28,6 +28,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import ml_collections
 
 from ldm_jax import validate
+from ldm_jax import workdir_layout as layout
+from ldm_jax.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Short names for common keys in run names ("lr=0.0001,bs=4"); other keys use their last part.
@@ -37,7 +39,7 @@ ABBREVIATIONS = {"learning_rate": "lr", "base_learning_rate": "lr", "batch_size"
 DEFAULT_METRICS = ("loss", "rec_loss", "psnr", "grad_norm")
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
   """A bad sweep file or override: names the run, the key and the value."""
 
 
@@ -189,7 +191,7 @@ def command(run: Run, config_arg: str, python: str = sys.executable) -> list[str
 
 
 def read_summary(run: Run) -> dict | None:
-  path = os.path.join(run.workdir, "summary.json")
+  path = layout.summary_path(run.workdir)
   if not os.path.isfile(path):
     return None
   with open(path) as f:
@@ -203,7 +205,7 @@ def is_complete(run: Run) -> bool:
 
 def write_config(run: Run) -> None:
   os.makedirs(run.workdir, exist_ok=True)
-  with open(os.path.join(run.workdir, "config.json"), "w") as f:
+  with open(layout.config_path(run.workdir), "w") as f:
     f.write(run.config.to_json_best_effort(indent=2, sort_keys=True))
 
 

@@ -2,13 +2,20 @@
 
 Unknown keys and wrong types are already refused by `ml_collections` (locked configs, typed fields);
 this module checks what types cannot: shapes that no network can have, and choices among names.
+Errors are `ldm_jax.errors.ConfigError` (a ValueError); an unusable `config.eval.reference` is an
+InputError (also a ValueError) naming it.
 """
 
 import math
+import os
 
 import jax
 
 from ldm_jax.data import sources
+from ldm_jax.diffusion import samplers
+from ldm_jax.errors import ConfigError
+from ldm_jax.eval import image_sets
+from ldm_jax.models import build
 from ldm_jax.models import conditioning
 from ldm_jax.train.step import NONFINITE_MODES
 
@@ -16,7 +23,7 @@ GROUPS = 32
 
 
 def _fail(field: str, value, expected: str):
-  raise ValueError(f"config.{field}={value!r}: {expected}.")
+  raise ConfigError(f"config.{field}={value!r}: {expected}.")
 
 
 def _check_choice(field: str, value, choices) -> None:
@@ -87,6 +94,37 @@ def check_mesh(mesh, num_devices: int | None = None) -> None:
     _fail("mesh", sizes, f"the axes must multiply to the {n} devices in use")
 
 
+def check_eval_config(config) -> None:
+  """ValueError naming the first impossible `config.eval` field (only when every_steps > 0)."""
+  ev = config.get("eval")
+  if ev is None or not ev.every_steps:
+    return
+
+  def fail(field, expected):
+    raise ConfigError(f"config.eval.{field}={ev[field]!r}: {expected}.")
+
+  if ev.every_steps < 0:
+    fail("every_steps", "expected >= 0 (0 disables the evaluation)")
+  for field in ("num_samples", "steps", "batch_size", "inception_batch", "is_splits"):
+    if ev[field] < 1:
+      fail(field, "expected >= 1")
+  if ev.sampler not in samplers.NAMES:
+    fail("sampler", f"expected one of {list(samplers.NAMES)}")
+  if ev.steps > config.model.diffusion.timesteps:
+    fail("steps", f"expected <= model.diffusion.timesteps = {config.model.diffusion.timesteps}")
+  if ev.guidance < 0 or ev.pr_k < 0:
+    fail("guidance" if ev.guidance < 0 else "pr_k", "expected >= 0")
+  if not os.path.isfile(ev.inception):
+    fail("inception", "expected the FID Inception weights file (from python -m "
+                      "ldm_jax.convert.inception)")
+  if ev.reference:
+    image_sets.reference_kind(ev.reference, "config.eval.reference")  # An InputError.
+  kind = (config.model.get("cond_stage") or {}).get("kind", "none")
+  if kind not in ("none", "class") and kind not in build.TEXT_ENCODERS:
+    fail("every_steps", f"sample-and-evaluate needs an unconditional, class or text model; "
+                        f"this one is conditioned by {kind!r}")
+
+
 def check_config(config, num_devices: int | None = None) -> None:
   """Raises ValueError naming the first impossible field of an experiment config.
 
@@ -118,8 +156,7 @@ def check_config(config, num_devices: int | None = None) -> None:
     if model.unet.in_channels < model.first_stage.kwargs.embed_dim:
       _fail("model.unet.in_channels", model.unet.in_channels,
             f"must be at least the latent channels {model.first_stage.kwargs.embed_dim}")
-    from ldm_jax.train import eval_hook  # Local: the metrics' imports only matter for stage 2.
-    eval_hook.check_eval_config(config)
+    check_eval_config(config)
   else:
     _check_choice("loss.kind", config.loss.kind, ("kl", "vq"))
     _check_choice("loss.disc_loss", config.loss.disc_loss, ("hinge", "vanilla"))

@@ -29,7 +29,7 @@ def tiny_workdirs(tmp_path_factory):
   Returns {'ae': workdir, 'ldm': workdir}; shared by the sampling, CLI and model tests.
   """
   from configs import shapes_autoencoder, shapes_ldm_text
-  from ldm_jax.train import entry
+  from ldm_jax.cli import train as entry
   root = tmp_path_factory.mktemp("tiny_models")
   ae_dir, ldm_dir = str(root / "ae"), str(root / "ldm")
   # One device: the sharded paths have their own tests, and 8 fake devices on 2 cores only slow

@@ -18,8 +18,8 @@ from PIL import Image
 
 import cli_util
 import sample
-from ldm_jax import evaluate
-from ldm_jax import sample_cli
+from ldm_jax.cli import common as sample_cli
+from ldm_jax.cli import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -33,6 +33,7 @@ def main(argv=None) -> int:
                    help="CompVis: take the raw weights even when EMA copies exist")
   p.add_argument("--out", required=True)
   args = p.parse_args(argv)
+  # After parsing: --help and flag mistakes answer without loading JAX and the converters.
   from ldm_jax import model_io
   from ldm_jax.convert import common
   from ldm_jax.convert import lora

@@ -16,13 +16,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-
-class CheckpointError(ValueError):
-  """A checkpoint file is missing, malformed or of an unsupported kind."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-  """The checkpoint path does not exist."""
+from ldm_jax.errors import CheckpointError, CheckpointNotFoundError
 
 
 class UnsafeCheckpointError(CheckpointError):

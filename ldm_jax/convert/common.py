@@ -12,12 +12,11 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import numpy as np
 
+# Defined with the package's other errors (ldm_jax/errors.py); importers use it from here.
+from ldm_jax.errors import WeightLoadError  # pylint: disable=unused-import
+
 Path = tuple[str, ...]
 Transform = Callable[[np.ndarray], np.ndarray]
-
-
-class WeightLoadError(ValueError):
-  """Raised when a state dict does not fit a model exactly."""
 
 
 def conv_kernel(w: np.ndarray) -> np.ndarray:

@@ -27,9 +27,10 @@ import yaml
 
 from ldm_jax import family
 from ldm_jax.models import conditioning
+from ldm_jax.errors import ConfigError
 
 
-class CompVisConfigError(ValueError):
+class CompVisConfigError(ConfigError):
   """The YAML cannot be translated; the message names the YAML path and the offending value."""
 
 

@@ -52,6 +52,14 @@ BACKGROUND = (255, 255, 255)
 _SUPERSAMPLE = 4
 
 
+def caption_words() -> list[str]:
+  """Every word a caption can use: the vocabulary of the built-in word tokenizer."""
+  words = {"a", "at", "the", "and"}
+  for name in list(COLOR_NAMES) + list(SHAPES) + list(POSITION_NAMES):
+    words.update(name.split())
+  return sorted(words)
+
+
 def class_label(color_index: int, shape_index: int) -> int:
   """The class id of a (colour, shape) pair: color * 3 + shape."""
   return int(color_index) * len(SHAPES) + int(shape_index)

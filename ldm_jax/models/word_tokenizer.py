@@ -25,22 +25,14 @@ def build_word_tokenizer(words: Sequence[str]):
                                  bos_token="[BOS]", eos_token="[EOS]")
 
 
-def shapes_words() -> list[str]:
-  from ldm_jax.data import shapes
-  words = {"a", "at", "the", "and"}
-  for name in list(shapes.COLOR_NAMES) + list(shapes.SHAPES) + list(shapes.POSITION_NAMES):
-    words.update(name.split())
-  return sorted(words)
-
-
-def shapes_tokenizer():
-  return build_word_tokenizer(shapes_words())
-
-
-def load_word_tokenizer(path: str):
-  """A word tokenizer saved with `save_pretrained`, or the built-in shapes one for path ''."""
+def load_word_tokenizer(path: str, builtin_words: Sequence[str] = ()):
+  """A word tokenizer saved with `save_pretrained`, or for path '' one built over `builtin_words`
+  (the caller's closed vocabulary, e.g. `data.shapes.caption_words()`)."""
   if not path:
-    return shapes_tokenizer()
+    if not builtin_words:
+      raise ValueError("a word tokenizer with no path needs its vocabulary (builtin_words); "
+                       "got none.")
+    return build_word_tokenizer(builtin_words)
   from transformers import PreTrainedTokenizerFast
   if not os.path.isfile(os.path.join(path, "tokenizer.json")):
     raise FileNotFoundError(f"tokenizer path {path!r} has no tokenizer.json.")

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from ldm_jax import parallel
+from ldm_jax import workdir_layout as layout
 from ldm_jax.models import build
 from ldm_jax.models import discriminator as disc_lib
 from ldm_jax.models import lpips as lpips_lib
@@ -248,7 +249,7 @@ def train(config, workdir: str) -> dict:
   return trainer.train(AutoencoderTask(config, workdir))
 
 
-FIRST_STAGE_FILE = "first_stage.json"
+FIRST_STAGE_FILE = layout.FIRST_STAGE_FILE
 
 
 def save_first_stage_config(workdir: str, config) -> None:
@@ -280,8 +281,8 @@ def load_autoencoder(path: str, first_stage_config=None) -> dict[str, Any]:
   """
   from ldm_jax import model_io
   from ldm_jax.train import workdir as workdir_lib
-  if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
-      os.path.join(path, "params")):
+  if os.path.isfile(layout.config_path(path)) and os.path.isdir(
+      layout.params_dir(path)):
     _, params = model_io.load_saved_model(path)
     return params["first_stage"]
   # The autoencoder's params as checkpointed (the state has no EMA).

@@ -32,9 +32,12 @@ from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
-_STATE, _EXTRA = 'state', 'extra'
+from ldm_jax import workdir_layout as layout
+from ldm_jax.errors import CheckpointRestoreError
+
+_STATE, _EXTRA = layout.STATE_ITEM, layout.EXTRA_ITEM
 _TMP_MARKER = '.orbax-checkpoint-tmp'
-_DONE_FILE = '_CHECKPOINT_METADATA'  # Written by Orbax inside every step.
+_DONE_FILE = layout.STEP_DONE_FILE  # Written by Orbax inside every step.
 # A step directory that could not be restored is renamed `<step>.unreadable`:
 # Orbax lists only names that are (or end in `_`) digits, so it disappears
 # from every listing while its files stay on disk for inspection.
@@ -43,10 +46,6 @@ _UNREADABLE_SUFFIX = '.unreadable'
 
 class CheckpointSaveError(OSError):
   """Writing a checkpoint failed; earlier checkpoints are intact."""
-
-
-class CheckpointRestoreError(OSError):
-  """No complete checkpoint of a workdir could be restored."""
 
 
 def abstract_like(tree: Any, shardings: Optional[Any] = None) -> Any:

@@ -24,6 +24,7 @@ import numpy as np
 from ldm_jax import ldm as ldm_lib
 from ldm_jax import model_io
 from ldm_jax import parallel
+from ldm_jax import workdir_layout as layout
 from ldm_jax.train import ldm_task
 from ldm_jax.train import optim
 from ldm_jax.train import state as state_lib
@@ -36,7 +37,7 @@ log = logging.getLogger("ldm_jax.train")
 def build_model(config, workdir: str, first_images: np.ndarray) -> ldm_lib.LatentDiffusion:
   """The model to train (see module docstring, step 1)."""
   model_dir = os.path.join(workdir, model_io.MODEL_SUBDIR)
-  if os.path.isfile(os.path.join(model_dir, "config.json")):
+  if os.path.isfile(layout.config_path(model_dir)):
     cfg, params = model_io.load_saved_model(model_dir)
     return ldm_lib.LatentDiffusion(cfg, params, compute_dtype=config.train.compute_dtype)
   rng = jax.random.PRNGKey(config.seed)

@@ -20,15 +20,15 @@ import tqdm
 
 from ldm_jax import model_io
 from ldm_jax import parallel
+from ldm_jax import workdir_layout as layout
 from ldm_jax.train import checkpoint as checkpoint_lib
 from ldm_jax.train import preemption
 from ldm_jax.train import step as step_lib
-from ldm_jax.train import workdir as workdir_lib
 
 log = logging.getLogger("ldm_jax.train")
 
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = layout.METRICS_FILE
 
 
 class MetricWriter:
@@ -85,14 +85,14 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
     # Atomic: sweep.py and people may read it while a resumed run rewrites it.
-    model_io.write_text_atomic(os.path.join(workdir, "config.json"),
+    model_io.write_text_atomic(layout.config_path(workdir),
                                config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
   if parallel.is_main_process():  # Atomic like config.json: sweep.py reads it from live runs.
     model_io.write_text_atomic(
-        os.path.join(workdir, "summary.json"),
+        layout.summary_path(workdir),
         json.dumps({k: (float(v) if np.ndim(v) == 0 else v) for k, v in summary.items()},
                    indent=2, sort_keys=True))
 
@@ -121,7 +121,7 @@ def make_mesh(config, devices=None) -> jax.sharding.Mesh:
 
 
 def make_checkpointer(workdir: str, config) -> checkpoint_lib.Checkpointer:
-  return checkpoint_lib.Checkpointer(os.path.join(workdir, workdir_lib.CHECKPOINT_SUBDIR),
+  return checkpoint_lib.Checkpointer(layout.checkpoints_dir(workdir),
                                      max_to_keep=config.checkpoint.keep,
                                      save_every=config.checkpoint.every,
                                      async_save=config.checkpoint.async_save)

@@ -3,11 +3,12 @@
 import os
 
 import numpy as np
+from PIL import Image
 
 from ldm_jax import ldm as ldm_lib
 from ldm_jax import parallel
-from ldm_jax import sample_cli
 from ldm_jax import sampling
+from ldm_jax import workdir_layout as layout
 
 
 def sample_inputs(model: ldm_lib.LatentDiffusion, config) -> dict:
@@ -30,9 +31,8 @@ def log_sample_grid(model: ldm_lib.LatentDiffusion, config, workdir: str,
                            **sample_inputs(model, config))
   if not parallel.is_main_process():
     return None
-  from PIL import Image
-  out_dir = os.path.join(workdir, "samples")
-  os.makedirs(out_dir, exist_ok=True)
-  grid = sample_cli.make_grid(ldm_lib.to_uint8(np.asarray(images)))  # [H, W, 3]
-  Image.fromarray(grid).save(os.path.join(out_dir, f"step_{step:07d}.png"))
+  path = layout.sample_grid_path(workdir, step)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  grid = sampling.make_grid(ldm_lib.to_uint8(np.asarray(images)))  # [H, W, 3]
+  Image.fromarray(grid).save(path)
   return grid

@@ -1,7 +1,9 @@
-"""A training workdir from outside: reading its weights; the lock of the trainer that owns it.
+"""A training workdir from the trainer's side: the lock of the trainer that owns it, and its
+checkpoints opened read-only.
 
-Readers (sampling, evaluation, stage 2 loading its first stage) open the checkpoints read-only
-(`read_checkpoints`): they create, delete and rename nothing, so they are safe while a run saves.
+The names inside a workdir are `workdir_layout`'s; loading a model for inference reads workdirs
+through `model_io` and never comes here. `read_checkpoints` is for training code (stage 2 loading
+its first stage): it creates, deletes and renames nothing, so it is safe while a run saves.
 
 One trainer per workdir: `TrainerLock` holds an exclusive `flock` on `<workdir>/trainer.lock`. The
 kernel drops the lock when the holding process ends, however it ends (kill -9 included), so a
@@ -18,49 +20,27 @@ import json
 import logging
 import os
 import socket
-from typing import Any
 
 import jax
-import numpy as np
 
+from ldm_jax import workdir_layout as layout
+# pylint: disable-next=unused-import
+from ldm_jax.errors import WorkdirBusyError
 from ldm_jax.train import checkpoint as checkpoint_lib
 
 log = logging.getLogger("ldm_jax.train")
 
-CHECKPOINT_SUBDIR = "checkpoints"
-LOCK_FILE = "trainer.lock"
-
-
-class WorkdirBusyError(RuntimeError):
-  """Another trainer holds the workdir's lock."""
+# The names the trainer's modules use; the values are workdir_layout's.
+CHECKPOINT_SUBDIR = layout.CHECKPOINTS_DIR
+LOCK_FILE = layout.LOCK_FILE
 
 
 def read_checkpoints(workdir: str) -> checkpoint_lib.Checkpointer | None:
   """The workdir's checkpoints opened read-only (close it after use), or None if it has none."""
-  ckpt_dir = os.path.join(workdir, CHECKPOINT_SUBDIR)
+  ckpt_dir = layout.checkpoints_dir(workdir)
   if not os.path.isdir(ckpt_dir):
     return None
   return checkpoint_lib.Checkpointer(ckpt_dir, read_only=True)
-
-
-def restore_trained_params(workdir: str, *, use_ema: bool = True) -> dict[str, Any] | None:
-  """The newest readable checkpoint's trained parameters ({'unet': ..., ...}) as numpy, or None.
-
-  EMA weights when the run kept them and `use_ema`, else the raw parameters.
-  """
-  ckptr = read_checkpoints(workdir)
-  if ckptr is None:
-    return None
-  try:
-    if ckptr.latest_step() is None:
-      return None
-    state, _, _ = ckptr.restore_newest()
-  finally:
-    ckptr.close()
-  params = state.get("ema_params") if use_ema else None
-  if not params:
-    params = state["params"]
-  return jax.tree.map(np.asarray, dict(params))
 
 
 class TrainerLock:
@@ -71,7 +51,7 @@ class TrainerLock:
 
   def __init__(self, workdir: str):
     self.workdir = os.fspath(workdir)
-    self.path = os.path.join(self.workdir, LOCK_FILE)
+    self.path = layout.lock_path(self.workdir)
     self._fd: int | None = None
 
   def applies(self) -> bool:

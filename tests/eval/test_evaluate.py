@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from ldm_jax import evaluate
+from ldm_jax.cli import evaluate
 from ldm_jax.train import eval_hook
 from ldm_jax.convert import inception as inception_convert
 from ldm_jax.convert import lpips as lpips_convert
@@ -154,8 +154,11 @@ def test_autoencoder_mode(tiny_workdirs, assets, capsys):
 
 
 def evaluate_first_stage(path):
-  from ldm_jax.eval import reconstruction
-  return reconstruction.load_first_stage(path)
+  """(module, variables, config) of a first stage, as `evaluate.py autoencoder` loads it."""
+  from ldm_jax import model_io
+  from ldm_jax.models import build
+  cfg, variables = model_io.load_first_stage(path)
+  return build.build_first_stage(cfg), variables, cfg
 
 
 def test_train_hook(tiny_workdirs, assets):

@@ -14,7 +14,8 @@ import pytest
 import ldm_train_toy as toy
 from configs import shapes_autoencoder
 from configs import shapes_ldm_text
-from ldm_jax import evaluate
+from ldm_jax.eval import image_sets
+from ldm_jax.eval import sample_eval
 from ldm_jax import model_io
 from ldm_jax.train import ae_trainer
 from ldm_jax.train import checkpoint as ckpt_lib
@@ -214,8 +215,8 @@ def test_sigterm_during_evaluation_saves_within_a_batch(tmp_path, monkeypatch):
       generated.append(i)
       yield np.full((4, 4, 3), i % 255, np.uint8)
 
-  monkeypatch.setattr(evaluate, "load_extractor", lambda *a, **k: fake_extractor)
-  monkeypatch.setattr(evaluate, "generate", slow_generate)
+  monkeypatch.setattr(image_sets, "load_extractor", lambda *a, **k: fake_extractor)
+  monkeypatch.setattr(sample_eval, "generate", slow_generate)
   run_eval = eval_hook.make_train_hook(cfg, str(tmp_path))
   model = ml_collections.ConfigDict({"is_text": False})
   evaluated = []
@@ -257,8 +258,8 @@ def test_eval_hook_without_signal_runs_to_the_end(tmp_path, monkeypatch):
     for i in range(settings.num_samples):
       yield np.full((4, 4, 3), i, np.uint8)
 
-  monkeypatch.setattr(evaluate, "load_extractor", lambda *a, **k: fake_extractor)
-  monkeypatch.setattr(evaluate, "generate", generate)
+  monkeypatch.setattr(image_sets, "load_extractor", lambda *a, **k: fake_extractor)
+  monkeypatch.setattr(sample_eval, "generate", generate)
   run_eval = eval_hook.make_train_hook(cfg, str(tmp_path))
   checks = []
   metrics = run_eval(ml_collections.ConfigDict({"is_text": False}), 3, lambda: checks.append(1))

@@ -12,7 +12,7 @@ import pytest
 
 from ldm_jax import ldm
 from ldm_jax import sampling
-from ldm_jax.train import entry
+from ldm_jax.cli import train as entry
 
 AUTOENCODERS = {  # name -> (config module, overrides of the tiny variant)
     "vq_f4": ("vq_f4", {}),

@@ -12,7 +12,7 @@ from ldm_jax import model_io
 from ldm_jax.data import latent_cache
 from ldm_jax.data import shapes
 from ldm_jax.train import checkpoint as checkpoint_lib
-from ldm_jax.train import entry
+from ldm_jax.cli import train as entry
 
 
 def tiny_text_config(init_from: str):

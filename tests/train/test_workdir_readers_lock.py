@@ -27,7 +27,6 @@ import test_train_kill as kill
 import test_train_resume as resume
 from ldm_jax import ldm
 from ldm_jax import model_io
-from ldm_jax.eval import reconstruction
 from ldm_jax.train import ae_trainer
 from ldm_jax.train import workdir as workdir_lib
 
@@ -112,10 +111,10 @@ def test_readers_create_and_delete_nothing(runs, tmp_path):
 
   ldm.LatentDiffusion.from_checkpoint(str(ldm_dir))  # sample.py / evaluate.py --checkpoint
   model_io.load_model(str(ldm_dir), use_ema=False)
-  assert workdir_lib.restore_trained_params(str(ldm_dir))["unet"]
+  assert model_io.restore_trained_params(str(ldm_dir))["unet"]
   ae_trainer.load_autoencoder(str(ae))  # Stage 2's config.first_stage_checkpoint.
   for path in (ae, ldm_dir):  # evaluate.py autoencoder --checkpoint
-    _, variables, _ = reconstruction.load_first_stage(str(path))
+    _, variables = model_io.load_first_stage(str(path))
     assert variables["params"]
 
   assert {str(w): _tree(w) for w in (ae, ldm_dir)} == before

@@ -1,185 +1,88 @@
-"""The logic behind sample.py: check the arguments, load the model, sample in batches, write files.
+"""sample.py: check the arguments, load the model, sample in batches, write the files.
 
 Every user mistake becomes a `UserError` with one line naming the argument, the value and what was
-expected; sample.py prints it and exits with code 2.
+expected; `main` prints it and exits with code 2.
 """
 
-import argparse
 import json
-import math
 import os
+import sys
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-# jax.random.PRNGKey folds seeds modulo 2**32 (2**32 gives the same noise as 0) and cannot take
-# 2**63 or more: seeds outside [0, 2**32) would silently repeat or crash.
-SEED_LIMIT = 2 ** 32
+from ldm_jax import compile_cache
+from ldm_jax import ldm as ldm_lib
+from ldm_jax import sampling
+from ldm_jax.cli import common as cli
+from ldm_jax.diffusion import samplers
+from ldm_jax.diffusion import samplers_base
+from ldm_jax.errors import UserError
 
-
-class UserError(Exception):
-  pass
-
-
-class ArgumentParser(argparse.ArgumentParser):
-  """argparse, but a mistake is one line on stderr (exit code 2) instead of usage + error."""
-
-  def error(self, message):
-    self.exit(2, f"{self.prog}: error: {message} (see --help).\n")
+DESCRIPTION = "Samples images from a latent diffusion model on the command line."
 
 
-def finite_float(text: str) -> float:
-  """argparse type: a number that is neither NaN nor infinite (those would sample black images)."""
+def parse_args(argv):
+  p = cli.ArgumentParser(prog="sample.py", description=DESCRIPTION)
+  cli.add_model_arguments(p.add_argument_group("model (exactly one)"))
+  what = p.add_argument_group("what to sample")
+  what.add_argument("--prompt", action="append", help="text prompt (repeatable)")
+  what.add_argument("--prompt_file", help="a file with one prompt per line")
+  what.add_argument("--class_label", type=int, action="append", help="class label (repeatable)")
+  what.add_argument("--init_image", help="img2img / inpainting input image")
+  what.add_argument("--strength", type=cli.finite_float, help="img2img strength in (0, 1]")
+  what.add_argument("--mask", help="inpainting mask image (white = keep, black = repaint)")
+  what.add_argument("--lowres", help="low-resolution image for super-resolution models")
+  what.add_argument("--height", type=int, help="output height in pixels (multiple of the stride)")
+  what.add_argument("--width", type=int, help="output width in pixels (multiple of the stride)")
+  family = p.add_argument_group("Stable Diffusion family")
+  family.add_argument("--negative_prompt", action="append",
+                      help="what guidance steers away from (text models, guidance != 1): one for "
+                           "all prompts, or repeated once per prompt")
+  family.add_argument("--noise_level", type=int,
+                      help="x4 upscaler: noise added to --lowres, 0..max_noise_level (default 20)")
+  family.add_argument("--depth_map", help="depth-to-image models: a depth image (grayscale, any "
+                                          "size and bit depth); no depth estimator is bundled")
+  how = p.add_argument_group("sampler")
+  # --sampler / --steps / --guidance default to the model's recommended settings (its config).
+  how.add_argument("--sampler", choices=samplers.NAMES,
+                   help="default: the model's recommendation, else ddim")
+  how.add_argument("--steps", type=int, help="default: the model's recommendation, else 50")
+  how.add_argument("--eta", type=cli.finite_float, default=0.0,
+                   help="DDIM noise (0 = deterministic; ddim only)")
+  how.add_argument("--guidance", type=cli.finite_float,
+                   help="classifier-free guidance scale; default: the model's recommendation, "
+                        "else 1.0 (none)")
+  how.add_argument("--guidance_rescale", type=cli.finite_float, default=0.0,
+                   help="in [0, 1]")
+  how.add_argument("--seed", type=int, default=0, help="sample i uses seed + i; below 2**32")
+  how.add_argument("--num_samples", type=int, default=1, help="samples per prompt / label")
+  how.add_argument("--batch_size", type=int, default=8)
+  how.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--outdir", required=True)
+  p.add_argument("--no_progress", action="store_true")
+  p.add_argument("--compilation_cache", metavar="DIR|off",
+                 help="JAX's persistent compilation cache (default: $LDM_JAX_COMPILATION_CACHE, "
+                      "else ~/.cache/ldm_jax/jax); 'off' disables it")
+  return p.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-  if not math.isfinite(value):
-    raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number")
-  return value
-
-
-def read_image(path: str, what: str, mode: str = "RGB") -> np.ndarray:
-  """An image file as uint8 [H, W, C]: decoder chosen by extension, size capped, EXIF orientation
-  applied (`data.folder.open_image`); a UserError naming the flag and the file otherwise."""
-  from ldm_jax.data import folder
-  try:
-    im = folder.open_image(path)
-  except FileNotFoundError:
-    raise UserError(f"{what}={path}: no such file.") from None
-  except folder.ImageReadError as e:
-    raise UserError(f"{what}={path}: not a readable image ({e}).") from None
-  if mode == "RGB":
-    return folder.to_rgb(im)
-  return np.asarray(im.convert(mode))
-
-
-def load_model(args):
-  from ldm_jax import ldm as ldm_lib
-  from ldm_jax import model_io
-  from ldm_jax.convert import common
-  sources = [s for s in (args.checkpoint, args.compvis_ckpt, args.diffusers) if s]
-  if len(sources) != 1:
-    raise UserError("give exactly one of --checkpoint, --compvis_ckpt (+ --compvis_yaml) or "
-                    f"--diffusers (got {len(sources)}).")
-  flag = (f"--checkpoint={args.checkpoint}" if args.checkpoint else
-          f"--compvis_ckpt={args.compvis_ckpt}" if args.compvis_ckpt else
-          f"--diffusers={args.diffusers}")
-  try:
-    if args.checkpoint:
-      model = ldm_lib.LatentDiffusion.from_checkpoint(args.checkpoint, use_ema=not args.no_ema,
-                                                      compute_dtype=args.dtype,
-                                                      tokenizer_path=args.tokenizer)
-    elif args.compvis_ckpt:
-      if not args.compvis_yaml:
-        raise UserError("--compvis_ckpt needs --compvis_yaml (the model's original config).")
-      model = ldm_lib.LatentDiffusion.from_compvis(args.compvis_ckpt, args.compvis_yaml,
-                                                   use_ema=False if args.no_ema else None,
-                                                   tokenizer_path=args.tokenizer,
-                                                   compute_dtype=args.dtype)
-    else:
-      model = ldm_lib.LatentDiffusion.from_diffusers(args.diffusers, compute_dtype=args.dtype)
-  except UserError:
-    raise
-  # Library messages may span lines (lists of mismatched tensors): the promise is one line.
-  except (model_io.CheckpointNotFoundError, FileNotFoundError, model_io.ConfigError) as e:
-    raise UserError(f"cannot load the model {flag}: {_one_line(e)}") from None
-  except common.WeightLoadError as e:
-    lines = [" ".join(line.split()) for line in str(e).splitlines() if line.strip()]
-    raise UserError(f"{flag}: the weights do not match the model's config: "
-                    + "; ".join(lines[:4])) from None
-  except (ValueError, OSError, KeyError) as e:
-    raise UserError(f"cannot load the model {flag}: {type(e).__name__}: {_one_line(e)}") from None
-  if getattr(args, "lora", None):
-    model.params = merge_loras(model, args.lora)
-  check_finite_params(model.params, flag)
-  return model
-
-
-def merge_loras(model, specs) -> dict:
-  """model.params with the --lora FILE[:SCALE] files merged in; a UserError naming the file when
-  one is unreadable or does not fit the model. The parameters stay arguments of the compiled
-  sampler, so another file or scale compiles nothing new."""
-  from ldm_jax.convert import lora
-  try:
-    return lora.merge_files(model.config, model.params, specs)
-  except (ValueError, OSError) as e:  # LoraError, CheckpointError, missing files
-    lines = [" ".join(line.split()) for line in str(e).splitlines() if line.strip()]
-    raise UserError("--lora: " + "; ".join(lines[:6])) from None
-
-
-def _one_line(e: Exception) -> str:
-  return " ".join(str(e).split())
-
-
-def check_finite_params(params, what: str) -> None:
-  """A UserError naming the first parameter holding NaN or inf: such weights sample black images.
-
-  One vectorised reduction per leaf (on the leaf's device for JAX arrays): seconds for SD-sized
-  models, nothing next to loading them.
-  """
-  import jax.numpy as jnp
-  from ldm_jax.convert import common
-  for key, leaf in common.flatten(params).items():
-    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
-      continue
-    finite = np.isfinite(leaf).all() if isinstance(leaf, np.ndarray) else jnp.isfinite(leaf).all()
-    if not bool(finite):
-      bad = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf))))
-      raise UserError(f"{what}: parameter {'/'.join(map(str, key))} holds {bad} NaN or infinite "
-                      f"value(s) of {np.size(leaf)}; the weights are damaged.")
-
-
-def add_model_arguments(group) -> None:
-  """The model-source flags that `load_model` reads (sample.py, evaluate.py): give exactly one."""
-  group.add_argument("--checkpoint", help="training workdir or saved/converted model directory")
-  group.add_argument("--compvis_ckpt", help="original CompVis / Stable Diffusion .ckpt/.safetensors")
-  group.add_argument("--compvis_yaml", help="the YAML config that goes with --compvis_ckpt")
-  group.add_argument("--diffusers",
-                     help="a diffusers pipeline folder (unet/, vae/, text_encoder/ ...)")
-  group.add_argument("--tokenizer", help="local tokenizer directory (text models from .ckpt files)")
-  group.add_argument("--no_ema", action="store_true", help="use raw instead of EMA weights")
-  group.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
-                     help="merge a LoRA .safetensors file (diffusers/PEFT or Kohya layout) into "
-                          "the UNet / text encoder, scaled (default 1); repeatable")
-
-
-def _check_utf8(text: str, what: str) -> None:
-  """Command-line bytes that are not UTF-8 arrive as lone surrogates: refuse them by name."""
-  try:
-    text.encode("utf-8")
-  except UnicodeEncodeError as e:
-    raw = text.encode("utf-8", "surrogateescape")
-    shown = raw.decode("utf-8", "backslashreplace")
-    raise UserError(f"{what}={shown!r}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
-                    f"character {e.start}); expected UTF-8.") from None
-
-
-def read_prompts(args) -> list[str]:
-  """--prompt values, then the non-empty lines of --prompt_file (UTF-8; a BOM is dropped)."""
-  prompts = list(args.prompt or [])
-  for p in prompts:
-    _check_utf8(p, "--prompt")
-  if args.prompt_file:
     try:
-      with open(args.prompt_file, "rb") as f:
-        data = f.read()
+      compile_cache.enable(args.compilation_cache)
     except OSError as e:
-      raise UserError(f"--prompt_file={args.prompt_file}: cannot read it ({e}).") from None
-    try:
-      text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-      line = data.count(b"\n", 0, e.start) + 1
-      raise UserError(f"--prompt_file={args.prompt_file}: not UTF-8 text (byte "
-                      f"0x{data[e.start]:02x} on line {line}); save it as UTF-8.") from None
-    prompts += [line.strip() for line in text.splitlines() if line.strip()]
-  return prompts
+      raise UserError(f"--compilation_cache: {e}") from None
+    run(args)
+  except UserError as e:
+    sys.exit(cli.report("sample.py", e))
 
 
 def check_sampling(args) -> None:
   """Ranges and combinations of the sampler flags; a flag left out (None, to be filled from the
   model's recommended settings) is checked once `resolve_sampling` has filled it."""
-  from ldm_jax.diffusion import samplers_base
   if args.steps is not None and args.steps < 1:
     raise UserError(f"--steps={args.steps}: expected >= 1.")
   if args.eta < 0:
@@ -221,12 +124,12 @@ def check_arguments(args) -> list[str]:
     raise UserError(f"--num_samples={args.num_samples}: expected >= 1.")
   if args.batch_size < 1:
     raise UserError(f"--batch_size={args.batch_size}: expected >= 1.")
-  prompts = read_prompts(args)
+  prompts = cli.read_prompts(args)
   check_negative_prompts(args, prompts)
   count = max(len(prompts) or len(args.class_label or ()), 1) * args.num_samples
-  if not 0 <= args.seed or args.seed + count > SEED_LIMIT:
-    raise UserError(f"--seed={args.seed}: expected 0 <= seed <= {SEED_LIMIT - count} (sample i "
-                    f"uses seed + i, {count} samples, seeds below 2**32).")
+  if not 0 <= args.seed or args.seed + count > sampling.SEED_LIMIT:
+    raise UserError(f"--seed={args.seed}: expected 0 <= seed <= {sampling.SEED_LIMIT - count} "
+                    f"(sample i uses seed + i, {count} samples, seeds below 2**32).")
   return prompts
 
 
@@ -234,7 +137,7 @@ def check_negative_prompts(args, prompts: list[str]) -> None:
   """--negative_prompt: UTF-8, and one for all prompts or one per prompt."""
   negative = args.negative_prompt or []
   for p in negative:
-    _check_utf8(p, "--negative_prompt")
+    cli.check_utf8(p, "--negative_prompt")
   if len(negative) > 1 and len(negative) != len(prompts):
     raise UserError(f"--negative_prompt given {len(negative)} times for {len(prompts)} prompts: "
                     f"expected once (for all prompts) or once per prompt.")
@@ -317,7 +220,6 @@ def takes_condition_image(model) -> bool:
 def resolve_sampling(args, model) -> None:
   """Fills --sampler / --steps / --guidance left out with the model's recommended settings (else
   the library defaults) and prints what will be used; an explicit flag always wins."""
-  from ldm_jax import ldm as ldm_lib
   chosen = model.sampling_settings(sampler=args.sampler, steps=args.steps, guidance=args.guidance)
   args.sampler, args.steps, args.guidance = chosen["sampler"], chosen["steps"], chosen["guidance"]
   print(f"Sampling with {ldm_lib.describe_sampling(chosen)}")
@@ -354,13 +256,13 @@ def read_images(args) -> dict[str, np.ndarray]:
   """Decodes --init_image, --mask and --lowres (uint8), before any model is loaded."""
   out = {}
   if args.init_image:
-    out["init_image"] = read_image(args.init_image, "--init_image")
+    out["init_image"] = cli.read_image(args.init_image, "--init_image")
   if args.mask:
-    out["mask"] = read_image(args.mask, "--mask", mode="L")
+    out["mask"] = cli.read_image(args.mask, "--mask", mode="L")
   if args.lowres:
-    out["lowres"] = read_image(args.lowres, "--lowres")
+    out["lowres"] = cli.read_image(args.lowres, "--lowres")
   if args.depth_map:
-    out["depth_map"] = read_image(args.depth_map, "--depth_map", mode="F")  # 8 or 16 bit
+    out["depth_map"] = cli.read_image(args.depth_map, "--depth_map", mode="F")  # 8 or 16 bit
   return out
 
 
@@ -386,12 +288,9 @@ def image_inputs(args, raw: dict[str, np.ndarray], h: int, w: int) -> dict[str, 
 
 def run(args) -> list[str]:
   """Samples everything the arguments ask for; returns the written PNG paths."""
-  from PIL import Image
-  from ldm_jax import ldm as ldm_lib
-  from ldm_jax import sampling
   prompts = check_arguments(args)
   raw_images = read_images(args)
-  model = load_model(args)
+  model = cli.load_model(args)
   resolve_sampling(args, model)
   check_sampling(args)  # again, with the settings the model recommended
   upscaler_default_size(args, model, raw_images)
@@ -424,17 +323,16 @@ def run(args) -> list[str]:
       kwargs["noise_level"] = args.noise_level
     if "depth_map" in raw_images:
       kwargs["depth_map"] = np.repeat(raw_images["depth_map"][None], n, 0)
-    try:
-      images = ldm_lib.to_uint8(sampling.sample(model, **kwargs))
-    except sampling.SamplingInputError as e:
-      raise UserError(str(e)) from None
+    # Inputs the sampler cannot take raise SamplingInputError, a UserError: main reports it.
+    images = ldm_lib.to_uint8(sampling.sample(model, **kwargs))
     for r, img in zip(chunk, images):
       path = os.path.join(args.outdir, f"{len(paths):06d}.png")
       Image.fromarray(img).save(path)
       paths.append(path)
       records.append(dict(r, file=os.path.basename(path)))
       all_images.append(img)
-  Image.fromarray(make_grid(np.stack(all_images))).save(os.path.join(args.outdir, "grid.png"))
+  grid = sampling.make_grid(np.stack(all_images))  # [H, W, 3]
+  Image.fromarray(grid).save(os.path.join(args.outdir, "grid.png"))
   settings = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "guidance",
                                             "guidance_rescale", "strength", "init_image", "mask",
                                             "lowres", "checkpoint", "compvis_ckpt", "diffusers",
@@ -445,16 +343,3 @@ def run(args) -> list[str]:
     json.dump({"settings": settings, "samples": records}, f, indent=2)
   print(f"Wrote {len(paths)} samples, grid.png and samples.json to {args.outdir}")
   return paths
-
-
-def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
-  """uint8 [N, H, W, 3] -> one uint8 image with the samples in rows of `cols`."""
-  n, h, w, c = images.shape
-  cols = cols or int(np.ceil(np.sqrt(n)))
-  rows = int(np.ceil(n / cols))
-  grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
-  for i, img in enumerate(images):
-    r, col = divmod(i, cols)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h,
-         pad + col * (w + pad):pad + col * (w + pad) + w] = img
-  return grid
