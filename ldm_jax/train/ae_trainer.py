@@ -23,10 +23,10 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
+from ldm_jax import model_io
 from ldm_jax import parallel
 from ldm_jax import workdir_layout as layout
 from ldm_jax.models import build
@@ -257,7 +257,6 @@ def save_first_stage_config(workdir: str, config) -> None:
   were made with, since stage 2 and the evaluators may be reading it at any time."""
   if not parallel.is_main_process():
     return
-  from ldm_jax import model_io
   path = os.path.join(workdir, FIRST_STAGE_FILE)
   text = config.model.first_stage.to_json_best_effort(indent=2, sort_keys=True)
   if os.path.isfile(path):
@@ -275,25 +274,11 @@ def save_first_stage_config(workdir: str, config) -> None:
 
 
 def load_autoencoder(path: str, first_stage_config=None) -> dict[str, Any]:
-  """The first-stage variables {'params': ...} of an autoencoder workdir or a saved model.
-
-  Read-only: safe while a trainer is saving into `path`.
-  """
-  from ldm_jax import model_io
-  from ldm_jax.train import workdir as workdir_lib
-  if os.path.isfile(layout.config_path(path)) and os.path.isdir(
-      layout.params_dir(path)):
-    _, params = model_io.load_saved_model(path)
-    return params["first_stage"]
-  # The autoencoder's params as checkpointed (the state has no EMA).
-  params = workdir_lib.restore_trained_params(path, use_ema=False)
-  if params is None:
-    raise model_io.CheckpointNotFoundError(
-        f"{path}: not an autoencoder workdir with a complete checkpoint in "
-        f"{os.path.join(path, workdir_lib.CHECKPOINT_SUBDIR)}, nor a saved model.")
-  return {"params": params["autoencoder"]}
+  """The first-stage variables {'params': ...} of an autoencoder workdir (its newest complete
+  checkpoint) or a saved model. Read-only: safe while a trainer is saving into `path`."""
+  del first_stage_config  # The caller checks the shapes against its own config.
+  return model_io.load_first_stage(path)[1]
 
 
-def read_first_stage_config(path: str) -> ml_collections.ConfigDict:
-  with open(os.path.join(path, FIRST_STAGE_FILE)) as f:
-    return ml_collections.ConfigDict(json.load(f))
+# Stage 1's config beside its checkpoints (model_io owns the workdir reader).
+read_first_stage_config = model_io.read_first_stage_config
