@@ -247,7 +247,10 @@ def compile_program(program: Program):
   compiler's work than wall time does.
   """
   wall, cpu = time.perf_counter(), time.process_time()
-  lowered = program.fn.lower(*program.args)
+  mesh = next(a.sharding.mesh for a in jax.tree.leaves(program.args)
+              if isinstance(getattr(a, "sharding", None), jax.sharding.NamedSharding))
+  with jax.set_mesh(mesh):  # kernels that need the mesh (TPU attention) find it here
+    lowered = program.fn.lower(*program.args)
   wall2, cpu2 = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
   return compiled, {"trace": wall2 - wall, "compile": time.perf_counter() - wall2,

@@ -22,15 +22,28 @@ of a multiple of 128 (`TPU_BLOCKS`), so:
     einsum form for it. A query whose keys are all masked gets an unspecified output.
 The kernels read the head dimension whole (any d: 40, 64, 160 ...).
 
+XLA cannot partition a Pallas call ("Mosaic kernels cannot be automatically partitioned"), and
+`custom_partitioning` is not wired to the TPU compiler (jax-ml/jax#38196), so the kernels run
+under `shard_map` over the mesh of the trace's mesh context (`jax.set_mesh(mesh)` around tracing,
+as `python -m ldm_jax.aot` does), each chip on its share of the batch split over
+`parallel.BATCH_AXES`, all heads and positions. Without a mesh context a program may still be
+partitioned, and nothing at trace time says so: the kernel is then not used (`tpu_takes` is
+False), nor for a batch that the batch axes do not divide.
+
 GPU (`gpu_forward`, `gpu_backward`): `jax.nn.dot_product_attention` with the implementation left
 to JAX (`implementation=None`; jax 0.10 then uses its XLA form). Naming "cudnn" would fail to trace
 on a host without CUDA, and every platform's form is traced wherever the program is built. The
 backward is dot_product_attention's own VJP, which recomputes the forward; it does not read lse.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
+from jax.sharding import PartitionSpec
+
+from ldm_jax import parallel
 
 # Sequence block sizes tried in order for the Pallas kernels: the largest that divides the padded
 # length. All are multiples of the kernels' 128-lane minimum.
@@ -41,9 +54,11 @@ TPU_LANES = 128
 TPU_ATTEND, TPU_IGNORE = 1, 0
 
 
-def tpu_takes(mask_shape: tuple[int, ...] | None) -> bool:
-  """Whether the Pallas kernel takes a mask of this shape (None: no mask): keys-only masks,
-  broadcastable to [B, 1, 1, Lk]."""
+def tpu_takes(batch: int, mask_shape: tuple[int, ...] | None) -> bool:
+  """Whether the Pallas kernel takes this call, traced here: a mesh context whose batch axes
+  divide `batch`, and no mask or a keys-only one (broadcastable to [B, 1, 1, Lk])."""
+  if _batch_split(batch) is None:
+    return False
   if mask_shape is None:
     return True
   full = (1,) * (4 - len(mask_shape)) + tuple(mask_shape)  # [B?, heads?, Lq?, Lk]
@@ -87,6 +102,37 @@ def _tpu_inputs(q, k, v, mask):
   return q, k, v, pallas_flash.SegmentIds(q=queries, kv=keys)
 
 
+def _batch_split(batch: int) -> tuple[str, ...] | None:
+  """The axes of the trace's mesh that split the batch for the kernel (parallel.BATCH_AXES
+  present in it, () when none is), or None when the kernel cannot run here: no mesh context, or
+  a batch that those axes do not divide."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  axes = tuple(a for a in parallel.BATCH_AXES if a in mesh.axis_names)
+  shards = math.prod(mesh.shape[a] for a in axes)
+  return axes if batch % shards == 0 else None
+
+
+def _over_batch(body, arrays, num_outputs):
+  """body(*arrays) on every device's share of the batch (the leading dimension of every array
+  and result; None entries pass through), under shard_map over the trace's mesh."""
+  axes = _batch_split(next(a for a in arrays if a is not None).shape[0])
+  assert axes is not None, "tpu_takes admits no such call"
+  spec = PartitionSpec(axes if axes else None)
+  present = [i for i, a in enumerate(arrays) if a is not None]
+
+  def local(*given):
+    args = [None] * len(arrays)
+    for i, a in zip(present, given):
+      args[i] = a
+    return body(*args)
+
+  out_specs = spec if num_outputs == 1 else (spec,) * num_outputs
+  return jax.shard_map(local, in_specs=(spec,) * len(present), out_specs=out_specs,
+                       check_vma=False)(*(arrays[i] for i in present))
+
+
 def tpu_forward(scale, q, k, v, mask, residual=True):
   """Output [B, heads, Lq, d] and log-sum-exp [B, heads, Lq] (float32) from the Pallas kernel;
   the output alone when not `residual` (the kernel then keeps no per-query statistics, which
@@ -94,8 +140,15 @@ def tpu_forward(scale, q, k, v, mask, residual=True):
   lq = q.shape[2]
   qp, kp, vp, segments = _tpu_inputs(q, k, v, mask)
   block_q, block_k = _block(qp.shape[2]), _block(kp.shape[2])
-  result = pallas_flash._flash_attention_impl(  # pylint: disable=protected-access
-      qp, kp, vp, None, segments, residual, False, scale, 1, block_q, block_k, block_k, False)
+
+  def kernel(q, k, v, queries, keys):
+    segment_ids = None if queries is None else pallas_flash.SegmentIds(q=queries, kv=keys)
+    result = pallas_flash._flash_attention_impl(  # pylint: disable=protected-access
+        q, k, v, None, segment_ids, residual, False, scale, 1, block_q, block_k, block_k, False)
+    return tuple(result) if residual else result
+
+  queries, keys = (None, None) if segments is None else segments
+  result = _over_batch(kernel, (qp, kp, vp, queries, keys), 3 if residual else 1)
   if not residual:
     return result[:, :, :lq]
   out, total, peak = result
@@ -118,12 +171,19 @@ def tpu_backward(scale, q, k, v, mask, out, lse, dout):
   total = jnp.ones_like(lse)
   shared = dict(sm_scale=scale, causal=False, mask_value=pallas_flash.DEFAULT_MASK_VALUE,
                 debug=False)
-  dk, dv = pallas_flash._flash_attention_bwd_dkv(  # pylint: disable=protected-access
-      qp, kp, vp, None, segments, total, lse, dout, row, block_q_major=block_q, block_q=block_q,
-      block_k_major=block_k, block_k=block_k, **shared)
-  dq, _ = pallas_flash._flash_attention_bwd_dq(  # pylint: disable=protected-access
-      qp, kp, vp, None, segments, total, lse, dout, row, block_q_major=block_q,
-      block_k_major=block_k, block_k=block_k, **shared)
+
+  def kernels(q, k, v, queries, keys, total, lse, dout, row):
+    segment_ids = None if queries is None else pallas_flash.SegmentIds(q=queries, kv=keys)
+    dk, dv = pallas_flash._flash_attention_bwd_dkv(  # pylint: disable=protected-access
+        q, k, v, None, segment_ids, total, lse, dout, row, block_q_major=block_q,
+        block_q=block_q, block_k_major=block_k, block_k=block_k, **shared)
+    dq, _ = pallas_flash._flash_attention_bwd_dq(  # pylint: disable=protected-access
+        q, k, v, None, segment_ids, total, lse, dout, row, block_q_major=block_q,
+        block_k_major=block_k, block_k=block_k, **shared)
+    return dq, dk, dv
+
+  queries, keys = (None, None) if segments is None else segments
+  dq, dk, dv = _over_batch(kernels, (qp, kp, vp, queries, keys, total, lse, dout, row), 3)
   grads = dq[:, :, :lq], dk[:, :, :lk], dv[:, :, :lk]
   return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
 

@@ -6,9 +6,10 @@ recomputes the softmax weights, instead of keeping [B, heads, Lq, Lk] weights be
 
 What differs by platform (chosen at lowering, `platform.by_platform`) is the form that computes it:
   * TPU: the Pallas flash kernel (`accelerator_attention.tpu_forward` / `tpu_backward`), which
-    never holds more than one [512, 512] block of logits. Lengths are padded to multiples of 128
-    and padded keys masked; a mask is taken when it masks keys only; any other mask keeps the
-    one-block einsum form below (rules in accelerator_attention).
+    never holds more than one [512, 512] block of logits, when traced under a mesh context
+    (`jax.set_mesh`). Lengths are padded to multiples of 128 and padded keys masked; a mask is
+    taken when it masks keys only. Without a mesh context, or with any other mask, TPU keeps
+    the one-block einsum form below (rules in accelerator_attention).
   * GPU (CUDA, ROCm): `jax.nn.dot_product_attention`, the implementation left to JAX.
 The einsum forms split the logits into blocks:
   * CPU: when the logits exceed CPU_ATTENTION_UNBLOCKED elements, the forward runs block by block
@@ -114,13 +115,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None =
   accelerated = block_budget == "auto"
   plan = Plan(cpu, other,
               tpu=accelerated and accelerator_attention.tpu_takes(
-                  None if mask is None else jnp.shape(mask)),
+                  b, None if mask is None else jnp.shape(mask)),
               gpu=accelerated, only=implementation)
   if implementation in ("tpu", "gpu") and not getattr(plan, implementation):
     raise ValueError(f"attention: implementation={implementation!r} does not take "
                      f"block_budget={block_budget!r} with a mask of shape "
-                     f"{None if mask is None else jnp.shape(mask)}; expected block_budget "
-                     f"'auto' and, for 'tpu', no mask or one broadcastable to [B, 1, 1, Lk]")
+                     f"{None if mask is None else jnp.shape(mask)}, batch {b}; expected "
+                     f"block_budget 'auto' and, for 'tpu', no mask or one broadcastable to "
+                     f"[B, 1, 1, Lk], traced under a mesh context (jax.set_mesh) whose batch "
+                     f"axes divide the batch")
   q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, heads, L, d] each
   out = _attention(float(scale), plan, q, k, v, mask)  # [B, heads, Lq, d]
   return out.transpose(0, 2, 1, 3)  # [B, Lq, heads, d]

@@ -7,6 +7,7 @@ an independent float64 NumPy attention: outputs and the gradients of q, k and v,
 are not multiples of the kernel's 128-wide blocks (77 text tokens, 8x8 and 64x64 latent pixels),
 with a key-padding mask, in float32 and bfloat16. Then the TPU program: compiled for a v5e
 topology it holds the Pallas kernel, and its temporaries are a fraction of the one-block einsum's.
+The TPU form runs under a mesh context (`jax.set_mesh`), as the module docstring says.
 """
 
 import jax
@@ -14,10 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from ldm_jax import kernels
 from ldm_jax.kernels import accelerator_attention
+
+
+def _mesh(devices):
+  return jax.set_mesh(Mesh(np.array(devices), ("data",)))
 
 
 def _reference(q, k, v, scale, mask, dout):
@@ -81,7 +86,8 @@ def test_accelerator_forms_match_the_reference(case, implementation):
   b, lq, lk, heads, d, dtype, masked = CASES[case]
   q, k, v, mask, dout = _inputs(b, lq, lk, heads, d, dtype, masked)
   scale = 0.7 * d ** -0.5
-  with pltpu.force_tpu_interpret_mode():  # the Pallas kernel runs on the CPU; no effect on "gpu"
+  # The Pallas kernel runs on the CPU; neither context changes the GPU form.
+  with pltpu.force_tpu_interpret_mode(), _mesh(jax.devices()[:1]):
     out, grads = _run(implementation, q, k, v, scale, mask, dout)
   want_out, want_grads = _reference(q, k, v, scale, mask, dout)
   assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
@@ -96,31 +102,35 @@ def test_padded_keys_get_no_weight():
   q, k, v, mask, _ = _inputs(2, 64, 77, 1, 8, jnp.float32, True)
   assert bool(mask[0, 0, 0, 70]) and not bool(mask[1, 0, 0, 70])
   v_changed = v.at[:, 70].set(1e3)
-  with pltpu.force_tpu_interpret_mode():
+  with pltpu.force_tpu_interpret_mode(), _mesh(jax.devices()[:1]):
     run = jax.jit(lambda v: kernels.attention(q, k, v, mask=mask, implementation="tpu"))
     out, out_changed = run(v), run(v_changed)
   np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(out_changed[1]))
   assert not np.allclose(np.asarray(out[0]), np.asarray(out_changed[0]))  # element 0 attends it
 
 
-def test_tpu_takes_key_masks_only():
-  assert accelerator_attention.tpu_takes(None)
-  assert accelerator_attention.tpu_takes((2, 1, 1, 77))
-  assert accelerator_attention.tpu_takes((77,))
-  assert not accelerator_attention.tpu_takes((77, 77))  # causal text mask: per query
-  assert not accelerator_attention.tpu_takes((2, 8, 1, 77))  # per head
-  causal = jnp.tril(jnp.ones((8, 8), bool))
-  q = jnp.ones((1, 8, 1, 4), jnp.float32)
-  with pytest.raises(ValueError, match="implementation='tpu'.*shape \\(8, 8\\)"):
-    kernels.attention(q, q, q, mask=causal, implementation="tpu")
+def test_tpu_takes_key_masks_under_a_mesh_only():
+  assert not accelerator_attention.tpu_takes(2, None)  # no mesh context
+  with _mesh(jax.devices()[:1]):
+    assert accelerator_attention.tpu_takes(2, None)
+    assert accelerator_attention.tpu_takes(2, (2, 1, 1, 77))
+    assert accelerator_attention.tpu_takes(2, (77,))
+    assert not accelerator_attention.tpu_takes(2, (77, 77))  # causal text mask: per query
+    assert not accelerator_attention.tpu_takes(2, (2, 8, 1, 77))  # per head
+    causal = jnp.tril(jnp.ones((8, 8), bool))
+    q = jnp.ones((1, 8, 1, 4), jnp.float32)
+    with pytest.raises(ValueError, match="implementation='tpu'.*shape \\(8, 8\\)"):
+      kernels.attention(q, q, q, mask=causal, implementation="tpu")
   with pytest.raises(ValueError, match="implementation='fpga'"):
     kernels.attention(q, q, q, implementation="fpga")
 
 
 def _tpu_program(fn, args, device):
+  """fn compiled for one TPU device, traced under a one-device mesh context."""
   sds = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=SingleDeviceSharding(device))
          for a in args]
-  return jax.jit(fn).lower(*sds).compile()
+  with _mesh([device]):
+    return jax.jit(fn).lower(*sds).compile()
 
 
 def test_tpu_program_runs_the_pallas_kernel_in_less_memory(tpu_v5e_devices):
@@ -155,3 +165,18 @@ def test_tpu_program_keeps_the_einsum_for_other_masks(tpu_v5e_devices):
                                    tpu_v5e_devices[0]).as_text()
   assert "tpu_custom_call" not in text(causal)
   assert "tpu_custom_call" in text(padding)
+
+
+def test_tpu_program_splits_the_kernel_over_the_batch(tpu_v5e_devices):
+  """On 4 chips with the batch sharded, each chip runs the kernel on its examples (no
+  all-gather of q, k or v); without a mesh context the program keeps the einsum form."""
+  mesh = Mesh(np.array(tpu_v5e_devices), ("data",))
+  batch = NamedSharding(mesh, PartitionSpec("data"))
+  q = jax.ShapeDtypeStruct((8, 256, 4, 32), jnp.bfloat16, sharding=batch)
+  loss = lambda q, k, v: jnp.sum(kernels.attention(q, k, v).astype(jnp.float32) ** 2)
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), out_shardings=(batch,) * 3)
+  with jax.set_mesh(mesh):
+    text = grad.lower(q, q, q).compile().as_text()
+  assert text.count("tpu_custom_call") >= 3  # forward, dk/dv and dq kernels
+  assert "all-gather" not in text
+  assert "tpu_custom_call" not in grad.lower(q, q, q).compile().as_text()
