@@ -1,18 +1,17 @@
 """Attention on accelerators: the TPU Pallas flash kernel and GPU `jax.nn.dot_product_attention`.
 
-Each form is a forward `(q, k, v, mask) -> (out, lse)` (or `out` alone, outside
-differentiation) and a backward
-`(q, k, v, mask, out, lse, dout) -> (dq, dk, dv)` over [B, heads, L, d] arrays, the same contract
-as the einsum forms in `flash_attention`, so that one custom VJP holds every platform's form and
-keeps the same residuals between the passes on all of them. `flash_attention.attention` picks the
-form by platform; nothing here looks at the platform.
+Each form is a forward `(q, k, v, mask) -> (out, lse)` (or `out` alone, outside differentiation)
+and a backward `(q, k, v, mask, out, lse, dout) -> (dq, dk, dv)` over [B, heads, L, d] arrays, the
+same contract as the einsum forms in `flash_attention`, so that one custom VJP holds every
+platform's form and keeps the same residuals between the passes on all of them.
+`flash_attention.attention` picks the form by platform; nothing here looks at the platform.
 
-TPU (`tpu_forward`, `tpu_backward`): the forward and backward kernels of
-`jax.experimental.pallas.ops.tpu.flash_attention`. Its public `flash_attention` carries its own VJP
-with residuals of its own; its kernels are called directly instead so that the backward reads the
-log-sum-exp the forward kept (passed as the running maximum m = lse with the running total l = 1,
-which gives the kernel's p = exp(s - m) / l = softmax). The kernels tile both sequences in blocks
-of a multiple of 128 (`TPU_BLOCKS`), so:
+TPU (`tpu_forward`, `tpu_backward`): the kernels of the Pallas op
+`jax.experimental.pallas.ops.tpu.flash_attention` (one forward; a dk/dv and a dq backward). Its public `flash_attention` carries its
+own VJP with residuals of its own; its kernels are called directly instead so that the backward
+reads the log-sum-exp the forward kept (passed as the running maximum m = lse with the running
+total l = 1, which gives the kernel's p = exp(s - m) / l = softmax). The kernels tile both
+sequences in blocks of a multiple of 128 (`TPU_BLOCKS`), so:
   * a length that is not a multiple of 128 (77 text tokens, 8x8 = 64 latent pixels) is padded
     with zeros to the next multiple; padded queries are cut from the outputs, padded keys get
     segment id 0 against every query's 1, so they get zero weight (`mask_value`, e^-huge);
@@ -23,7 +22,8 @@ of a multiple of 128 (`TPU_BLOCKS`), so:
 The kernels read the head dimension whole (any d: 40, 64, 160 ...).
 
 XLA cannot partition a Pallas call ("Mosaic kernels cannot be automatically partitioned"), and
-`custom_partitioning` is not wired to the TPU compiler (jax-ml/jax#38196), so the kernels run
+`custom_partitioning` does not reach the TPU compiler (an open JAX bug, its callbacks never
+run there), so the kernels run
 under `shard_map` over the mesh of the trace's mesh context (`jax.set_mesh(mesh)` around tracing,
 as `python -m ldm_jax.aot` does), each chip on its share of the batch split over
 `parallel.BATCH_AXES`, all heads and positions. Without a mesh context a program may still be

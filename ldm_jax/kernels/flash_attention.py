@@ -257,9 +257,9 @@ def _backward(scale, blocks, q, k, v, mask, out, lse, dout):
 
 def _attention_fwd(scale, plan, q, k, v, mask):
   fwd = lambda blocks, *args: _forward(scale, blocks.forward, *args)
-  out, lse = _per_platform(plan, fwd, functools.partial(accelerator_attention.tpu_forward, scale),
-                           functools.partial(accelerator_attention.gpu_forward, scale),
-                           q, k, v, mask)
+  tpu = functools.partial(accelerator_attention.tpu_forward, scale)
+  gpu = functools.partial(accelerator_attention.gpu_forward, scale)
+  out, lse = _per_platform(plan, fwd, tpu, gpu, q, k, v, mask)
   return out, (q, k, v, mask, out, lse)
 
 
@@ -269,9 +269,9 @@ def _attention_bwd(scale, plan, residuals, dout):
   # them alive between the passes.
   q, k = vjp.after_cotangent(dout, (q, k))
   bwd = lambda blocks, *args: _backward(scale, blocks.backward, *args)
-  dq, dk, dv = _per_platform(plan, bwd, functools.partial(accelerator_attention.tpu_backward, scale),
-                             functools.partial(accelerator_attention.gpu_backward, scale),
-                             q, k, v, mask, out, lse, dout)
+  tpu = functools.partial(accelerator_attention.tpu_backward, scale)
+  gpu = functools.partial(accelerator_attention.gpu_backward, scale)
+  dq, dk, dv = _per_platform(plan, bwd, tpu, gpu, q, k, v, mask, out, lse, dout)
   return dq, dk, dv, None
 
 
