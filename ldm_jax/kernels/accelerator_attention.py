@@ -7,9 +7,9 @@ platform's form and keeps the same residuals between the passes on all of them.
 `flash_attention.attention` picks the form by platform; nothing here looks at the platform.
 
 TPU (`tpu_forward`, `tpu_backward`): the kernels of the Pallas op
-`jax.experimental.pallas.ops.tpu.flash_attention` (one forward; a dk/dv and a dq backward). Its public `flash_attention` carries its
-own VJP with residuals of its own; its kernels are called directly instead so that the backward
-reads the log-sum-exp the forward kept (passed as the running maximum m = lse with the running
+`jax.experimental.pallas.ops.tpu.flash_attention` (a forward; a dk/dv and a dq backward). Its
+public `flash_attention` carries its own VJP with residuals of its own; its kernels are called
+directly instead so that the backward reads the log-sum-exp the forward kept (passed as the running maximum m = lse with the running
 total l = 1, which gives the kernel's p = exp(s - m) / l = softmax). The kernels tile both
 sequences in blocks of a multiple of 128 (`TPU_BLOCKS`), so:
   * a length that is not a multiple of 128 (77 text tokens, 8x8 = 64 latent pixels) is padded
@@ -24,8 +24,9 @@ The kernels read the head dimension whole (any d: 40, 64, 160 ...).
 XLA cannot partition a Pallas call ("Mosaic kernels cannot be automatically partitioned"), and
 `custom_partitioning` does not reach the TPU compiler (an open JAX bug, its callbacks never
 run there), so the kernels run
-under `shard_map` over the mesh of the trace's mesh context (`jax.set_mesh(mesh)` around tracing,
-as `python -m ldm_jax.aot` does), each chip on its share of the batch split over
+under `shard_map` over the mesh of the trace's mesh context (`jax.set_mesh(mesh)`, or
+`jax.sharding.use_abstract_mesh(mesh.abstract_mesh)` as `python -m ldm_jax.aot` uses, around
+tracing), each chip on its share of the batch split over
 `parallel.BATCH_AXES`, all heads and positions. Without a mesh context a program may still be
 partitioned, and nothing at trace time says so: the kernel is then not used (`tpu_takes` is
 False), nor for a batch that the batch axes do not divide.
