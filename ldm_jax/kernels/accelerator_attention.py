@@ -7,11 +7,11 @@ platform's form and keeps the same residuals between the passes on all of them.
 `flash_attention.attention` picks the form by platform; nothing here looks at the platform.
 
 TPU (`tpu_forward`, `tpu_backward`): the kernels of the Pallas op
-`jax.experimental.pallas.ops.tpu.flash_attention` (a forward; a dk/dv and a dq backward). Its
-public `flash_attention` carries its own VJP with residuals of its own; its kernels are called
-directly instead so that the backward reads the log-sum-exp the forward kept (passed as the running maximum m = lse with the running
-total l = 1, which gives the kernel's p = exp(s - m) / l = softmax). The kernels tile both
-sequences in blocks of a multiple of 128 (`TPU_BLOCKS`), so:
+`jax.experimental.pallas.ops.tpu.flash_attention` (a forward; a dk/dv and a dq backward). Its public
+`flash_attention` carries its own VJP with residuals of its own; its kernels are called directly
+instead so that the backward reads the log-sum-exp the forward kept (passed as the running maximum m
+= lse with the running total l = 1, which gives the kernel's p = exp(s - m) / l = softmax). The
+kernels tile both sequences in blocks of a multiple of 128 (`TPU_BLOCKS`), so:
   * a length that is not a multiple of 128 (77 text tokens, 8x8 = 64 latent pixels) is padded
     with zeros to the next multiple; padded queries are cut from the outputs, padded keys get
     segment id 0 against every query's 1, so they get zero weight (`mask_value`, e^-huge);
