@@ -50,6 +50,7 @@ def test_train_step_is_the_tpu_program_without_cpu_kernels(compiled):
   assert (out["chip"], out["num_chips"], out["mesh"]) == ("v5e", 4, {"data": 4, "fsdp": 1})
   assert [p["name"] for p in out["programs"]] == ["train_step", "sample_step", "sample_loop"]
   assert "while" not in texts["train_step"]  # no blocked CPU attention, forward or backward
+  assert "tpu_custom_call" in texts["train_step"]  # the Pallas flash attention kernels
   assert texts["train_step"].count("bf16") > 0  # compute_dtype=bfloat16 reached the program
 
 

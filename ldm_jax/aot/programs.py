@@ -248,7 +248,12 @@ def compile_program(program: Program):
   compiler's work than wall time does.
   """
   wall, cpu = time.perf_counter(), time.process_time()
-  lowered = program.fn.lower(*program.args)
+  mesh = next(a.sharding.mesh for a in jax.tree.leaves(program.args)
+              if isinstance(getattr(a, "sharding", None), jax.sharding.NamedSharding))
+  # Kernels that need the mesh (TPU attention) find it here; only the abstract mesh, so that
+  # host-side computations while tracing stay on the host.
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    lowered = program.fn.lower(*program.args)
   wall2, cpu2 = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
   return compiled, {"trace": wall2 - wall, "compile": time.perf_counter() - wall2,

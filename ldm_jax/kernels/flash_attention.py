@@ -4,16 +4,24 @@ The function is softmax(q k^T * scale) v with the softmax in float32, differenti
 attention is: the backward pass keeps q, k, v, the output and each query's log-sum-exp, and
 recomputes the softmax weights, instead of keeping [B, heads, Lq, Lk] weights between the passes.
 
-What differs by platform (chosen at lowering, `platform.by_platform`) is only how the logits are
-split into blocks:
+What differs by platform (chosen at lowering, `platform.by_platform`) is the form that computes it:
+  * TPU: the Pallas flash kernel (`accelerator_attention.tpu_forward` / `tpu_backward`), which
+    never holds more than one [512, 512] block of logits, when traced under a mesh context
+    (`jax.set_mesh`). Lengths are padded to multiples of 128 and padded keys masked; a mask is
+    taken when it masks keys only. Without a mesh context, or with any other mask, TPU keeps
+    the one-block einsum form below (rules in accelerator_attention).
+  * GPU (CUDA, ROCm): `jax.nn.dot_product_attention`, the implementation left to JAX.
+The einsum forms split the logits into blocks:
   * CPU: when the logits exceed CPU_ATTENTION_UNBLOCKED elements, the forward runs block by block
     inside a serial loop, each block holding at most CPU_ATTENTION_BLOCK logits, so they stay in
     cache; the backward always runs in blocks of at most CPU_ATTENTION_GRAD_BLOCK logits (it
     makes five passes over each block). A block is one or more (batch, head) pairs with all their
     queries, or a slice of one pair's queries; every query's softmax still spans all keys, so
     blocking changes only the loop order. Figures in benchmarks/README.md.
-  * Every other platform: one block (a serial loop would idle the device).
-Masked attention is never blocked.
+  * Every other platform, and TPU for the masks its kernel does not take: one block (a serial
+    loop would idle the device).
+Masked attention is never blocked. An explicit `block_budget` runs the einsum forms on every
+platform, with that blocking.
 """
 
 import functools
@@ -22,17 +30,29 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.kernels import platform, vjp
+from ldm_jax.kernels import accelerator_attention, platform, vjp
 
 CPU_ATTENTION_BLOCK = 2 ** 20
 CPU_ATTENTION_UNBLOCKED = 2 ** 23
 CPU_ATTENTION_GRAD_BLOCK = 2 ** 19
+
+# Values of `attention(implementation=...)`: one platform's form wherever the program runs.
+IMPLEMENTATIONS = ("cpu", "tpu", "gpu", "default")
 
 
 class Blocks(NamedTuple):
   """(pairs per block, queries per block) for the forward and for the backward pass."""
   forward: tuple[int, int]
   backward: tuple[int, int]
+
+
+class Plan(NamedTuple):
+  """The static choices of one attention call."""
+  cpu: Blocks  # the CPU form's blocking
+  other: Blocks  # the one-block (or budgeted) einsum form's blocking, on every other platform
+  tpu: bool  # the Pallas kernel on TPU, else the einsum form
+  gpu: bool  # dot_product_attention on GPU, else the einsum form
+  only: str | None  # one of IMPLEMENTATIONS wherever the program runs, or None (by platform)
 
 
 def attention_blocks(pairs: int, lq: int, lk: int, budget: int | None) -> tuple[int, int]:
@@ -58,7 +78,8 @@ def cpu_forward_budget(logits: int) -> int | None:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
-              mask: jax.Array | None = None, block_budget: int | None | str = "auto") -> jax.Array:
+              mask: jax.Array | None = None, block_budget: int | None | str = "auto",
+              implementation: str | None = None) -> jax.Array:
   """Multi-head scaled dot-product attention with the softmax in float32.
 
   Args:
@@ -67,9 +88,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None =
     mask: optional boolean, broadcastable to [B, heads, Lq, Lk]; True = attend.
     block_budget: largest logits block in elements, forward and backward, on every platform;
       "auto" (the default) blocks on CPU only, as the module docstring says; None never blocks.
+      Anything but "auto" also keeps the TPU and GPU forms out.
+    implementation: None (the default) picks the form by the platform the program is lowered
+      for; one of IMPLEMENTATIONS runs that platform's form on any platform (tests run the TPU
+      kernel in Pallas interpret mode and the GPU form on a CPU).
   Returns:
     [B, Lq, heads, d] in q's dtype.
   """
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention: implementation={implementation!r}; expected None or one of "
+                     f"{IMPLEMENTATIONS}")
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   b, lq, heads, d = q.shape
   lk = k.shape[1]
@@ -84,18 +112,37 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None =
   else:
     blocks = attention_blocks(pairs, lq, lk, block_budget)
     cpu = other = Blocks(blocks, blocks)
+  accelerated = block_budget == "auto"
+  plan = Plan(cpu, other,
+              tpu=accelerated and accelerator_attention.tpu_takes(
+                  b, None if mask is None else jnp.shape(mask)),
+              gpu=accelerated, only=implementation)
+  if implementation in ("tpu", "gpu") and not getattr(plan, implementation):
+    raise ValueError(f"attention: implementation={implementation!r} does not take "
+                     f"block_budget={block_budget!r} with a mask of shape "
+                     f"{None if mask is None else jnp.shape(mask)}, batch {b}; expected "
+                     f"block_budget 'auto' and, for 'tpu', no mask or one broadcastable to "
+                     f"[B, 1, 1, Lk], traced under a mesh context (jax.set_mesh) whose batch "
+                     f"axes divide the batch")
   q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, heads, L, d] each
-  out = _attention(float(scale), cpu, other, q, k, v, mask)  # [B, heads, Lq, d]
+  out = _attention(float(scale), plan, q, k, v, mask)  # [B, heads, Lq, d]
   return out.transpose(0, 2, 1, 3)  # [B, Lq, heads, d]
 
 
-def _per_platform(cpu_fn, other_fn, cpu_blocks, other_blocks, *args):
-  """cpu_fn(cpu_blocks, *args) on CPU, other_fn(other_blocks, *args) elsewhere (one branch when
-  the blockings agree)."""
-  if cpu_blocks == other_blocks:
-    return other_fn(other_blocks, *args)
-  return platform.by_platform(*args, cpu=functools.partial(cpu_fn, cpu_blocks),
-                              default=functools.partial(other_fn, other_blocks))
+def _per_platform(plan, einsum_fn, tpu_fn, gpu_fn, *args):
+  """The form `plan` picks for the platform: einsum_fn(plan.cpu, *args) on CPU, tpu_fn(*args)
+  and gpu_fn(*args) where the plan allows them, einsum_fn(plan.other, *args) elsewhere."""
+  forms = {"cpu": functools.partial(einsum_fn, plan.cpu),
+           "default": functools.partial(einsum_fn, plan.other)}
+  if plan.tpu:
+    forms["tpu"] = tpu_fn
+  if plan.gpu:
+    forms["gpu"] = gpu_fn
+  if plan.only is not None:
+    return forms[plan.only](*args)
+  if plan.cpu == plan.other:
+    del forms["cpu"]  # one branch less to trace
+  return platform.by_platform(*args, **forms)
 
 
 def _logits(scale, qb, kb, mask_b):
@@ -146,9 +193,13 @@ def _block_backward(scale, qb, kb, vb, mask_b, ob, lse_b, dob):
   return dq, dkt, dvt
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _attention(scale, cpu, other, q, k, v, mask):
-  return _attention_fwd(scale, cpu, other, q, k, v, mask)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attention(scale, plan, q, k, v, mask):
+  """The output alone, when not differentiated: no form keeps residuals."""
+  fwd = lambda blocks, *args: _forward(scale, blocks.forward, *args)[0]
+  tpu = functools.partial(accelerator_attention.tpu_forward, scale, residual=False)
+  gpu = functools.partial(accelerator_attention.gpu_forward, scale, residual=False)
+  return _per_platform(plan, fwd, tpu, gpu, q, k, v, mask)
 
 
 def _forward(scale, blocks, q, k, v, mask):
@@ -204,19 +255,23 @@ def _backward(scale, blocks, q, k, v, mask, out, lse, dout):
   return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
 
 
-def _attention_fwd(scale, cpu, other, q, k, v, mask):
+def _attention_fwd(scale, plan, q, k, v, mask):
   fwd = lambda blocks, *args: _forward(scale, blocks.forward, *args)
-  out, lse = _per_platform(fwd, fwd, cpu, other, q, k, v, mask)
+  tpu = functools.partial(accelerator_attention.tpu_forward, scale)
+  gpu = functools.partial(accelerator_attention.gpu_forward, scale)
+  out, lse = _per_platform(plan, fwd, tpu, gpu, q, k, v, mask)
   return out, (q, k, v, mask, out, lse)
 
 
-def _attention_bwd(scale, cpu, other, residuals, dout):
+def _attention_bwd(scale, plan, residuals, dout):
   q, k, v, mask, out, lse = residuals
   # Tied to the cotangent, or XLA:CPU merges the recomputed logits with the forward's and keeps
   # them alive between the passes.
   q, k = vjp.after_cotangent(dout, (q, k))
   bwd = lambda blocks, *args: _backward(scale, blocks.backward, *args)
-  dq, dk, dv = _per_platform(bwd, bwd, cpu, other, q, k, v, mask, out, lse, dout)
+  tpu = functools.partial(accelerator_attention.tpu_backward, scale)
+  gpu = functools.partial(accelerator_attention.gpu_backward, scale)
+  dq, dk, dv = _per_platform(plan, bwd, tpu, gpu, q, k, v, mask, out, lse, dout)
   return dq, dk, dv, None
 
 
