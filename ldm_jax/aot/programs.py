@@ -24,6 +24,7 @@ from ldm_jax import ldm as ldm_lib
 from ldm_jax import parallel
 from ldm_jax import sampling
 from ldm_jax.diffusion import samplers as samplers_lib
+from ldm_jax.kernels import platform
 from ldm_jax.models import conditioning
 from ldm_jax.models import tokenizers as tokenizers_lib
 from ldm_jax.train import ldm_task
@@ -250,9 +251,7 @@ def compile_program(program: Program):
   wall, cpu = time.perf_counter(), time.process_time()
   mesh = next(a.sharding.mesh for a in jax.tree.leaves(program.args)
               if isinstance(getattr(a, "sharding", None), jax.sharding.NamedSharding))
-  # Kernels that need the mesh (TPU attention) find it here; only the abstract mesh, so that
-  # host-side computations while tracing stay on the host.
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+  with platform.mesh_context(mesh):  # Kernels that need the mesh (TPU attention) find it here.
     lowered = program.fn.lower(*program.args)
   wall2, cpu2 = time.perf_counter(), time.process_time()
   compiled = lowered.compile()

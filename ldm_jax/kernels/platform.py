@@ -7,6 +7,7 @@ is traced, and lowering for one platform keeps only that platform's branch (a TP
 on a CPU host holds none of the CPU kernels' loops; tests/kernels/test_platform.py).
 """
 
+import contextlib
 from typing import Any, Callable
 
 import jax
@@ -33,3 +34,16 @@ def by_platform(*args: Any, cpu: Callable[..., Any] | None = None,
   if not branches:
     return default(*args)
   return jax.lax.platform_dependent(*args, default=default, **branches)
+
+
+def mesh_context(mesh: jax.sharding.Mesh | None):
+  """The context to trace a program for `mesh` in, so kernels that must know the mesh find it.
+
+  TPU attention runs its Pallas kernel under shard_map over the traced mesh (XLA cannot partition
+  a Pallas call itself); without this context TPU programs keep the one-block einsum attention.
+  Only the abstract mesh is set, so host-side computations while tracing stay on the host. Other
+  platforms' kernels need no mesh, and their programs are traced as before.
+  """
+  if mesh is None or mesh.devices.flat[0].platform != "tpu":
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import jax
 
 from ldm_jax import parallel
+from ldm_jax.kernels import platform
 from ldm_jax.train import inputs
 from ldm_jax.train import loop
 from ldm_jax.train import step as step_lib
@@ -99,11 +100,14 @@ def train(task: Task) -> dict:
 
   def train_step(state, batch):
     nonlocal compiled
-    if not compiled:  # The call below reuses this compilation (jit caches it).
-      _, figures = step_lib.compile_step(jitted, state, batch, *constants)
-      log_compiled(figures)
-      compiled = True
-    return jitted(state, batch, *constants)
+    # Traced in the mesh's kernel context (TPU attention needs it), the same at every call so
+    # that jit's cache keeps hitting.
+    with platform.mesh_context(mesh):
+      if not compiled:  # The call below reuses this compilation (jit caches it).
+        _, figures = step_lib.compile_step(jitted, state, batch, *constants)
+        log_compiled(figures)
+        compiled = True
+      return jitted(state, batch, *constants)
 
   # --- The loop, then publish. ---
   state, last = loop.run_loop(workdir=workdir, config=config, state=state, start_step=start_step,
