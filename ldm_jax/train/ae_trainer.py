@@ -189,6 +189,9 @@ def init_state(ae, disc, opt_g, opt_d, first_images, rng, learn_logvar=False) ->
 def make_optimizers(config):
   """(generator optimizer, discriminator optimizer), CompVis's lr scaled by the batch."""
   lr = config.loss.base_learning_rate * config.data.batch_size * config.train.grad_accum_steps
+  if config.train.schedule != "constant" or config.train.warmup_steps:  # Else CompVis's constant.
+    lr = optim.learning_rate_fn(learning_rate=lr, warmup_steps=config.train.warmup_steps,
+                                schedule=config.train.schedule, total_steps=config.train.num_steps)
   return optim.make_gan_optimizer(learning_rate=lr), optim.make_gan_optimizer(learning_rate=lr)
 
 
