@@ -16,9 +16,15 @@ its config, as `sample.py --prompt` does) and grades with the shapes detector
   * every colour x shape x position prompt (6 x 3 x 5 = 90), two sampling seeds each;
 then prints one row per training seed and the min / median over seeds, and writes `seeds.json`.
 
+Autoencoder only (`--seeds 0,1,2 --ae_only`): stage 1 per training seed, graded by its held-out
+round trips at every kept checkpoint (the learning curve) and at the end; writes `ae_seeds.json`.
+`--ae_flag` passes a train.py flag to these runs, to try a recipe without editing the config.
+
   python benchmarks/shapes_training.py                      # quickstart workdirs (train if missing)
   python benchmarks/shapes_training.py --class_ldm          # also train configs/shapes_ldm_class.py
   python benchmarks/shapes_training.py --seeds 0,1,2 --root workdirs/shapes_seeds
+  python benchmarks/shapes_training.py --seeds 0,1,2 --ae_only --root workdirs/ae_seeds \
+      --ae_flag=--config.train.num_steps=1000
 """
 
 import argparse
@@ -60,8 +66,32 @@ def load_config(config_path: str):
   return cfg.get_config()
 
 
-def autoencoder_quality(workdir: str, config_path: str, n: int = 256) -> dict:
-  """PSNR and detector agreement of autoencoder round trips on `n` held-out shapes images."""
+def checkpoint_params(workdir: str, step: int) -> dict:
+  """The autoencoder variables of checkpoint `step` of a stage-1 workdir."""
+  import jax
+  from ldm_jax.train import workdir as workdir_lib
+  ckptr = workdir_lib.read_checkpoints(workdir)
+  try:
+    state, _ = ckptr.restore(step)
+  finally:
+    ckptr.close()
+  return {"params": jax.tree.map(np.asarray, state["params"]["autoencoder"])}
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  from ldm_jax.train import workdir as workdir_lib
+  ckptr = workdir_lib.read_checkpoints(workdir)
+  try:
+    return ckptr.all_steps() if ckptr is not None else []
+  finally:
+    if ckptr is not None:
+      ckptr.close()
+
+
+def autoencoder_quality(workdir: str, config_path: str, n: int = 256, step: int | None = None
+                        ) -> dict:
+  """PSNR and detector agreement of autoencoder round trips on `n` held-out shapes images
+  (the newest checkpoint, or checkpoint `step`)."""
   import jax
   import jax.numpy as jnp
   from ldm_jax import ldm as ldm_lib
@@ -70,8 +100,10 @@ def autoencoder_quality(workdir: str, config_path: str, n: int = 256) -> dict:
   from ldm_jax.models import build
   from ldm_jax.train import ae_trainer
   config = load_config(config_path)
-  ae = build.build_first_stage(config.model.first_stage)
-  variables = ae_trainer.load_autoencoder(workdir)
+  # The workdir's own first-stage config: an --ae_flag may have changed the network.
+  ae = build.build_first_stage(ae_trainer.read_first_stage_config(workdir))
+  variables = (ae_trainer.load_autoencoder(workdir) if step is None
+               else checkpoint_params(workdir, step))
   examples = [shapes.render_shapes(12345, i, size=config.data.image_size) for i in range(n)]
   images = np.stack([ex["image"] for ex in examples]).astype(np.float32) / 127.5 - 1.0
 
@@ -119,13 +151,15 @@ def sample_and_grade(checkpoint: str, prompt_file: str, outdir: str, num_samples
   return result["summary"]
 
 
-def run_seed(seed: int, root: str, ldm_flags: list[str], sample_flags: list[str]) -> dict:
+def run_seed(seed: int, root: str, ldm_flags: list[str], sample_flags: list[str],
+             ae_flags: list[str]) -> dict:
   """Trains (or reuses) one seed's autoencoder and text LDM and grades both prompt sets."""
   from ldm_jax import evaluate_shapes
   base = os.path.join(root, f"seed{seed}")
   ae_dir, ldm_dir = os.path.join(base, "ae"), os.path.join(base, "ldm")
   row = {"seed": seed}
-  row["autoencoder_seconds"] = train_if_missing(AE_CONFIG, ae_dir, f"--config.seed={seed}")
+  row["autoencoder_seconds"] = train_if_missing(AE_CONFIG, ae_dir, f"--config.seed={seed}",
+                                                *ae_flags)
   row["ldm_seconds"] = train_if_missing(TEXT_CONFIG, ldm_dir, f"--config.seed={seed}",
                                         f"--config.first_stage_checkpoint={ae_dir}", *ldm_flags)
   row["autoencoder"] = autoencoder_quality(ae_dir, AE_CONFIG)
@@ -144,10 +178,40 @@ def fmt(summary: dict) -> str:
   return " ".join(f"{k} {summary[k]:4.0%}" for k in METRICS)
 
 
+def autoencoder_seeds(args) -> dict:
+  """Stage 1 alone per training seed: round-trip grades along the run and at its end."""
+  seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+  rows = []
+  for seed in seeds:
+    ae_dir = os.path.join(args.root, f"seed{seed}", "ae")
+    row = {"seed": seed, "autoencoder_seconds": train_if_missing(
+        AE_CONFIG, ae_dir, f"--config.seed={seed}", *(args.ae_flag or []))}
+    row["curve"] = {step: autoencoder_quality(ae_dir, AE_CONFIG, step=step)
+                    for step in checkpoint_steps(ae_dir)}
+    row["final"] = autoencoder_quality(ae_dir, AE_CONFIG)
+    rows.append(row)
+    curve = " ".join(f"{step}: {q['detector_all']:.1%}" for step, q in row["curve"].items())
+    final = row["final"]
+    print(f"seed {seed}: PSNR {final['psnr_db']:.1f} dB | round trip "
+          + " ".join(f"{k} {final['detector_' + k]:.1%}" for k in METRICS)
+          + f" | all along the run: {curve}", flush=True)
+  report = {"seeds": rows, "ae_flags": args.ae_flag or []}
+  for k in ("psnr_db",) + tuple(f"detector_{m}" for m in METRICS):
+    values = [r["final"][k] for r in rows]
+    report[f"min_{k}"], report[f"median_{k}"] = min(values), float(np.median(values))
+  print("min over seeds: " + " ".join(f"{m} {report['min_detector_' + m]:.1%}" for m in METRICS)
+        + f" | PSNR {report['min_psnr_db']:.1f} dB")
+  with open(os.path.join(args.root, "ae_seeds.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  return report
+
+
 def robustness(args) -> dict:
   seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-  rows = [run_seed(s, args.root, args.ldm_flag or [], args.sample_flag or []) for s in seeds]
-  report = {"seeds": rows, "ldm_flags": args.ldm_flag or [], "sample_flags": args.sample_flag or []}
+  rows = [run_seed(s, args.root, args.ldm_flag or [], args.sample_flag or [], args.ae_flag or [])
+          for s in seeds]
+  report = {"seeds": rows, "ae_flags": args.ae_flag or [], "ldm_flags": args.ldm_flag or [],
+            "sample_flags": args.sample_flag or []}
   for name in ("readme_16", "all_90x2"):
     report[f"{name}_min"] = {k: min(r[name][k] for r in rows) for k in METRICS}
     report[f"{name}_median"] = {k: float(np.median([r[name][k] for r in rows])) for k in METRICS}
@@ -177,6 +241,10 @@ def main():
   p.add_argument("--seeds", default="", help="robustness mode: comma-separated training seeds")
   p.add_argument("--root", default=os.path.join(ROOT, "workdirs/shapes_seeds"),
                  help="robustness mode: one seed<N>/ folder per training seed")
+  p.add_argument("--ae_only", action="store_true",
+                 help="robustness mode: train and grade only the autoencoder of each seed")
+  p.add_argument("--ae_flag", action="append",
+                 help="robustness mode: extra train.py flag for the autoencoder (repeatable)")
   p.add_argument("--ldm_flag", action="append",
                  help="robustness mode: extra train.py flag for the LDM (repeatable)")
   p.add_argument("--sample_flag", action="append",
@@ -184,7 +252,7 @@ def main():
   args = p.parse_args()
   if args.seeds:
     os.makedirs(args.root, exist_ok=True)
-    robustness(args)
+    (autoencoder_seeds if args.ae_only else robustness)(args)
     return
   results = {}
   results["autoencoder_train_seconds"] = train_if_missing(AE_CONFIG, args.ae_workdir)

@@ -195,9 +195,15 @@ def init_state(ae, disc, opt_g, opt_d, first_images, rng, learn_logvar=False) ->
 # The optimizers and the jitted step, shared with ahead-of-time compilation (ldm_jax.aot).
 def make_optimizers(config):
   """(generator optimizer, discriminator optimizer): CompVis's lr scaled by the effective batch
-  (batch x accumulation), each accumulating `train.grad_accum_steps` micro-batches per update."""
+  (batch x accumulation), each accumulating `train.grad_accum_steps` micro-batches per update.
+  A warm-up or decaying `train.schedule` runs over the optimizer updates; the default (constant,
+  no warm-up) is CompVis's plain Adam."""
   accum = config.train.grad_accum_steps
   lr = optim.scale_lr_by_batch(config.loss.base_learning_rate, config.data.batch_size, accum)
+  if config.train.schedule != "constant" or config.train.warmup_steps:
+    lr = optim.learning_rate_fn(learning_rate=lr, warmup_steps=config.train.warmup_steps,
+                                schedule=config.train.schedule,
+                                total_steps=config.train.num_steps // accum)
   return (optim.make_gan_optimizer(learning_rate=lr, grad_accum_steps=accum),
           optim.make_gan_optimizer(learning_rate=lr, grad_accum_steps=accum))
 

@@ -104,7 +104,7 @@ def test_resume_after_three_steps_and_onto_another_mesh(tmp_path):
   # of a conv feeding a one-channel-per-group GroupNorm, attention key biases): there Adam
   # normalises rounding noise into steps of up to ~lr, in either direction, in either run.
   # Those show as an RMS gradient (sqrt of Adam's nu) of ~1e-6 against >= 1e-2 elsewhere.
-  lr = 6.25e-5 * 4  # loss.base_learning_rate x batch (shapes_autoencoder.py, batch 4).
+  lr = 1.25e-4 * 4  # loss.base_learning_rate x batch (shapes_autoencoder.py, batch 4).
   nu = jax.tree.leaves(state_a["opt_state"][0][0]["nu"])
   pairs = list(zip(jax.tree.leaves(state_a["params"]), jax.tree.leaves(state_c["params"]), nu))
   assert len(pairs) == len(jax.tree.leaves(state_a["params"]))
