@@ -19,6 +19,7 @@ import numpy as np
 from ldm_jax import family
 from ldm_jax import model_io
 from ldm_jax import sampling
+from ldm_jax.convert import pipeline
 from ldm_jax.data import shapes as shapes_lib
 # `sample` returns floats in [-1, 1]; users convert them with `ldm_jax.ldm.to_uint8`.
 from ldm_jax.data.transforms import to_uint8  # pylint: disable=unused-import
@@ -397,7 +398,6 @@ class LatentDiffusion:
                    **kwargs) -> "LatentDiffusion":
     """use_ema None: the EMA weights when the checkpoint has them. text_config_dir: a local
     config.json of the text encoder when the YAML names one not known offline."""
-    from ldm_jax.convert import pipeline
     config, params = pipeline.load_compvis(ckpt_path, yaml_path, use_ema=use_ema,
                                            tokenizer_path=tokenizer_path,
                                            text_config_dir=text_config_dir)
@@ -405,7 +405,6 @@ class LatentDiffusion:
 
   @classmethod
   def from_diffusers(cls, folder: str, **kwargs) -> "LatentDiffusion":
-    from ldm_jax.convert import pipeline
     config, params = pipeline.load_diffusers(folder)
     return cls(config, params, **kwargs)
 

@@ -27,6 +27,7 @@ from ldm_jax import parallel
 from ldm_jax import workdir_layout as layout
 from ldm_jax.train import ldm_task
 from ldm_jax.train import optim
+from ldm_jax.train import samples as samples_lib
 from ldm_jax.train import state as state_lib
 from ldm_jax.train import step as step_lib
 from ldm_jax.train import trainer
@@ -66,8 +67,7 @@ def build_model(config, workdir: str, first_images: np.ndarray) -> ldm_lib.Laten
 
 def load_first_stage(path: str, model: ldm_lib.LatentDiffusion):
   """First-stage variables from an autoencoder workdir/saved autoencoder, checked against config."""
-  from ldm_jax.train import ae_trainer  # Local: only stage 2 needs stage 1's loader.
-  variables = ae_trainer.load_autoencoder(path, model.config.first_stage)
+  _, variables = model_io.load_first_stage(path)
   template = jax.eval_shape(lambda: model.params["first_stage"])
   got = jax.eval_shape(lambda: variables)
   if jax.tree_util.tree_structure(template) != jax.tree_util.tree_structure(got) or any(
@@ -180,7 +180,6 @@ class LatentDiffusionTask(trainer.Task):
 
   def sample(self, state, step, check):
     del check  # One sampling call: the loop checks before it.
-    from ldm_jax.train import samples as samples_lib
     return samples_lib.log_sample_grid(self._trained_model(state), self.config, self.workdir,
                                        step)
 
