@@ -175,14 +175,24 @@ def _block_backward(scale, qb, kb, vb, mask_b, ob, lse_b, dob):
   Returns dq [..., c, d] and the transposed dk, dv [..., d, Lk]. The products that contract over
   queries are taken as x^T [d, c] @ [c, Lk], transposing the small [c, d] operand: XLA:CPU
   transposes the [c, Lk] operand of w^T @ dout (or contracts its major dimension) several times
-  more slowly.
+  more slowly. ob None takes the softmax's row term from the weights instead of from the output,
+  for a block computed in the same XLA computation as the forward pass (see below).
   """
   weights = jnp.exp(_logits(scale, qb, kb, mask_b) - lse_b[..., None])  # [..., c, Lk], softmax
   dvt = jnp.einsum("...dq,...qk->...dk", jnp.swapaxes(dob, -1, -2), weights.astype(dob.dtype),
                    preferred_element_type=jnp.float32)
   dweights = jnp.einsum("...qd,...kd->...qk", dob, vb, preferred_element_type=jnp.float32)
   # Softmax's Jacobian: dlogits = w * (dw - sum_k w dw), and sum_k w dw = dout . out per query.
-  row = jnp.sum(dob.astype(jnp.float32) * ob.astype(jnp.float32), axis=-1, keepdims=True)
+  if ob is not None:
+    row = jnp.sum(dob.astype(jnp.float32) * ob.astype(jnp.float32), axis=-1, keepdims=True)
+  else:
+    # dout . out is the cheaper [c, d] form, but where the forward's out = w @ v is in the same
+    # computation, XLA:CPU (jaxlib 0.10.2) fuses that dot, the product with dout and the sum
+    # into one YNNPACK fusion, which is wrong in most rows when dout is a broadcast (a constant
+    # cotangent); in plain jnp, with e [1024, 77], v [77, 40], w [40]:
+    #   jax.jit(lambda e, v, w: e * jnp.sum(w * (e @ v), -1, keepdims=True))
+    # (tests/kernels/test_attention_grad.py). Here the sum is over two [c, Lk] arrays instead.
+    row = jnp.sum(weights * dweights, axis=-1, keepdims=True)  # [..., c, 1]
   dlogits = weights * (dweights - row)
   if mask_b is not None:
     dlogits = jnp.where(mask_b, dlogits, 0)
@@ -229,7 +239,9 @@ def _backward(scale, blocks, q, k, v, mask, out, lse, dout):
   lk = k.shape[2]
   group, chunk = blocks
   if group == b * heads and chunk == lq:
-    dq, dkt, dvt = _block_backward(scale, q, k, v, mask, out, lse, dout)
+    # One block: `out` may still be the forward's dot in this computation, so the row term comes
+    # from the weights. Blocks inside the loops below read `out` as a loop operand.
+    dq, dkt, dvt = _block_backward(scale, q, k, v, mask, None, lse, dout)
     grads = dq, jnp.swapaxes(dkt, -1, -2), jnp.swapaxes(dvt, -1, -2)
   else:
     n_groups, n_chunks = b * heads // group, lq // chunk
