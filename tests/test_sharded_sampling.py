@@ -172,3 +172,22 @@ def test_training_grid_on_mesh(model, tmp_path):
   single = train_samples.log_sample_grid(model, config, str(tmp_path / "b"), 1)
   assert sharded.shape == single.shape
   assert np.abs(sharded.astype(np.int16) - single).max() <= 1
+
+
+def test_trainer_samples_its_grid_on_the_training_mesh(tiny_workdirs, tmp_path, monkeypatch):
+  """One fine-tuning step on a 2-device mesh: the step's sample grid is split over that mesh."""
+  from configs import shapes_ldm_text
+  from ldm_jax.cli import train as entry
+  spy = Spy(monkeypatch, train_samples)
+  cfg = shapes_ldm_text.get_config("tiny")
+  cfg.mesh.num_devices = 2
+  cfg.init_from = tiny_workdirs["ldm"]
+  cfg.train.num_steps = 1
+  cfg.log.sample_every = 1
+  cfg.log.sample_steps = 1
+  cfg.log.sample_prompts = ("a red circle at the center",)
+  workdir = tmp_path / "run"
+  entry.train(cfg, str(workdir))
+  assert spy.meshes and sampling.batch_shards(spy.meshes[0]) == 2
+  assert {d.id for d in spy.meshes[0].devices.flat} == {d.id for d in parallel.jax.devices()[:2]}
+  assert (workdir / "samples" / "step_0000001.png").is_file()
