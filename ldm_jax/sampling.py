@@ -104,17 +104,23 @@ def shard_batch(mesh, payload, x_T, x0, mask):
   return payload, x_T, x0, mask
 
 
-def repeat_last(x, batch: int, extra: int):
+def repeat_last(x, batch: int, extra: int, name: str = "input"):
   """A per-sample input (list or array of `batch` rows) with its last row repeated `extra` times.
 
-  Anything else (None, one string for every sample, an array that broadcasts) passes unchanged.
+  None, one string for every sample and an array of one row (broadcast) pass unchanged; any other
+  length raises SamplingInputError naming the input, before a padded batch size could mislead.
   """
   if x is None or isinstance(x, str):
     return x
   if isinstance(x, (list, tuple)):
-    return list(x) + [x[-1]] * extra if len(x) == batch else x
-  if np.ndim(x) == 0 or np.shape(x)[0] != batch:
+    if len(x) != batch:
+      raise SamplingInputError(f"{name}: {len(x)} entries for a batch of {batch}.")
+    return list(x) + [x[-1]] * extra
+  if np.ndim(x) == 0 or (np.shape(x)[0] == 1 and batch != 1):
     return x
+  if np.shape(x)[0] != batch:
+    raise SamplingInputError(f"{name} of shape {tuple(np.shape(x))}: expected {batch} rows, one "
+                             f"per sample.")
   xp = jnp if isinstance(x, jax.Array) else np
   return xp.concatenate([x, xp.repeat(x[-1:], extra, axis=0)], axis=0)
 
@@ -202,13 +208,15 @@ def sample(model, *, prompts=None, labels=None, images=None, tokens=None,
     # Every sample depends only on its own inputs and seed (`initial_noise`, per-sample
     # conditioning, and step noise drawn elementwise), so the copies leave the real samples as
     # they are; one compiled shape per shard count rather than a refused batch.
-    grow = lambda x: repeat_last(x, batch, extra)
-    out = sample(model, prompts=grow(prompts), labels=grow(labels), images=grow(images),
-                 tokens=grow(tokens), height=height, width=width, sampler=sampler, steps=steps,
-                 eta=eta, guidance=guidance, guidance_rescale=guidance_rescale,
-                 seeds=grow(seeds), x_T=grow(x_T), init_image=grow(init_image),
-                 strength=strength, mask=grow(mask), negative_prompt=grow(negative_prompt),
-                 noise_level=noise_level, depth_map=grow(depth_map), progress=progress,
+    grow = lambda name, x: repeat_last(x, batch, extra, name)
+    out = sample(model, prompts=grow("prompts", prompts), labels=grow("labels", labels),
+                 images=grow("images", images), tokens=grow("tokens", tokens), height=height,
+                 width=width, sampler=sampler, steps=steps, eta=eta, guidance=guidance,
+                 guidance_rescale=guidance_rescale, seeds=grow("seeds", seeds),
+                 x_T=grow("x_T", x_T), init_image=grow("init_image", init_image),
+                 strength=strength, mask=grow("mask", mask),
+                 negative_prompt=grow("negative_prompt", negative_prompt),
+                 noise_level=noise_level, depth_map=grow("depth_map", depth_map), progress=progress,
                  decode=decode, decode_tile=decode_tile, paste_known=paste_known, mesh=mesh,
                  as_numpy=as_numpy)
     return out[:batch]

@@ -73,6 +73,11 @@ def test_repeat_last_pads_only_per_sample_inputs():
   np.testing.assert_array_equal(grown, [[0, 1], [2, 3], [4, 5], [4, 5]])
   broadcast = np.ones((1, 4, 4, 1))
   assert sampling.repeat_last(broadcast, 3, 1) is broadcast
+  with pytest.raises(sampling.SamplingInputError,
+                     match="negative_prompt: 2 entries for a batch of 3"):
+    sampling.repeat_last(["x", "y"], 3, 1, "negative_prompt")
+  with pytest.raises(sampling.SamplingInputError, match=r"x_T of shape \(2, 4\): expected 3 rows"):
+    sampling.repeat_last(np.zeros((2, 4)), 3, 1, "x_T")
 
 
 def test_local_mesh(monkeypatch):
