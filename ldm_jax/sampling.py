@@ -8,11 +8,13 @@ compiles once per (shape, sampler, steps, eta, guidance on/off).
 """
 
 import dataclasses
+import os
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from ldm_jax import errors
 from ldm_jax import networks
@@ -23,6 +25,10 @@ from ldm_jax.diffusion import samplers as samplers_lib
 # jax.random.PRNGKey folds seeds modulo 2**32 (2**32 gives the same noise as 0) and cannot take
 # 2**63 or more: seeds outside [0, 2**32) would silently repeat or crash.
 SEED_LIMIT = 2 ** 32
+
+# The default of the command lines' --num_devices when the flag is left out (unset: 0, every local
+# device); the test suite sets 1 so command-line tests that are not about sharding stay fast.
+NUM_DEVICES_ENV = "LDM_JAX_NUM_DEVICES"
 
 
 class SamplingInputError(errors.InputError):
@@ -48,13 +54,42 @@ class UNetDenoiser:
     return guidance_lib.combine_guidance(out_u, out_c, c["scale"], c["rescale"])
 
 
+def batch_shards(mesh) -> int:
+  """How many slices the mesh's batch axes (data, fsdp) cut a batch into."""
+  return mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+
+
+def local_mesh(num_devices: int | None = None, field: str = "--num_devices"):
+  """A ('data',) mesh over the first N of this process's devices, or None for one device.
+
+  num_devices: 0 = every local device; None = $LDM_JAX_NUM_DEVICES, else 0. Local devices only:
+  the command lines do not split their work between hosts, so every host samples its own batch.
+  field: the name the caller's users know the setting by, for the error.
+  """
+  if num_devices is None:
+    raw = os.environ.get(NUM_DEVICES_ENV, "0")
+    try:
+      num_devices = int(raw)
+    except ValueError:
+      raise SamplingInputError(f"${NUM_DEVICES_ENV}={raw!r}: expected an integer number of "
+                               f"devices (0 = all).") from None
+    field = f"${NUM_DEVICES_ENV}"
+  devices = jax.local_devices()
+  if not 0 <= num_devices <= len(devices):
+    raise SamplingInputError(f"{field}={num_devices}: expected 0 (all) or 1..{len(devices)} "
+                             f"(the devices of this host).")
+  n = num_devices or len(devices)
+  if n == 1:
+    return None
+  return parallel.make_mesh({"data": n}, devices=devices[:n])
+
+
 def shard_batch(mesh, payload, x_T, x0, mask):
   """Places batch-leading inputs on the mesh's batch axes and the UNet parameters replicated."""
   batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-  n = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-  if x_T.shape[0] % n:
-    raise SamplingInputError(f"batch of {x_T.shape[0]} cannot be split over the {n} batch shards "
-                             f"of the mesh; use a multiple of {n}.")
+  if x_T.shape[0] % batch_shards(mesh):  # `sample` pads the batch first; this guards other callers.
+    raise SamplingInputError(f"batch of {x_T.shape[0]} cannot be split over the "
+                             f"{batch_shards(mesh)} batch shards of the mesh.")
   put = lambda tree, sharding: jax.tree.map(lambda a: jax.device_put(a, sharding), tree)
   payload = dict(payload, params=put(payload["params"], replicated))
   for key in ("cond", "uncond"):
@@ -67,6 +102,34 @@ def shard_batch(mesh, payload, x_T, x0, mask):
   x0 = None if x0 is None else put(x0, batch_sharding)
   mask = None if mask is None else put(mask, batch_sharding)
   return payload, x_T, x0, mask
+
+
+def repeat_last(x, batch: int, extra: int, name: str = "input"):
+  """A per-sample input (list or array of `batch` rows) with its last row repeated `extra` times.
+
+  None, one string for every sample and an array of one row (broadcast) pass unchanged; any other
+  length raises SamplingInputError naming the input, before a padded batch size could mislead.
+  """
+  if x is None or isinstance(x, str):
+    return x
+  if isinstance(x, (list, tuple)):
+    if len(x) != batch:
+      raise SamplingInputError(f"{name}: {len(x)} entries for a batch of {batch}.")
+    return list(x) + [x[-1]] * extra
+  if np.ndim(x) == 0 or (np.shape(x)[0] == 1 and batch != 1):
+    return x
+  if np.shape(x)[0] != batch:
+    raise SamplingInputError(f"{name} of shape {tuple(np.shape(x))}: expected {batch} rows, one "
+                             f"per sample.")
+  xp = jnp if isinstance(x, jax.Array) else np
+  return xp.concatenate([x, xp.repeat(x[-1:], extra, axis=0)], axis=0)
+
+
+def to_host(x) -> np.ndarray:
+  """A device array as numpy, gathered from every host when the mesh spans several."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> jax.Array:
@@ -127,7 +190,9 @@ def sample(model, *, prompts=None, labels=None, images=None, tokens=None,
   depth_map: depth-to-image models, [B, H, W] at any resolution (see `depth_condition`).
   paste_known: inpainting returns the input's pixels exactly where mask == 1.
   mesh: shard the batch over the mesh's (data, fsdp) axes (parameters replicated), so each device
-    samples only its slice; the batch must divide by those axes.
+    samples only its slice. A batch those axes do not divide is filled up with copies of its last
+    sample (inputs and seed) and cut back after: the real samples are the ones an unsharded call
+    makes. On a mesh over several hosts every host passes the same inputs and gets every sample.
   as_numpy: False returns the device array (sharded like the batch when a mesh is given).
   """
   chosen = model.sampling_settings(sampler=sampler, steps=steps, guidance=guidance)
@@ -138,6 +203,23 @@ def sample(model, *, prompts=None, labels=None, images=None, tokens=None,
   seeds = list(seeds) if seeds is not None else [seed + i for i in range(batch)]
   if len(seeds) != batch:
     raise SamplingInputError(f"{len(seeds)} seeds for a batch of {batch}.")
+  extra = 0 if mesh is None else -batch % batch_shards(mesh)
+  if extra:
+    # Every sample depends only on its own inputs and seed (`initial_noise`, per-sample
+    # conditioning, and step noise drawn elementwise), so the copies leave the real samples as
+    # they are; one compiled shape per shard count rather than a refused batch.
+    grow = lambda name, x: repeat_last(x, batch, extra, name)
+    out = sample(model, prompts=grow("prompts", prompts), labels=grow("labels", labels),
+                 images=grow("images", images), tokens=grow("tokens", tokens), height=height,
+                 width=width, sampler=sampler, steps=steps, eta=eta, guidance=guidance,
+                 guidance_rescale=guidance_rescale, seeds=grow("seeds", seeds),
+                 x_T=grow("x_T", x_T), init_image=grow("init_image", init_image),
+                 strength=strength, mask=grow("mask", mask),
+                 negative_prompt=grow("negative_prompt", negative_prompt),
+                 noise_level=noise_level, depth_map=grow("depth_map", depth_map), progress=progress,
+                 decode=decode, decode_tile=decode_tile, paste_known=paste_known, mesh=mesh,
+                 as_numpy=as_numpy)
+    return out[:batch]
   default = int(model.config.diffusion.image_size) * f
   if model.is_upscaler and images is not None:  # The upscaler's latents are its input's size.
     default_h, default_w = np.shape(images)[1] * f, np.shape(images)[2] * f
@@ -225,13 +307,13 @@ def sample(model, *, prompts=None, labels=None, images=None, tokens=None,
                           parameterization=model.config.diffusion.parameterization, x0=x0,
                           mask=m, strength=strength, progress=progress)
   if not decode:
-    return np.asarray(z) if as_numpy else z
+    return to_host(z) if as_numpy else z
   if decode_tile is None and max(h, w) > int(model.config.diffusion.image_size):
     decode_tile = int(model.config.diffusion.image_size)  # Bigger than trained: bounded memory.
   images = model.decode(z, tile=decode_tile)
   if not as_numpy:
     return images
-  images = np.asarray(images)
+  images = to_host(images)
   if mask is not None and paste_known:
     # The latents of the known region are exact, but the decoder (attention in its middle block)
     # mixes them with the generated region: paste the known pixels back, as inpainting pipelines do.

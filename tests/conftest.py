@@ -16,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # CLIs run in-process must not write JAX's compilation cache into the user's cache directory.
 os.environ.setdefault("LDM_JAX_COMPILATION_CACHE", "off")
+# sample.py samples on one device unless a test passes --num_devices: sharding has its own tests.
+os.environ.setdefault("LDM_JAX_NUM_DEVICES", "1")
 
 import pytest  # noqa: E402  (after the environment is set up)
 

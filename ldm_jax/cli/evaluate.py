@@ -29,6 +29,7 @@ import sys
 import time
 
 from ldm_jax import model_io
+from ldm_jax import sampling
 from ldm_jax.cli import common as cli
 from ldm_jax.convert import lpips as lpips_convert
 from ldm_jax.diffusion import samplers
@@ -50,7 +51,8 @@ def _add_common(p: argparse.ArgumentParser, out_help: str) -> None:
                  "(python -m ldm_jax.convert.inception) or pt_inception-2015-12-05-6726825d.pth")
   p.add_argument("--inception_batch", type=int, default=50, help="images per Inception batch")
   p.add_argument("--num_devices", type=int, default=0,
-                 help="shard the Inception's batches over the first N devices (0 = all)")
+                 help="shard the sampler's and the Inception's batches over the first N devices "
+                      "of this host (0 = all, 1 = no sharding)")
   p.add_argument("--data_dir", default="", help="TFDS data_dir for tfds: specs")
   p.add_argument("--no_progress", action="store_true")
 
@@ -137,7 +139,8 @@ def run_samples(args) -> dict:
   reference = _reference(args, extractor)
   return sample_eval.evaluate_model(model, settings, extractor, reference, is_splits=args.is_splits,
                         pr_k=args.pr_k, save_dir=args.save_samples or None,
-                        show_progress=not args.no_progress)
+                        show_progress=not args.no_progress,
+                        mesh=sampling.local_mesh(args.num_devices))
 
 
 def _reference(args, extractor) -> image_sets.Reference | None:

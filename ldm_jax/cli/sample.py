@@ -60,6 +60,9 @@ def parse_args(argv):
   how.add_argument("--num_samples", type=int, default=1, help="samples per prompt / label")
   how.add_argument("--batch_size", type=int, default=8)
   how.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  how.add_argument("--num_devices", type=int, metavar="N",
+                   help="split each batch over the first N devices of this host (0 = all, "
+                        f"1 = no sharding; default: ${sampling.NUM_DEVICES_ENV}, else 0)")
   p.add_argument("--outdir", required=True)
   p.add_argument("--no_progress", action="store_true")
   p.add_argument("--compilation_cache", metavar="DIR|off",
@@ -289,6 +292,7 @@ def image_inputs(args, raw: dict[str, np.ndarray], h: int, w: int) -> dict[str, 
 def run(args) -> list[str]:
   """Samples everything the arguments ask for; returns the written PNG paths."""
   prompts = check_arguments(args)
+  mesh = sampling.local_mesh(args.num_devices)  # None on one device.
   raw_images = read_images(args)
   model = cli.load_model(args)
   resolve_sampling(args, model)
@@ -304,7 +308,7 @@ def run(args) -> list[str]:
     chunk = reqs[start:start + args.batch_size]
     kwargs = dict(height=h, width=w, sampler=args.sampler, steps=args.steps,
                   eta=args.eta, guidance=args.guidance, guidance_rescale=args.guidance_rescale,
-                  seeds=[r["seed"] for r in chunk], progress=not args.no_progress)
+                  seeds=[r["seed"] for r in chunk], progress=not args.no_progress, mesh=mesh)
     if "prompt" in chunk[0]:
       kwargs["prompts"] = [r["prompt"] for r in chunk]
     if "label" in chunk[0]:

@@ -84,17 +84,19 @@ def sample_conditions(model, s: SampleSettings, start: int, count: int) -> dict[
   return {}
 
 
-def generate(model, s: SampleSettings, show_progress: bool = True) -> Iterator[np.ndarray]:
+def generate(model, s: SampleSettings, show_progress: bool = True,
+             mesh=None) -> Iterator[np.ndarray]:
   """Yields s.num_samples uint8 [H, W, 3] samples; sample i comes from seed s.seed + i.
 
   The last batch is filled up with extra seeds and cut, so every batch reuses one compilation.
+  mesh: split each batch over its batch axes (see `sampling.sample`).
   """
   batches = range(0, s.num_samples, s.batch_size)
   for start in image_sets.progress(batches, len(batches), f"sampling ({s.batch_size}/batch)", show_progress):
     keep = min(s.batch_size, s.num_samples - start)
     images = sampling.sample(model, sampler=s.sampler, steps=s.steps, eta=s.eta,
                              guidance=s.guidance,
-                             seeds=[s.seed + start + i for i in range(s.batch_size)],
+                             seeds=[s.seed + start + i for i in range(s.batch_size)], mesh=mesh,
                              **sample_conditions(model, s, start, s.batch_size))
     yield from ldm_lib.to_uint8(images[:keep])
 
@@ -102,12 +104,13 @@ def generate(model, s: SampleSettings, show_progress: bool = True) -> Iterator[n
 def evaluate_model(model, settings: SampleSettings, extractor,
                    reference: image_sets.Reference | None, *,
                    is_splits: int = 10, pr_k: int = 3, save_dir: str | None = None,
-                   show_progress: bool = True) -> dict[str, Any]:
+                   show_progress: bool = True, mesh=None) -> dict[str, Any]:
   """Samples `settings.num_samples` images and returns their FID / IS / precision-recall.
 
   save_dir: also write every sample as a PNG there (000000.png, ...).
+  mesh: sample on it (see `generate`).
   """
-  images = generate(model, settings, show_progress)
+  images = generate(model, settings, show_progress, mesh)
   if save_dir:
     images = _saving(images, save_dir)
   features = extractor(images, outputs=("pool", "logits_unbiased"))

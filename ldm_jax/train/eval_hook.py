@@ -36,8 +36,10 @@ class _CheckedExtractor:
     return getattr(self._extractor, name)
 
 
-def make_train_hook(config, workdir: str) -> Callable[..., dict[str, float]]:
+def make_train_hook(config, workdir: str, mesh=None) -> Callable[..., dict[str, float]]:
   """`run(model, step, check) -> {'eval/fid': ...}`: samples and evaluates the model being trained.
+
+  mesh: the training mesh; its batch axes split every sampler batch.
 
   `check()` runs between images (sampled, or reference images being featurised) and raises to
   abandon the evaluation, e.g. `PreemptionGuard.check` on SIGTERM.
@@ -67,7 +69,7 @@ def make_train_hook(config, workdir: str) -> Callable[..., dict[str, float]]:
     s = dataclasses.replace(settings, prompts=settings.prompts if model.is_text else ())
     # The steps of sample_eval.evaluate_model, with `check` between images, so a preemption
     # stops the phase within one sample (or Inception) batch.
-    features = checked_extractor(sample_eval.generate(model, s, show_progress=False),
+    features = checked_extractor(sample_eval.generate(model, s, show_progress=False, mesh=mesh),
                                  outputs=("pool", "logits_unbiased"))
     metrics = image_sets.set_metrics(features, cache.get("ref"), is_splits=ev.is_splits,
                                      pr_k=ev.pr_k)

@@ -147,10 +147,11 @@ class LatentDiffusionTask(trainer.Task):
                        "estimated from images; build the cache with the trained model and set "
                        "config.model.diffusion.scale_factor instead.")
     self.model = training_model(build_model(config, workdir, first_batch.get("image")), config)
+    self.mesh = mesh  # The sample grid and the eval hook sample on the training mesh.
     self.optimizer, self.lr_fn = make_optimizer(config)
     if "eval" in config and config.eval.every_steps:
       from ldm_jax.train import eval_hook  # Local: only runs with config.eval need the metrics.
-      self.run_eval = eval_hook.make_train_hook(config, workdir)
+      self.run_eval = eval_hook.make_train_hook(config, workdir, mesh)
       self.evaluate = self._evaluate
 
   def init_state(self):
@@ -181,7 +182,7 @@ class LatentDiffusionTask(trainer.Task):
   def sample(self, state, step, check):
     del check  # One sampling call: the loop checks before it.
     return samples_lib.log_sample_grid(self._trained_model(state), self.config, self.workdir,
-                                       step)
+                                       step, self.mesh)
 
   def _evaluate(self, state, step, check):
     return self.run_eval(self._trained_model(state), step, check)

@@ -24,10 +24,13 @@ def sample_inputs(model: ldm_lib.LatentDiffusion, config) -> dict:
 
 
 def log_sample_grid(model: ldm_lib.LatentDiffusion, config, workdir: str,
-                    step: int) -> np.ndarray | None:
-  """Samples the grid, writes `samples/step_NNNNNNN.png`; returns it (process 0) for TensorBoard."""
+                    step: int, mesh=None) -> np.ndarray | None:
+  """Samples the grid, writes `samples/step_NNNNNNN.png`; returns it (process 0) for TensorBoard.
+
+  mesh: the training mesh, whose batch axes split the grid (every host gets the whole grid).
+  """
   images = sampling.sample(model, steps=int(config.log.sample_steps),
-                           guidance=float(config.log.sample_guidance), seed=step,
+                           guidance=float(config.log.sample_guidance), seed=step, mesh=mesh,
                            **sample_inputs(model, config))
   if not parallel.is_main_process():
     return None
