@@ -295,7 +295,9 @@ def read_newest_state(workdir: str) -> dict[str, Any] | None:
   """
   failures = []
   for step in reversed(complete_steps(workdir)):
-    state_dir = epath.Path(layout.checkpoints_dir(workdir)) / str(step) / layout.STATE_ITEM
+    # Orbax takes absolute paths only; workdirs are often given relative to the current directory.
+    state_dir = (epath.Path(os.path.abspath(layout.checkpoints_dir(workdir))) / str(step) /
+                 layout.STATE_ITEM)
     try:
       with ocp.StandardCheckpointer() as ckptr:
         state = ckptr.restore(state_dir)

@@ -1,6 +1,8 @@
 """LatentDiffusion on a real (tiny, briefly trained) text model: compile-once sampling, img2img,
 inpainting, larger-than-trained images with bounded decode memory, save/load round trips."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,6 +31,20 @@ def test_workdir_loads_ema_weights(tiny_workdirs, model):
   for a, b in zip(jax.tree.leaves(model.params["first_stage"]),
                   jax.tree.leaves(raw.params["first_stage"])):
     np.testing.assert_array_equal(a, b)
+
+
+def test_workdirs_given_relative_to_the_current_directory_load(tiny_workdirs, monkeypatch):
+  """Readers take workdirs as users type them (Orbax itself needs absolute paths)."""
+  ae = pathlib.Path(tiny_workdirs["ae"])
+  monkeypatch.chdir(ae.parent)
+  cfg, variables = model_io.load_first_stage(ae.name)  # An autoencoder workdir's checkpoint.
+  _, expected = model_io.load_first_stage(str(ae))
+  assert cfg["kind"]
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(a, b)
+  ldm_dir = pathlib.Path(tiny_workdirs["ldm"])
+  monkeypatch.chdir(ldm_dir.parent)
+  assert model_io.restore_trained_params(ldm_dir.name) is not None
 
 
 def test_sampling_compiles_once(model):
