@@ -18,6 +18,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("LDM_JAX_COMPILATION_CACHE", "off")
 # sample.py samples on one device unless a test passes --num_devices: sharding has its own tests.
 os.environ.setdefault("LDM_JAX_NUM_DEVICES", "1")
+# libtpu (the TPU compiler of the topology tests; no TPU is opened) takes a machine-wide lock file
+# unless told that several processes load it: the test workers compile for TPUs side by side.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pytest  # noqa: E402  (after the environment is set up)
 

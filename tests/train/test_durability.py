@@ -207,7 +207,7 @@ def test_sigterm_during_evaluation_saves_within_a_batch(tmp_path, monkeypatch):
 
   generated = []
 
-  def slow_generate(model, settings, show_progress=True):
+  def slow_generate(model, settings, show_progress=True, mesh=None):
     del model, show_progress
     for i in range(settings.num_samples):
       if i == 5:  # The scheduler's SIGTERM arrives mid-phase (a second batch is under way).
@@ -254,7 +254,7 @@ def test_eval_hook_without_signal_runs_to_the_end(tmp_path, monkeypatch):
     logits = np.stack([np.linspace(0, 1 + i, 8) for i in range(len(images))])
     return {"pool": logits, "logits_unbiased": logits}
 
-  def generate(model, settings, show_progress=True):
+  def generate(model, settings, show_progress=True, mesh=None):
     for i in range(settings.num_samples):
       yield np.full((4, 4, 3), i, np.uint8)
 

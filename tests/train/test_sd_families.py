@@ -17,7 +17,7 @@ from ldm_jax import ldm
 from ldm_jax import sampling
 from ldm_jax.data import shapes
 from ldm_jax.data import transforms
-from ldm_jax.train import entry
+from ldm_jax.cli import train as entry
 from ldm_jax.train import ldm_task
 
 FAMILIES = {  # name -> (config module, variant, first stage)
