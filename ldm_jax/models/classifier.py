@@ -159,13 +159,7 @@ class EncoderUNet(nn.Module):
     index the denoiser gets). Returns float32 logits [B, num_classes]. Dropout draws from the
     'dropout' rng when not deterministic."""
     inputs, middle = self.trunk_layout()
-    if x.ndim != 4 or x.shape[-1] != self.in_channels:
-      raise ValueError(f"EncoderUNet: x has shape {x.shape}; expected [B, H, W, in_channels="
-                       f"{self.in_channels}].")
-    factor = 2 ** (len(self.channel_mult) - 1)
-    if x.shape[1] % factor or x.shape[2] % factor:
-      raise ValueError(f"EncoderUNet: x is {x.shape[1]}x{x.shape[2]}; expected H and W divisible "
-                       f"by {factor} for {len(self.channel_mult)} levels.")
+    unet_lib.check_input("EncoderUNet", x, self.in_channels, len(self.channel_mult))
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     ted = 4 * self.model_channels
     t_emb = layers.timestep_embedding(timesteps, self.model_channels)  # [B, mc] fp32

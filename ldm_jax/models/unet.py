@@ -91,6 +91,17 @@ class Layer:
     return f"{self.stage}_blocks_{self.block}_{self.pos}"
 
 
+def check_input(name: str, x, in_channels: int, levels: int) -> None:
+  """A ValueError unless x is [B, H, W, in_channels] with H and W divisible by 2^(levels - 1)."""
+  if x.ndim != 4 or x.shape[-1] != in_channels:
+    raise ValueError(f"{name}: x has shape {x.shape}; expected [B, H, W, in_channels="
+                     f"{in_channels}].")
+  factor = 2 ** (levels - 1)
+  if x.shape[1] % factor or x.shape[2] % factor:
+    raise ValueError(f"{name}: x is {x.shape[1]}x{x.shape[2]}; expected H and W divisible by "
+                     f"{factor} for {levels} levels.")
+
+
 class UNetModel(nn.Module):
   """openaimodel.UNetModel in Flax; field meanings as in the original (see its docstring).
 
@@ -305,13 +316,7 @@ class UNetModel(nn.Module):
     Returns [B, H, W, out_channels]. Dropout draws from the 'dropout' rng when not deterministic.
     """
     inputs, middle, outputs = self.layout()
-    if x.ndim != 4 or x.shape[-1] != self.in_channels:
-      raise ValueError(f"UNetModel: x has shape {x.shape}; expected [B, H, W, in_channels="
-                       f"{self.in_channels}].")
-    factor = 2 ** (len(self.channel_mult) - 1)
-    if x.shape[1] % factor or x.shape[2] % factor:
-      raise ValueError(f"UNetModel: x is {x.shape[1]}x{x.shape[2]}; expected H and W divisible by "
-                       f"{factor} for {len(self.channel_mult)} levels.")
+    check_input("UNetModel", x, self.in_channels, len(self.channel_mult))
     if self.use_spatial_transformer:
       if context is None or context.ndim != 3 or context.shape[-1] != self.context_dim:
         shape = None if context is None else context.shape
