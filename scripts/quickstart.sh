@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The quickstart: installs ldm_jax into ./.venv, trains the shapes autoencoder and a text-conditional
 # shapes LDM on the CPU, samples a grid for 16 prompts and grades it with the shapes detector.
-# Re-running resumes or skips finished work. About 15 minutes on 2 idle CPU cores, installs
-# included (an estimate; see README, Measured results).
+# Re-running resumes or skips finished work. About 9 minutes on 2 idle CPU cores, installs
+# included (measured: see README, Measured results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
