@@ -31,6 +31,8 @@ ROWS = {
                        "--batch_per_chip", "1"],
     "sd15_v5e2x2_b4": ["--config", SD15, "--topology", "v5e:2x2", "--config.mesh.fsdp=4",
                        "--batch_per_chip", "4"],
+    "sd15_v5e2x2_b8": ["--config", SD15, "--topology", "v5e:2x2", "--config.mesh.fsdp=4",
+                       "--batch_per_chip", "8"],
     "sd15_v5e2x2_b4_noremat": ["--config", SD15, "--topology", "v5e:2x2",
                                "--config.mesh.fsdp=4", "--config.train.remat=False",
                                "--batch_per_chip", "4"],
