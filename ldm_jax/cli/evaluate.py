@@ -33,6 +33,7 @@ from ldm_jax import sampling
 from ldm_jax.cli import common as cli
 from ldm_jax.convert import lpips as lpips_convert
 from ldm_jax.diffusion import samplers
+from ldm_jax.diffusion import sampling_settings
 from ldm_jax.errors import InputError, UserError
 from ldm_jax.eval import fid
 from ldm_jax.eval import image_sets
@@ -75,10 +76,12 @@ def parse_args(argv) -> argparse.Namespace:
   cli.add_model_arguments(s)
   s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   s.add_argument("--num_samples", type=int, default=50)
-  s.add_argument("--sampler", default="ddim", choices=samplers.NAMES)
-  s.add_argument("--steps", type=int, default=50)
+  s.add_argument("--sampler", default=sampling_settings.DEFAULTS["sampler"],
+                 choices=samplers.NAMES)
+  s.add_argument("--steps", type=int, default=sampling_settings.DEFAULTS["steps"])
   s.add_argument("--eta", type=cli.finite_float, default=0.0)
-  s.add_argument("--guidance", type=cli.finite_float, default=1.0,
+  s.add_argument("--guidance", type=cli.finite_float,
+                 default=sampling_settings.DEFAULTS["guidance"],
                  help="classifier-free guidance scale")
   s.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
   s.add_argument("--batch_size", type=int, default=16, help="samples per sampler batch")
