@@ -54,7 +54,9 @@ def check_settings(s: SampleSettings, model, prefix: str = "--") -> None:
                      f"{prefix}prompt_file.")
   if model.cond_kind not in ("none", "class") and not model.is_text:
     raise InputError(f"sample-and-evaluate needs an unconditional, class or text model; this one is "
-                     f"conditioned by '{model.cond_kind}' (evaluate its samples with `folder`).")
+                     f"conditioned by '{model.cond_kind}': score a super-resolution, inpainting "
+                     f"or semantic model against ground truth with `paired`, or its samples with "
+                     f"`folder`.")
 
 
 def sample_conditions(model, s: SampleSettings, start: int, count: int) -> dict[str, list]:
