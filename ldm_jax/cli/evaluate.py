@@ -212,6 +212,9 @@ def run_paired(args) -> dict:
   if n < 1 or (args.inception and n < 2):
     raise UserError(f"--data={args.data}: {n} images; expected at least "
                     f"{2 if args.inception else 1}{' (FID)' if args.inception else ''}.")
+  # The settings that need no model, before it is loaded (then again with its timesteps).
+  sampling_settings.check({"sampler": args.sampler, "steps": args.steps, "eta": args.eta,
+                           "seed": args.seed}, prefix="--", num_samples=n)
   lpips_params = _load_lpips(args) if args.lpips else None
   extractor = _extractor(args) if args.inception else None  # FID / IS are optional here.
   model = cli.load_model(args)

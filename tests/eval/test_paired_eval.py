@@ -44,10 +44,10 @@ def _lpips_params(rng):
 
 
 def _features(images, outputs):
-  """An Inception stand-in: 4 'pool' features (channel means, contrast) and 5 'logits'."""
+  """An Inception stand-in: 3 'pool' features (the channel means) and 5 'logits'."""
   x = np.asarray(images, np.float64) / 255.0  # [N, H, W, 3]
-  pool = np.concatenate([x.mean((1, 2)), x.std((1, 2, 3))[:, None]], -1)  # [N, 4]
-  logits = 4.0 * np.concatenate([pool, pool[:, :1] * pool[:, 1:2]], -1)  # [N, 5]
+  pool = x.mean((1, 2))  # [N, 3]
+  logits = 8.0 * np.concatenate([pool, pool[:, :2] * pool[:, 1:]], -1)  # [N, 5]
   out = {"pool": pool, "logits_unbiased": logits}
   return {k: out[k] for k in outputs}
 
@@ -135,13 +135,15 @@ def _check_per_image(metrics, truth, out, lpips_params=None):
 
 
 def test_metrics_equal_independent_computations(assets):
-  truth = _truth(assets, 5)
+  truth = _truth(assets, 4)
   rng = np.random.default_rng(1)
-  out = np.clip(truth + rng.normal(0, 20, truth.shape), 0, 255).astype(np.uint8)
-  batches = [(truth[:3], out[:3]), (truth[3:], out[3:])]
+  out = np.clip(truth + rng.normal(0, 20, truth.shape) + 30 * (np.arange(4) % 2)[:, None, None,
+                                                                                 None],
+                0, 255).astype(np.uint8)
+  batches = [(truth[:2], out[:2]), (truth[2:], out[2:])]  # One shape: one compilation.
   m = paired_eval.paired_metrics(batches, extractor=_features,
                                  lpips_params=assets["lpips_params"], is_splits=1)
-  assert m["num_images"] == 5
+  assert m["num_images"] == 4
   _check_per_image(m, truth, out, assets["lpips_params"])
   # FID of the outputs against the ground truth, by scipy's sqrtm; IS of the outputs alone.
   f_out, f_truth = _features(out, ("pool",))["pool"], _features(truth, ("pool",))["pool"]
@@ -156,7 +158,7 @@ def test_metrics_equal_independent_computations(assets):
 
 def test_oracle_scores_perfectly(assets):
   """Outputs that are the ground truth: PSNR +inf, SSIM 1, LPIPS 0, FID 0."""
-  truth = _truth(assets, 5)
+  truth = _truth(assets, 4)
   m = paired_eval.paired_metrics([(truth, truth)], extractor=_features,
                                  lpips_params=assets["lpips_params"], is_splits=1)
   assert m["psnr"] == math.inf
@@ -239,9 +241,11 @@ def test_cli_scores_sampled_outputs(assets, capsys, name, task):
      "paired evaluation needs a model conditioned on an image made from the ground truth"),
     (["--checkpoint", "{sr}", "--data", "/no/such/dir"],
      "--data=/no/such/dir: expected an existing image folder"),
-    (["--checkpoint", "{sr}", "--data", "{truth}", "--steps", "0"],
-     "--steps=0: expected 1 <= steps <= 1000"),
-    (["--checkpoint", "{sr}", "--data", "{truth}", "--eta", "0.5", "--sampler", "plms"],
+    (["--checkpoint", "{sr}", "--data", "{truth}", "--steps", "1001"],
+     "--steps=1001: expected 1 <= steps <= 1000"),
+    (["--checkpoint", "/no/such/model", "--data", "{truth}", "--steps", "0"],
+     "--steps=0: expected >= 1"),  # Checked before the model is loaded: T is not known yet.
+    (["--checkpoint", "/no/such/model", "--data", "{truth}", "--eta", "0.5", "--sampler", "plms"],
      "--eta=0.5 with --sampler=plms: eta is a DDIM setting"),
     (["--checkpoint", "{sr}", "--data", "{truth}", "--image_size", "36"],
      "--image_size=36: expected a multiple of 8"),
