@@ -25,7 +25,7 @@ from ldm_jax.cli import evaluate
 from ldm_jax.convert import lpips as lpips_convert
 from ldm_jax.data import shapes, transforms
 from ldm_jax.errors import InputError
-from ldm_jax.eval import paired_eval, sample_eval
+from ldm_jax.eval import fid, inception_score, paired_eval, sample_eval
 from ldm_jax.models import lpips as lpips_lib
 
 SIZE = 64  # The tiny SR / inpainting models' image size (16 px latents, f = 4).
@@ -211,24 +211,35 @@ def test_conditions_are_made_from_the_ground_truth(assets):
 
 
 @pytest.mark.parametrize("name, task", [("sr", "super_resolution"), ("inpaint", "inpainting")])
-def test_cli_scores_sampled_outputs(assets, capsys, name, task):
+def test_cli_scores_sampled_outputs(assets, capsys, monkeypatch, name, task):
   """Sampled end to end: the JSON's metrics are those of the saved outputs against the images."""
   out_json = str(assets["root"] / f"{name}.json")
   saved = str(assets["root"] / f"{name}_samples")
-  lpips = ["--lpips", assets["lpips"]] if name == "sr" else []  # Its wiring once is enough.
+  # Each optional metric's wiring once: LPIPS and FID / IS (the Inception stand-in) for SR.
+  extra = ["--lpips", assets["lpips"], "--inception", "stand-in"] if name == "sr" else []
+  monkeypatch.setattr(evaluate, "_extractor", lambda args: _features)
   batch = "3" if name == "sr" else "2"  # Inpainting: the last batch filled up and cut.
   rc = evaluate.main(["paired", "--checkpoint", assets[name], "--data", assets["truth"],
                       "--num_images", "3", "--batch_size", batch, "--steps", "2",
-                      "--save_samples", saved, "--out", out_json] + lpips + FAST)
+                      "--save_samples", saved, "--out", out_json] + extra + FAST)
   assert rc == 0, capsys.readouterr().err
   with open(out_json) as f:
     result = json.load(f)
   m = result["metrics"]
   assert result["mode"] == "paired" and m["task"] == task and m["num_images"] == 3
-  assert result["settings"]["steps"] == 2 and "fid" not in m  # No --inception: no FID / IS.
+  assert result["settings"]["steps"] == 2
   truth, out = _truth(assets, 3), _saved(saved, 3)
-  _check_per_image(m, truth, out, assets["lpips_params"] if lpips else None)
+  _check_per_image(m, truth, out, assets["lpips_params"] if extra else None)
   assert m["psnr"] < 40  # Random weights do not reproduce the images.
+  if extra:  # FID of the outputs against the ground truth, IS of the outputs (3 splits of 1).
+    want = fid.frechet_distance(*fid.feature_statistics(_features(out, ("pool",))["pool"]),
+                                *fid.feature_statistics(_features(truth, ("pool",))["pool"]))
+    np.testing.assert_allclose(m["fid"], want, rtol=1e-6, atol=1e-9)
+    logits = _features(out, ("logits_unbiased",))["logits_unbiased"]
+    want_is = inception_score.inception_score(logits, splits=3)
+    np.testing.assert_allclose((m["inception_score"], m["inception_score_std"]), want_is)
+  else:
+    assert "fid" not in m and "inception_score" not in m  # No --inception: no FID / IS.
   if name == "inpaint":  # The known pixels are pasted back: exact there, not everywhere.
     keep = np.stack([paired_eval.inpaint_mask(SIZE, "box", i) for i in range(3)]) == 1.0
     keep = np.broadcast_to(keep, truth.shape)
