@@ -209,9 +209,10 @@ def run_paired(args) -> dict:
   settings = paired_eval.PairedSettings(
       sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
       batch_size=args.batch_size, degradation=args.degradation, masks=args.masks)
-  if n < 1 or (args.inception and n < 2):
-    raise UserError(f"--data={args.data}: {n} images; expected at least "
-                    f"{2 if args.inception else 1}{' (FID)' if args.inception else ''}.")
+  need = 2 if args.inception else 1  # FID compares sets of at least two images.
+  if n < need:
+    raise UserError(f"--data={args.data}: {n} image(s) (--num_images={args.num_images}); expected "
+                    f"at least {need}{' for FID' if args.inception else ''}.")
   # The settings that need no model, before it is loaded (then again with its timesteps).
   sampling_settings.check({"sampler": args.sampler, "steps": args.steps, "eta": args.eta,
                            "seed": args.seed}, prefix="--", num_samples=n)

@@ -258,11 +258,14 @@ def test_cli_scores_sampled_outputs(assets, capsys, monkeypatch, name, task):
      "--steps=0: expected >= 1"),  # Checked before the model is loaded: T is not known yet.
     (["--checkpoint", "/no/such/model", "--data", "{truth}", "--eta", "0.5", "--sampler", "plms"],
      "--eta=0.5 with --sampler=plms: eta is a DDIM setting"),
+    (["--checkpoint", "{sr}", "--data", "{truth}", "--num_images", "1", "--inception", "x.npz"],
+     "--data={truth}: 1 image(s) (--num_images=1); expected at least 2 for FID"),
     (["--checkpoint", "{sr}", "--data", "{truth}", "--image_size", "36"],
      "--image_size=36: expected a multiple of 8"),
 ])
 def test_cli_user_errors(assets, capsys, tmp_path, argv, message):
-  argv = [a.format(**{k: v for k, v in assets.items() if isinstance(v, str)}) for a in argv]
+  fill = {k: v for k, v in assets.items() if isinstance(v, str)}
+  argv, message = [a.format(**fill) for a in argv], message.format(**fill)
   out = tmp_path / "r.json"
   rc = evaluate.main(["paired"] + argv + ["--out", str(out)] + FAST)
   err = capsys.readouterr().err.strip()
