@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ldm_jax import errors
 from ldm_jax import family
 from ldm_jax import model_io
 from ldm_jax import sampling
@@ -23,7 +24,7 @@ from ldm_jax.convert import pipeline
 from ldm_jax.data import shapes as shapes_lib
 # `sample` returns floats in [-1, 1]; users convert them with `ldm_jax.ldm.to_uint8`.
 from ldm_jax.data.transforms import to_uint8  # pylint: disable=unused-import
-from ldm_jax.diffusion import samplers as samplers_lib
+from ldm_jax.diffusion import sampling_settings
 from ldm_jax.diffusion import schedules as schedules_lib
 from ldm_jax.models import build
 from ldm_jax.models import conditioning as conditioning_lib
@@ -37,9 +38,7 @@ from ldm_jax.networks import (Conditioning, cond_stage_fn, decode_fn, denoise_fn
 
 WORD_TOKENIZERS = ("shapes", "wordlevel")
 # What a model without recommended sampling settings (config section `sampling`) is sampled with.
-# Guidance 1.0 is no classifier-free guidance: the only safe choice for a model that may have been
-# trained without condition dropout.
-SAMPLING_DEFAULTS = {"sampler": "ddim", "steps": 50, "guidance": 1.0}
+SAMPLING_DEFAULTS = sampling_settings.DEFAULTS
 
 
 class LatentDiffusion:
@@ -410,20 +409,10 @@ class LatentDiffusion:
 
 
 def check_sampling_config(section: Mapping[str, Any], timesteps: int) -> None:
-  """Refuses a `sampling` section a sampler could not run with, naming the field and value."""
-  unknown = sorted(set(section) - set(SAMPLING_DEFAULTS))
-  if unknown:
-    raise ValueError(f"model.sampling.{unknown[0]}: unknown setting; expected only "
-                     f"{sorted(SAMPLING_DEFAULTS)}.")
-  if "sampler" in section and section["sampler"] not in samplers_lib.NAMES:
-    raise ValueError(f"model.sampling.sampler={section['sampler']!r}: expected one of "
-                     f"{list(samplers_lib.NAMES)}.")
-  steps = section.get("steps", 1)
-  if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= timesteps:
-    raise ValueError(f"model.sampling.steps={steps!r}: expected an integer in [1, {timesteps}].")
-  guidance = section.get("guidance", 1.0)
-  if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance >= 0:
-    raise ValueError(f"model.sampling.guidance={guidance!r}: expected a number >= 0.")
+  """Refuses a `sampling` section a sampler could not run with: a ConfigError naming the field
+  (`model.sampling.steps`), the value and what was expected."""
+  sampling_settings.check(section, prefix="model.sampling.", timesteps=timesteps,
+                          allowed=sampling_settings.RECOMMENDABLE, error=errors.ConfigError)
 
 
 def describe_sampling(settings: Mapping[str, Any]) -> str:

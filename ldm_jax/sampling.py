@@ -22,10 +22,6 @@ from ldm_jax import parallel
 from ldm_jax.diffusion import guidance as guidance_lib
 from ldm_jax.diffusion import samplers as samplers_lib
 
-# jax.random.PRNGKey folds seeds modulo 2**32 (2**32 gives the same noise as 0) and cannot take
-# 2**63 or more: seeds outside [0, 2**32) would silently repeat or crash.
-SEED_LIMIT = 2 ** 32
-
 # The default of the command lines' --num_devices when the flag is left out (unset: 0, every local
 # device); the test suite sets 1 so command-line tests that are not about sharding stay fast.
 NUM_DEVICES_ENV = "LDM_JAX_NUM_DEVICES"

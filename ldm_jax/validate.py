@@ -12,7 +12,7 @@ import os
 import jax
 
 from ldm_jax.data import sources
-from ldm_jax.diffusion import samplers
+from ldm_jax.diffusion import sampling_settings
 from ldm_jax.errors import ConfigError
 from ldm_jax.eval import image_sets
 from ldm_jax.models import build
@@ -105,15 +105,14 @@ def check_eval_config(config) -> None:
 
   if ev.every_steps < 0:
     fail("every_steps", "expected >= 0 (0 disables the evaluation)")
-  for field in ("num_samples", "steps", "batch_size", "inception_batch", "is_splits"):
+  for field in ("num_samples", "batch_size", "inception_batch", "is_splits"):
     if ev[field] < 1:
       fail(field, "expected >= 1")
-  if ev.sampler not in samplers.NAMES:
-    fail("sampler", f"expected one of {list(samplers.NAMES)}")
-  if ev.steps > config.model.diffusion.timesteps:
-    fail("steps", f"expected <= model.diffusion.timesteps = {config.model.diffusion.timesteps}")
-  if ev.guidance < 0 or ev.pr_k < 0:
-    fail("guidance" if ev.guidance < 0 else "pr_k", "expected >= 0")
+  sampling_settings.check({k: ev[k] for k in ("sampler", "steps", "eta", "guidance", "seed")},
+                          prefix="config.eval.", timesteps=int(config.model.diffusion.timesteps),
+                          num_samples=ev.num_samples, error=ConfigError)
+  if ev.pr_k < 0:
+    fail("pr_k", "expected >= 0")
   if not os.path.isfile(ev.inception):
     fail("inception", "expected the FID Inception weights file (from python -m "
                       "ldm_jax.convert.inception)")

@@ -21,7 +21,8 @@ PACKAGE_DIR = pathlib.Path(os.environ.get("LDM_JAX_LAYERING_DIR") or
                            pathlib.Path(ldm_jax.__file__).parent)
 
 # Bottom to top. A name matches itself and, except the root package, every module below it; the
-# longest match wins (eval/ is a building block, eval/sample_eval.py samples a model).
+# longest match wins (eval/ is a building block, eval/sample_eval.py and paired_eval.py sample a
+# model).
 FLOORS = (
     ("foundation", ("ldm_jax.errors", "ldm_jax.workdir_layout", "ldm_jax.xla_cpu",
                     "ldm_jax.compile_cache", "ldm_jax.parallel", "ldm_jax.family")),
@@ -29,7 +30,7 @@ FLOORS = (
                          "ldm_jax.data", "ldm_jax.convert", "ldm_jax.eval")),
     ("networks", ("ldm_jax.networks",)),
     ("model services", ("ldm_jax.model_io", "ldm_jax.sampling")),
-    ("model", ("ldm_jax", "ldm_jax.ldm", "ldm_jax.eval.sample_eval")),
+    ("model", ("ldm_jax", "ldm_jax.ldm", "ldm_jax.eval.sample_eval", "ldm_jax.eval.paired_eval")),
     # validate checks whole experiment configs, training fields included.
     ("training", ("ldm_jax.train", "ldm_jax.validate", "ldm_jax.sweep")),
     ("command lines", ("ldm_jax.cli", "ldm_jax.aot", "ldm_jax.convert.__main__",

@@ -48,9 +48,9 @@ def test_settings_come_from_argument_then_model_then_defaults(recommending):
 
 
 @pytest.mark.parametrize("section, message", [
-    ({"guidance": -1.0}, "model.sampling.guidance=-1.0: expected a number >= 0"),
+    ({"guidance": -1.0}, "model.sampling.guidance=-1.0: expected >= 0"),
     ({"sampler": "heun"}, "model.sampling.sampler='heun': expected one of"),
-    ({"steps": 0}, "model.sampling.steps=0: expected an integer in [1, 1000]"),
+    ({"steps": 0}, "model.sampling.steps=0: expected 1 <= steps <= 1000"),
     ({"steps": 2.5}, "model.sampling.steps=2.5"),
     ({"scale": 3.0}, "model.sampling.scale: unknown setting"),
 ])

@@ -6,6 +6,10 @@
   # An existing folder of samples against a reference (a folder, tfds:NAME[:SPLIT] or stats .npz):
   python evaluate.py folder --samples outputs/run1 --reference tfds:celeb_a_hq/256 \
       --inception fid_inception.npz --out results/run1.json
+  # A super-resolution, inpainting or semantic-synthesis model against ground truth: each image's
+  # low-res view / holes / map conditions a sample; FID / IS and PSNR / SSIM / LPIPS per image:
+  python evaluate.py paired --checkpoint workdirs/sr_x4 --data data/val --num_images 1000 \
+      --steps 100 --lpips lpips_vgg.npz --inception fid_inception.npz --out results/sr.json
   # A first stage: reconstruct a dataset, PSNR / SSIM / LPIPS / rFID (the first-stage table):
   python evaluate.py autoencoder --checkpoint workdirs/shapes_ae --data data/shapes_val \
       --image_size 32 --lpips lpips_vgg.npz --inception fid_inception.npz --out results/ae.json
@@ -18,8 +22,8 @@ Metrics: FID on the 2048-d pool features of the FID Inception (`ldm_jax.eval.fid
 (needs reference images, not a stats file); PSNR / SSIM on uint8 images; LPIPS(vgg); rFID = FID
 between the reconstructions and their inputs. Every run writes a JSON file with all metrics and
 settings. User mistakes end with one line on stderr and exit code 2, as sample.py.
-The metrics live in ldm_jax/eval/ (`image_sets`, `sample_eval`, `reconstruction`); the training
-hook (ldm_jax/train/eval_hook.py) uses the same library every `config.eval.every_steps`.
+The metrics live in ldm_jax/eval/ (`image_sets`, `sample_eval`, `paired_eval`, `reconstruction`);
+the training hook (ldm_jax/train/eval_hook.py) uses the same library every `config.eval.every_steps`.
 """
 
 import argparse
@@ -33,14 +37,16 @@ from ldm_jax import sampling
 from ldm_jax.cli import common as cli
 from ldm_jax.convert import lpips as lpips_convert
 from ldm_jax.diffusion import samplers
+from ldm_jax.diffusion import sampling_settings
 from ldm_jax.errors import InputError, UserError
 from ldm_jax.eval import fid
 from ldm_jax.eval import image_sets
+from ldm_jax.eval import paired_eval
 from ldm_jax.eval import reconstruction
 from ldm_jax.eval import sample_eval
 from ldm_jax.models import build
 
-MODES = ("samples", "folder", "autoencoder", "stats")
+MODES = ("samples", "paired", "folder", "autoencoder", "stats")
 DESCRIPTION = ("Evaluates samples and models with the paper's metrics (FID, IS, precision/recall, "
                "PSNR, SSIM, LPIPS, rFID).")
 
@@ -75,10 +81,12 @@ def parse_args(argv) -> argparse.Namespace:
   cli.add_model_arguments(s)
   s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   s.add_argument("--num_samples", type=int, default=50)
-  s.add_argument("--sampler", default="ddim", choices=samplers.NAMES)
-  s.add_argument("--steps", type=int, default=50)
+  s.add_argument("--sampler", default=sampling_settings.DEFAULTS["sampler"],
+                 choices=samplers.NAMES)
+  s.add_argument("--steps", type=int, default=sampling_settings.DEFAULTS["steps"])
   s.add_argument("--eta", type=cli.finite_float, default=0.0)
-  s.add_argument("--guidance", type=cli.finite_float, default=1.0,
+  s.add_argument("--guidance", type=cli.finite_float,
+                 default=sampling_settings.DEFAULTS["guidance"],
                  help="classifier-free guidance scale")
   s.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
   s.add_argument("--batch_size", type=int, default=16, help="samples per sampler batch")
@@ -89,6 +97,29 @@ def parse_args(argv) -> argparse.Namespace:
   s.add_argument("--save_samples", default="", help="also write the samples as PNGs here")
   _add_reference(s, required=False)
   _add_common(s, "result JSON file")
+  q = sub.add_parser("paired", help="condition a super-resolution, inpainting or semantic model "
+                     "on ground-truth images; FID / IS and PSNR / SSIM / LPIPS against them")
+  cli.add_model_arguments(q)
+  q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  q.add_argument("--data", required=True, help="ground-truth images: an image folder or "
+                                               "tfds:NAME[:SPLIT]")
+  q.add_argument("--num_images", type=int, default=0, help="the first N images (0 = all)")
+  q.add_argument("--image_size", type=int, default=0,
+                 help="resize (shorter side) and centre-crop to this size (0 = the model's)")
+  q.add_argument("--sampler", default=sampling_settings.DEFAULTS["sampler"],
+                 choices=samplers.NAMES)
+  q.add_argument("--steps", type=int, default=sampling_settings.DEFAULTS["steps"])
+  q.add_argument("--eta", type=cli.finite_float, default=0.0)
+  q.add_argument("--seed", type=int, default=0, help="output i samples from seed + i")
+  q.add_argument("--batch_size", type=int, default=16, help="images per sampler batch")
+  q.add_argument("--degradation", default="bicubic", choices=paired_eval.DEGRADATIONS,
+                 help="super-resolution: how the low-resolution input is made")
+  q.add_argument("--masks", default="box", choices=paired_eval.MASKS,
+                 help="inpainting: the holes (image i's drawn from a generator seeded with i)")
+  q.add_argument("--lpips", default="", help="LPIPS .npz (python -m ldm_jax.convert.lpips)")
+  q.add_argument("--is_splits", type=int, default=10, help="Inception Score splits")
+  q.add_argument("--save_samples", default="", help="also write the outputs as PNGs here")
+  _add_common(q, "result JSON file")
   f = sub.add_parser("folder", help="FID / IS / precision-recall of a folder of images")
   f.add_argument("--samples", required=True, help="folder of generated images")
   f.add_argument("--max_images", type=int, default=0, help="use the first N samples (0 = all)")
@@ -165,6 +196,42 @@ def run_folder(args) -> dict:
   return image_sets.set_metrics(features, reference, is_splits=args.is_splits, pr_k=args.pr_k)
 
 
+def _load_lpips(args):
+  try:
+    return lpips_convert.load_lpips_params(args.lpips)
+  except (FileNotFoundError, ValueError) as e:  # WeightLoadError included.
+    raise UserError(f"--lpips={args.lpips}: {cli.one_line(e)}") from None
+
+
+def run_paired(args) -> dict:
+  source = image_sets.open_source(args.data, args.data_dir, "--data")  # Before any work.
+  n = image_sets.count(source, args.num_images)
+  settings = paired_eval.PairedSettings(
+      sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+      batch_size=args.batch_size, degradation=args.degradation, masks=args.masks)
+  need = 2 if args.inception else 1  # FID compares sets of at least two images.
+  if n < need:
+    raise UserError(f"--data={args.data}: {n} image(s) (--num_images={args.num_images}); expected "
+                    f"at least {need}{' for FID' if args.inception else ''}.")
+  # The settings that need no model, before it is loaded (then again with its timesteps).
+  sampling_settings.check({"sampler": args.sampler, "steps": args.steps, "eta": args.eta,
+                           "seed": args.seed}, prefix="--", num_samples=n)
+  lpips_params = _load_lpips(args) if args.lpips else None
+  extractor = _extractor(args) if args.inception else None  # FID / IS are optional here.
+  model = cli.load_model(args)
+  paired_eval.check_settings(settings, model, n, prefix="--")
+  size = args.image_size or int(model.config.diffusion.image_size) * model.downsample_factor
+  stride = model.downsample_factor * 2 ** (len(model.config.unet.channel_mult) - 1)
+  if size % stride:
+    raise UserError(f"--image_size={size}: expected a multiple of {stride} (the first stage's "
+                    f"factor {model.downsample_factor} x the UNet's "
+                    f"{stride // model.downsample_factor}).")
+  return paired_eval.evaluate_paired(
+      model, source, n, settings, extractor=extractor, lpips_params=lpips_params,
+      image_size=size, is_splits=args.is_splits, save_dir=args.save_samples or None,
+      mesh=sampling.local_mesh(args.num_devices), show_progress=not args.no_progress)
+
+
 def load_first_stage(args) -> tuple[dict, dict]:
   """(first-stage config, variables) from --checkpoint or --compvis_ckpt + --compvis_yaml."""
   if args.compvis_ckpt and not args.compvis_yaml:
@@ -189,12 +256,7 @@ def run_autoencoder(args) -> dict:
   extractor = None
   if args.inception:  # rFID is optional here: PSNR / SSIM / LPIPS need no Inception.
     extractor = _extractor(args)
-  lpips_params = None
-  if args.lpips:
-    try:
-      lpips_params = lpips_convert.load_lpips_params(args.lpips)
-    except (FileNotFoundError, ValueError) as e:  # WeightLoadError included.
-      raise UserError(f"--lpips={args.lpips}: {cli.one_line(e)}") from None
+  lpips_params = _load_lpips(args) if args.lpips else None
   cfg, variables = load_first_stage(args)
   f = 2 ** (len(cfg["kwargs"]["ch_mult"]) - 1)
   if args.image_size % f:
@@ -239,8 +301,8 @@ def run(args) -> dict:
     bad = "is_splits" if getattr(args, "is_splits", 1) < 1 else "inception_batch"
     raise UserError(f"--{bad}={getattr(args, bad)}: expected >= 1.")
   start = time.time()
-  metrics = {"samples": run_samples, "folder": run_folder, "autoencoder": run_autoencoder,
-             "stats": run_stats}[args.mode](args)
+  metrics = {"samples": run_samples, "paired": run_paired, "folder": run_folder,
+             "autoencoder": run_autoencoder, "stats": run_stats}[args.mode](args)
   result = {"mode": args.mode, "metrics": metrics, "settings": vars(args),
             "seconds": round(time.time() - start, 1)}
   if args.mode != "stats":

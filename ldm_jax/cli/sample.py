@@ -17,10 +17,12 @@ from ldm_jax import ldm as ldm_lib
 from ldm_jax import sampling
 from ldm_jax.cli import common as cli
 from ldm_jax.diffusion import samplers
-from ldm_jax.diffusion import samplers_base
+from ldm_jax.diffusion import sampling_settings
 from ldm_jax.errors import UserError
 
 DESCRIPTION = "Samples images from a latent diffusion model on the command line."
+# The flags `check_sampling` hands to the shared check, under their setting names.
+SAMPLING_FLAGS = ("sampler", "steps", "eta", "guidance", "guidance_rescale", "strength")
 
 
 def parse_args(argv):
@@ -83,32 +85,14 @@ def main(argv=None):
     sys.exit(cli.report("sample.py", e))
 
 
-def check_sampling(args) -> None:
-  """Ranges and combinations of the sampler flags; a flag left out (None, to be filled from the
-  model's recommended settings) is checked once `resolve_sampling` has filled it."""
-  if args.steps is not None and args.steps < 1:
-    raise UserError(f"--steps={args.steps}: expected >= 1.")
-  if args.eta < 0:
-    raise UserError(f"--eta={args.eta}: expected >= 0 (0 = deterministic DDIM).")
-  if args.eta != 0 and args.sampler not in (None, "ddim"):
-    raise UserError(f"--eta={args.eta} with --sampler={args.sampler}: eta is a DDIM setting; "
-                    f"expected --eta 0 or --sampler ddim.")
-  if args.guidance is not None and args.guidance < 0:
-    raise UserError(f"--guidance={args.guidance}: expected >= 0.")
-  if not 0.0 <= args.guidance_rescale <= 1.0:
-    raise UserError(f"--guidance_rescale={args.guidance_rescale}: expected 0 <= rescale <= 1.")
-  if args.strength is not None:
-    if not args.init_image:
-      raise UserError("--strength needs --init_image.")
-    if not 0.0 < args.strength <= 1.0:
-      raise UserError(f"--strength={args.strength}: expected 0 < strength <= 1.")
-    if args.steps is not None:
-      try:
-        samplers_base.img2img_skip(args.steps, args.strength)
-      except ValueError:
-        raise UserError(f"--strength={args.strength} with --steps={args.steps} runs no denoising "
-                        f"step: expected --strength >= {1.0 / args.steps:.4g} (1 / steps), or "
-                        f"more --steps.") from None
+def check_sampling(args, timesteps: int | None = None) -> None:
+  """Ranges and combinations of the sampler flags (`sampling_settings.check`); a flag left out
+  (None, to be filled from the model's recommended settings) is checked once `resolve_sampling`
+  has filled it. timesteps: the loaded model's T (None before it is loaded)."""
+  if args.strength is not None and not args.init_image:
+    raise UserError("--strength needs --init_image.")
+  sampling_settings.check({k: getattr(args, k) for k in SAMPLING_FLAGS}, prefix="--",
+                          timesteps=timesteps)
 
 
 def check_arguments(args) -> list[str]:
@@ -130,9 +114,7 @@ def check_arguments(args) -> list[str]:
   prompts = cli.read_prompts(args)
   check_negative_prompts(args, prompts)
   count = max(len(prompts) or len(args.class_label or ()), 1) * args.num_samples
-  if not 0 <= args.seed or args.seed + count > sampling.SEED_LIMIT:
-    raise UserError(f"--seed={args.seed}: expected 0 <= seed <= {sampling.SEED_LIMIT - count} "
-                    f"(sample i uses seed + i, {count} samples, seeds below 2**32).")
+  sampling_settings.check({"seed": args.seed}, prefix="--", num_samples=count)
   return prompts
 
 
@@ -249,9 +231,6 @@ def check_sizes(args, model) -> tuple[int, int]:
     if v <= 0 or v % stride:
       raise UserError(f"{name}={v}: expected a positive multiple of {stride} (the first stage's "
                       f"factor {model.downsample_factor} x the UNet's {stride // model.downsample_factor}).")
-  t = int(model.config.diffusion.timesteps)
-  if not 1 <= args.steps <= t:
-    raise UserError(f"--steps={args.steps}: expected 1 <= steps <= {t}.")
   return h, w
 
 
@@ -296,7 +275,8 @@ def run(args) -> list[str]:
   raw_images = read_images(args)
   model = cli.load_model(args)
   resolve_sampling(args, model)
-  check_sampling(args)  # again, with the settings the model recommended
+  # Again, with the settings the model recommended and its number of timesteps.
+  check_sampling(args, int(model.config.diffusion.timesteps))
   upscaler_default_size(args, model, raw_images)
   h, w = check_sizes(args, model)
   reqs = requests(args, model, prompts)

@@ -6,7 +6,6 @@ Impossible settings raise `ldm_jax.errors.InputError` naming the setting as the 
 """
 
 import dataclasses
-import math
 import os
 from typing import Any, Iterable, Iterator
 
@@ -15,7 +14,7 @@ from PIL import Image
 
 from ldm_jax import ldm as ldm_lib
 from ldm_jax import sampling
-from ldm_jax.diffusion import samplers
+from ldm_jax.diffusion import sampling_settings
 from ldm_jax.errors import InputError
 from ldm_jax.eval import image_sets
 
@@ -24,10 +23,10 @@ from ldm_jax.eval import image_sets
 class SampleSettings:
   """How `evaluate_model` samples (the sampler arguments of `ldm_jax.sampling.sample`)."""
   num_samples: int = 50
-  sampler: str = "ddim"  # One of ldm_jax.diffusion.samplers.NAMES.
-  steps: int = 50
+  sampler: str = sampling_settings.DEFAULTS["sampler"]  # One of diffusion.samplers.NAMES.
+  steps: int = sampling_settings.DEFAULTS["steps"]
   eta: float = 0.0
-  guidance: float = 1.0
+  guidance: float = sampling_settings.DEFAULTS["guidance"]
   seed: int = 0
   batch_size: int = 16
   prompts: tuple[str, ...] = ()   # Text models: cycled over the samples.
@@ -40,22 +39,10 @@ def check_settings(s: SampleSettings, model, prefix: str = "--") -> None:
     raise InputError(f"{prefix}num_samples={s.num_samples}: expected >= 1.")
   if s.batch_size < 1:
     raise InputError(f"{prefix}batch_size={s.batch_size}: expected >= 1.")
-  if s.sampler not in samplers.NAMES:
-    raise InputError(f"{prefix}sampler={s.sampler!r}: expected one of {list(samplers.NAMES)}.")
-  t = int(model.config.diffusion.timesteps)
-  if not 1 <= s.steps <= t:
-    raise InputError(f"{prefix}steps={s.steps}: expected 1 <= steps <= {t}.")
-  if not math.isfinite(s.guidance) or s.guidance < 0:
-    raise InputError(f"{prefix}guidance={s.guidance}: expected a finite number >= 0.")
-  if not math.isfinite(s.eta) or s.eta < 0:
-    raise InputError(f"{prefix}eta={s.eta}: expected a finite number >= 0.")
-  if s.eta != 0 and s.sampler != "ddim":
-    raise InputError(f"{prefix}eta={s.eta} with sampler {s.sampler!r}: eta is a DDIM setting; "
-                     f"expected 0.")
-  if not 0 <= s.seed <= sampling.SEED_LIMIT - s.num_samples:
-    raise InputError(f"{prefix}seed={s.seed}: expected 0 <= seed <= "
-                     f"{sampling.SEED_LIMIT - s.num_samples} (sample i uses seed + i, seeds below "
-                     f"2**32).")
+  sampling_settings.check(
+      {"sampler": s.sampler, "steps": s.steps, "eta": s.eta, "guidance": s.guidance,
+       "seed": s.seed}, prefix=prefix, timesteps=int(model.config.diffusion.timesteps),
+      num_samples=s.num_samples)
   if s.labels and model.cond_kind != "class":
     raise InputError(f"{prefix}class_label was given, but this model is conditioned by "
                      f"'{model.cond_kind}', not class labels.")
@@ -67,7 +54,9 @@ def check_settings(s: SampleSettings, model, prefix: str = "--") -> None:
                      f"{prefix}prompt_file.")
   if model.cond_kind not in ("none", "class") and not model.is_text:
     raise InputError(f"sample-and-evaluate needs an unconditional, class or text model; this one is "
-                     f"conditioned by '{model.cond_kind}' (evaluate its samples with `folder`).")
+                     f"conditioned by '{model.cond_kind}': score a super-resolution, inpainting "
+                     f"or semantic model against ground truth with `paired`, or its samples with "
+                     f"`folder`.")
 
 
 def sample_conditions(model, s: SampleSettings, start: int, count: int) -> dict[str, list]:
