@@ -10,7 +10,7 @@ Layout conventions (those of the Hugging Face `imagefolder` loader):
   class ids follow the sorted folder names;
 - `max_boxes > 0`: boxes from metadata.jsonl lines' "boxes" or from a COCO instances JSON
   (`boxes_file`), padded to max_boxes with a mask; `maps=True`: a segmentation map per image in
-  `root/maps/` (which is then not scanned for images). Both formats, their pixel coordinates and
+  `root/maps/`. That folder is reserved for maps: it is never scanned for images. Both formats, their pixel coordinates and
   class indices are described in `annotations`; annotations that do not fit their image are an
   error naming the file and entry, raised when the source is built (a map's pixel classes are
   checked then when `verify`, else when the map is read).
@@ -180,8 +180,12 @@ class ImageFolderSource:
     candidates = []
     for dirpath, dirnames, filenames in os.walk(self.root):
       dirnames.sort()  # deterministic order on every host
-      if self.maps and dirpath == self.root and annotations.MAPS_DIR in dirnames:
-        dirnames.remove(annotations.MAPS_DIR)  # the maps are annotations, not training images
+      if dirpath == self.root and annotations.MAPS_DIR in dirnames:
+        # Segmentation maps are annotations, never training images, whichever model reads the
+        # folder (a layout model's folder may hold maps too).
+        dirnames.remove(annotations.MAPS_DIR)
+        log.info("ImageFolderSource: not scanning %s/%s for images (segmentation maps)",
+                 self.root, annotations.MAPS_DIR)
       for name in sorted(filenames):
         if name.lower().endswith(IMAGE_EXTENSIONS):
           candidates.append(os.path.join(dirpath, name))

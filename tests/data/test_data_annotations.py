@@ -200,3 +200,10 @@ def test_bad_coco_files_are_refused_naming_them(tmp_path):
     ImageFolderSource(root, max_boxes=2, num_classes=4, boxes_file=str(coco))
   with pytest.raises(ValueError, match="num_classes=0"):
     ImageFolderSource(root, max_boxes=2)
+
+
+def test_maps_folder_is_never_scanned_for_images(shapes_folder):
+  root, records = shapes_folder
+  for kw in (dict(max_boxes=2, maps=False, num_classes=18), dict(max_boxes=0, maps=False)):
+    src = ImageFolderSource(root, **kw)  # a layout model's or a plain reader of the same folder
+    assert len(src) == len(records) and all("/maps/" not in f for f in src.files)
