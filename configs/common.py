@@ -42,9 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_objects = 1         # Shapes: objects per image (1 or 2).
   c.data.num_examples = 100_000  # Shapes: virtual dataset length.
   c.data.worker_count = 0        # Grain worker processes (0 = in-process).
-  c.data.layout_grid = 16        # Layout-to-image: box corners quantised on this grid...
-  c.data.layout_classes = 18     # ... over this many box classes ...
-  c.data.layout_max_objects = 2  # ... with 3 tokens per object, padded to this many objects.
+  c.data.boxes_file = ""         # Image folders: COCO instances JSON (else metadata.jsonl boxes).
+  c.data.degradation = "bicubic" # Super-resolution: how the low-res input is made, bicubic or bsr.
   c.data.inpaint_masks = "mixed" # Inpainting: 'box', 'stroke' or 'mixed' random holes.
   c.data.batch_size = 32         # Global batch size (split across hosts and devices).
 

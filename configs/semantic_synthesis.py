@@ -11,8 +11,10 @@ to z_t: 3 + 3 = 6 UNet input channels.
   python train.py --config configs/semantic_synthesis.py:tiny --workdir /tmp/semantic_tiny \
       --config.first_stage_checkpoint=/tmp/vq_f4_tiny
 Variants: '' (the paper run), 'tiny' (2 CPU steps on shapes' class masks).
-The data pipeline must supply the one-hot segmentation map at pixel resolution,
-[B, H, W, num_classes], for the SpatialRescaler.
+The data: an image folder with a `maps/` folder of same-named PNGs holding each pixel's class index
+(palette or grayscale, < the rescaler's in_channels; see ldm_jax/data/annotations.py). The training
+input is its one-hot map at pixel resolution, [B, H, W, num_classes], for the SpatialRescaler; on
+shapes the maps are drawn from the boxes (0 = background, class + 1 for an object's pixels).
 """
 
 from configs import common

@@ -11,8 +11,10 @@ channel axis, so the UNet sees 3 + 3 = 6 input channels and predicts the 3 laten
   python train.py --config configs/sr_openimages_x4.py:tiny --workdir /tmp/sr_tiny \
       --config.first_stage_checkpoint=/tmp/vq_f4_tiny
 Variants: '' (the paper run), 'tiny' (2 CPU steps on shapes, 16 px -> 64 px).
-The data pipeline must supply batch["concat"]: the degraded x4-downsampled image in [-1, 1],
-[B, H/4, W/4, 3] (= the latent resolution of the f=4 first stage).
+The training input (`ldm_task.task_inputs`) is the x4-downsampled image in [-1, 1],
+[B, H/4, W/4, 3] (= the latent resolution of the f=4 first stage), degraded as `data.degradation`
+says: 'bsr' (blur, noise and JPEG, as the released bsr_sr model was trained) by default, 'bicubic'
+for the paper's Tab. 5 setting.
 """
 
 from configs import common
@@ -33,6 +35,7 @@ def get_config(arg: str = ""):
   c.data.random_crop = True
   c.data.min_size = 256
   c.data.batch_size = 64             # Released per-GPU batch; the lr scales with it.
+  c.data.degradation = "bsr"         # The released bsr_sr model's degradation.
   # The same VQ-f4 network as configs/vq_f4.py (and its tiny twin), so its workdir loads here.
   c.model.first_stage = vq_f4.get_config(arg).model.first_stage
   c.model.unet = common.unet_kwargs(

@@ -12,6 +12,7 @@ import os
 import jax
 
 from ldm_jax.data import sources
+from ldm_jax.data import transforms
 from ldm_jax.diffusion import sampling_settings
 from ldm_jax.errors import ConfigError
 from ldm_jax.eval import image_sets
@@ -152,6 +153,12 @@ def check_config(config, num_devices: int | None = None) -> None:
                   conditioning.CONDITIONING_KEYS)
     _check_choice("model.diffusion.beta_schedule", model.diffusion.beta_schedule,
                   ("linear", "sqrt_linear", "sqrt", "cosine"))
+    _check_choice("data.degradation", config.data.get("degradation", transforms.BICUBIC),
+                  transforms.DEGRADATIONS)
+    try:
+      sources.annotations_for(model)  # A layout model's box coding must fit its transformer.
+    except ValueError as e:
+      raise ConfigError(f"config.{e}.") from None
     if model.unet.in_channels < model.first_stage.kwargs.embed_dim:
       _fail("model.unet.in_channels", model.unet.in_channels,
             f"must be at least the latent channels {model.first_stage.kwargs.embed_dim}")

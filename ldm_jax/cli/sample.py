@@ -16,6 +16,7 @@ from ldm_jax import compile_cache
 from ldm_jax import ldm as ldm_lib
 from ldm_jax import sampling
 from ldm_jax.cli import common as cli
+from ldm_jax.cli import spatial_inputs
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion import sampling_settings
 from ldm_jax.errors import UserError
@@ -36,6 +37,10 @@ def parse_args(argv):
   what.add_argument("--strength", type=cli.finite_float, help="img2img strength in (0, 1]")
   what.add_argument("--mask", help="inpainting mask image (white = keep, black = repaint)")
   what.add_argument("--lowres", help="low-resolution image for super-resolution models")
+  what.add_argument("--layout", help="layout-to-image models: a JSON list of [x0, y0, x1, y1, "
+                                     "class] boxes in pixels of the output image")
+  what.add_argument("--semantic_map", help="semantic-synthesis models: a PNG of class indices "
+                                           "(palette or grayscale) of the output's size")
   what.add_argument("--height", type=int, help="output height in pixels (multiple of the stride)")
   what.add_argument("--width", type=int, help="output width in pixels (multiple of the stride)")
   family = p.add_argument_group("Stable Diffusion family")
@@ -163,7 +168,7 @@ def requests(args, model, prompts: list[str]) -> list[dict[str, Any]]:
   if labels and model.cond_kind != "class":
     raise UserError(f"--class_label was given, but this model is conditioned by "
                     f"'{model.cond_kind}', not class labels.")
-  if model.is_text and not prompts:
+  if model.is_text and not prompts and not args.layout:
     raise UserError("this is a text-conditional model: give --prompt or --prompt_file.")
   if model.cond_kind == "class" and not labels:
     raise UserError("this is a class-conditional model: give --class_label.")
@@ -177,7 +182,7 @@ def requests(args, model, prompts: list[str]) -> list[dict[str, Any]]:
     raise UserError(f"--lowres was given, but this model takes no conditioning image (it is "
                     f"conditioned by '{model.cond_kind}'); --lowres is for super-resolution "
                     f"models.")
-  if takes_image and not args.lowres:
+  if takes_image and not args.lowres and not args.semantic_map:
     raise UserError("this model is conditioned on an image: give --lowres.")
   base = [{"prompt": p} for p in prompts] or [{"label": lab} for lab in labels] or [{}]
   negative = list(args.negative_prompt or [])
@@ -279,6 +284,7 @@ def run(args) -> list[str]:
   check_sampling(args, int(model.config.diffusion.timesteps))
   upscaler_default_size(args, model, raw_images)
   h, w = check_sizes(args, model)
+  spatial = spatial_inputs.read_inputs(args, model, h, w)  # --layout / --semantic_map
   reqs = requests(args, model, prompts)
   check_model_inputs(args, model)
   imgs = image_inputs(args, raw_images, h, w)
@@ -307,6 +313,7 @@ def run(args) -> list[str]:
       kwargs["noise_level"] = args.noise_level
     if "depth_map" in raw_images:
       kwargs["depth_map"] = np.repeat(raw_images["depth_map"][None], n, 0)
+    kwargs.update({k: np.repeat(v[None], n, 0) for k, v in spatial.items()})
     # Inputs the sampler cannot take raise SamplingInputError, a UserError: main reports it.
     images = ldm_lib.to_uint8(sampling.sample(model, **kwargs))
     for r, img in zip(chunk, images):
@@ -321,7 +328,8 @@ def run(args) -> list[str]:
                                             "guidance_rescale", "strength", "init_image", "mask",
                                             "lowres", "checkpoint", "compvis_ckpt", "diffusers",
                                             "dtype", "lora")}
-  settings.update(noise_level=args.noise_level, depth_map=args.depth_map)
+  settings.update(noise_level=args.noise_level, depth_map=args.depth_map, layout=args.layout,
+                  semantic_map=args.semantic_map)
   settings.update(height=h, width=w, use_ema=not args.no_ema)
   with open(os.path.join(args.outdir, "samples.json"), "w") as f:
     json.dump({"settings": settings, "samples": records}, f, indent=2)

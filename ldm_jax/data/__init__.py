@@ -4,7 +4,9 @@ Modules (imported on demand, so that `import ldm_jax.data` stays cheap and never
 TFDS):
 - `shapes`: the built-in synthetic dataset (coloured shapes with captions, labels and boxes);
 - `shapes_detect`: a detector that grades samples against their shapes captions (`match_rate`);
-- `folder`: `ImageFolderSource` over jpg/png/webp files with .txt / metadata.jsonl captions;
+- `folder`: `ImageFolderSource` over jpg/png/webp files with .txt / metadata.jsonl captions, boxes
+  and segmentation maps;
+- `annotations`: the box (metadata.jsonl, COCO JSON) and segmentation-map (maps/) formats, checked;
 - `tfds_source`: `TfdsSource` over TFDS ArrayRecord datasets, without TensorFlow;
 - `transforms`: crops, flips, [-1, 1] floats, super-resolution pairs, inpainting masks, layouts;
 - `sources`: the registry of sources by name (`config.data.source`), what each yields;

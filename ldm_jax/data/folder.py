@@ -1,11 +1,19 @@
-"""Image folders as a random-access source: jpg/png/webp, captions from .txt or metadata.jsonl.
+"""Image folders as a random-access source: jpg/png/webp, captions from .txt or metadata.jsonl,
+object boxes and segmentation maps (`annotations`).
 
 Layout conventions (those of the Hugging Face `imagefolder` loader):
 - `caption_source='txt'`: `dir/foo.png` is captioned by `dir/foo.txt` (stripped UTF-8 text);
 - `caption_source='jsonl'`: a `metadata.jsonl` in any folder, one JSON object per line with
-  `file_name` (relative to that folder) and `text`;
+  `file_name` (relative to that folder) and `text` (a line without it leaves its image
+  uncaptioned);
 - `labels_from_subfolders=True`: the class of an image is the first folder under `root` on its path;
-  class ids follow the sorted folder names.
+  class ids follow the sorted folder names;
+- `max_boxes > 0`: boxes from metadata.jsonl lines' "boxes" or from a COCO instances JSON
+  (`boxes_file`), padded to max_boxes with a mask; `maps=True`: a segmentation map per image in
+  `root/maps/`. That folder is reserved for maps: it is never scanned for images. Both formats, their pixel coordinates and
+  class indices are described in `annotations`; annotations that do not fit their image are an
+  error naming the file and entry, raised when the source is built (a map's pixel classes are
+  checked then when `verify`, else when the map is read).
 
 Every file is checked once, when the source is built: unreadable, empty, truncated and
 decompression-bomb-sized files (more than `max_pixels` pixels) are skipped with one warning each,
@@ -24,7 +32,6 @@ would train on garbled text, and one stray file should not stop a scan of millio
 since it holds many captions.
 """
 
-import json
 import logging
 import os
 import warnings
@@ -32,6 +39,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ldm_jax.data import annotations
 
 # The decoder PIL may use for each file extension (PIL names).
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
@@ -122,12 +131,15 @@ class ImageFolderSource:
   """Random-access source over the images under `root`.
 
   Records: image uint8 [H, W, 3]; caption str (when caption_source is set; '' for images without
-  one, counted in `num_missing_captions`); label int (when labels_from_subfolders).
+  one, counted in `num_missing_captions`); label int (when labels_from_subfolders); boxes float32
+  [max_boxes, 4], box_labels int32 [max_boxes] and box_mask bool [max_boxes] (when max_boxes);
+  segmentation int32 [H, W] (when maps).
   """
 
   def __init__(self, root: str, min_size: int = 0, caption_source: str | None = None,
                labels_from_subfolders: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-               verify: bool = True):
+               verify: bool = True, max_boxes: int = 0, boxes_file: str | None = None,
+               maps: bool = False, num_classes: int = 0):
     """Scans `root`.
 
     Args:
@@ -139,9 +151,16 @@ class ImageFolderSource:
       verify: decode every image once while scanning, so that truncated files are found up front.
         With False only headers are read; a file that fails later is replaced by the next
         readable one in __getitem__ (with one warning, counted in `num_read_failures`).
+      max_boxes: boxes per record, padded (0: no boxes).
+      boxes_file: a COCO instances JSON with the boxes (None: metadata.jsonl "boxes").
+      maps: read a segmentation map per image from root/maps/.
+      num_classes: classes of the boxes and map pixels (needed with max_boxes or maps).
     """
     if caption_source not in (None, "txt", "jsonl"):
       raise ValueError(f"caption_source={caption_source!r}; expected None, 'txt' or 'jsonl'")
+    if max_boxes < 0 or ((max_boxes or maps) and num_classes < 1):
+      raise ValueError(f"max_boxes={max_boxes}, maps={maps}, num_classes={num_classes}; expected "
+                       "max_boxes >= 0 and num_classes >= 1 when boxes or maps are read")
     if not os.path.isdir(root):
       raise FileNotFoundError(f"ImageFolderSource root={root!r} is not a directory")
     self.root = os.path.abspath(root)
@@ -149,6 +168,10 @@ class ImageFolderSource:
     self.caption_source = caption_source
     self.labels_from_subfolders = bool(labels_from_subfolders)
     self.max_pixels = int(max_pixels)
+    self.max_boxes, self.maps, self.num_classes = int(max_boxes), bool(maps), int(num_classes)
+    self.boxes_file = os.path.abspath(boxes_file) if boxes_file else None
+    self.num_dropped_boxes = 0  # boxes beyond max_boxes (the smallest of their image)
+    self.category_names: list[str] = []  # COCO: the class names in class-index order
     self.skipped: list[tuple[str, str]] = []
     self.num_filtered_small = 0
     self.num_missing_captions = 0
@@ -157,18 +180,34 @@ class ImageFolderSource:
     candidates = []
     for dirpath, dirnames, filenames in os.walk(self.root):
       dirnames.sort()  # deterministic order on every host
+      if dirpath == self.root and annotations.MAPS_DIR in dirnames:
+        # Segmentation maps are annotations, never training images, whichever model reads the
+        # folder (a layout model's folder may hold maps too).
+        dirnames.remove(annotations.MAPS_DIR)
+        log.info("ImageFolderSource: not scanning %s/%s for images (segmentation maps)",
+                 self.root, annotations.MAPS_DIR)
       for name in sorted(filenames):
         if name.lower().endswith(IMAGE_EXTENSIONS):
           candidates.append(os.path.join(dirpath, name))
 
     jsonl_captions = self._read_jsonl() if caption_source == "jsonl" else {}
+    raw_boxes = {}
+    if self.max_boxes and self.boxes_file:
+      raw_boxes, self.category_names = annotations.coco_boxes(self.boxes_file, self.root)
+      if not {os.path.normpath(p) for p in candidates} & set(raw_boxes):
+        raise annotations.AnnotationError(
+            f"boxes file {self.boxes_file}: none of its {len(raw_boxes)} images' file_name is one "
+            f"of the {len(candidates)} images under {self.root}; expected file names relative to "
+            "the root")
+    elif self.max_boxes:
+      raw_boxes = annotations.metadata_boxes(self.root)
     if self.labels_from_subfolders:
       self.classes = sorted({self._class_dir(p) for p in candidates} - {None})
     else:
       self.classes = []
     class_ids = {c: i for i, c in enumerate(self.classes)}
 
-    self.files, self.captions, self.labels = [], [], []
+    self.files, self.captions, self.labels, self.boxes = [], [], [], []
     for path in candidates:
       reason, hw = self._check(path, verify)
       if reason is not None:
@@ -199,6 +238,14 @@ class ImageFolderSource:
           self.num_missing_captions += 1
           caption = ""
         self.captions.append(caption)
+      if self.max_boxes:
+        raw, where = raw_boxes.get(os.path.normpath(path), ([], path))
+        padded, dropped = annotations.pad_boxes(
+            annotations.check_boxes(raw, where, hw[0], hw[1], self.num_classes), self.max_boxes)
+        self.num_dropped_boxes += dropped
+        self.boxes.append(padded)
+      if self.maps:
+        self._check_map(path, hw, verify)
       if label is not None:
         self.labels.append(label)
       self.files.append(path)
@@ -210,6 +257,9 @@ class ImageFolderSource:
           f"{self.num_filtered_small} smaller than min_size={self.min_size}"
           + (f"; first skipped: {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped
              else ""))
+    if self.num_dropped_boxes:
+      log.warning("ImageFolderSource: %d boxes beyond max_boxes=%d left out (the smallest of their "
+                  "images)", self.num_dropped_boxes, self.max_boxes)
     if self.num_missing_captions:
       log.warning("ImageFolderSource: %d of %d images under %s have no caption (using '')",
                   self.num_missing_captions, len(self.files), self.root)
@@ -230,7 +280,8 @@ class ImageFolderSource:
     return {"data/num_images": len(self.files), "data/num_skipped": self.num_skipped,
             "data/num_filtered_small": self.num_filtered_small,
             "data/num_missing_captions": self.num_missing_captions,
-            "data/num_read_failures": self.num_read_failures}
+            "data/num_read_failures": self.num_read_failures,
+            "data/num_dropped_boxes": self.num_dropped_boxes}
 
   def _class_dir(self, path: str) -> str | None:
     rel = os.path.relpath(path, self.root).split(os.sep)
@@ -254,6 +305,18 @@ class ImageFolderSource:
       return f"{type(e).__name__}: {e}", (0, 0)
     return None, (h, w)
 
+  def _check_map(self, path: str, hw: tuple[int, int], verify: bool) -> None:
+    """The map of image `path` exists and has its size (and, when verify, its classes are below
+    num_classes); AnnotationError naming the map and the image otherwise."""
+    mp = annotations.map_path(self.root, path)
+    if verify:
+      annotations.read_map(mp, self.num_classes, hw, image=path)
+      return
+    h, w = annotations.map_size(mp, path)
+    if (h, w) != tuple(hw):
+      raise annotations.AnnotationError(f"{mp} (of image {path}): map of {w}x{h} px; expected the "
+                                        f"image's size {hw[1]}x{hw[0]}")
+
   @staticmethod
   def _read_txt(path: str) -> str | None:
     txt = os.path.splitext(path)[0] + ".txt"
@@ -269,27 +332,9 @@ class ImageFolderSource:
 
   def _read_jsonl(self) -> dict[str, str]:
     """Normalised absolute image path -> caption, from every metadata.jsonl under root."""
-    captions = {}
-    for dirpath, _, filenames in os.walk(self.root):
-      if "metadata.jsonl" not in filenames:
-        continue
-      meta = os.path.join(dirpath, "metadata.jsonl")
-      with open(meta, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-          try:
-            line = raw.decode("utf-8")
-          except UnicodeDecodeError as e:
-            raise ValueError(f"{meta}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                             f"{e.start + 1}); expected a UTF-8 JSON Lines file") from None
-          if not line.strip():
-            continue
-          try:
-            row = json.loads(line)
-            captions[os.path.normpath(os.path.join(dirpath, row["file_name"]))] = str(row["text"])
-          except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{meta}:{lineno}: expected a JSON object with 'file_name' and 'text' "
-                             f"fields, got {line.strip()[:200]!r} ({e})") from None
-    return captions
+    # A line without "text" (one that only holds boxes) leaves its image uncaptioned.
+    return {os.path.normpath(os.path.join(dirpath, row["file_name"])): str(row["text"])
+            for _, _, dirpath, row in annotations.metadata_rows(self.root) if "text" in row}
 
   def __len__(self) -> int:
     return len(self.files)
@@ -319,10 +364,23 @@ class ImageFolderSource:
       record["caption"] = self.captions[index]
     if self.labels_from_subfolders:
       record["label"] = self.labels[index]
+    if self.max_boxes:
+      record.update({k: v.copy() for k, v in self.boxes[index].items()})
+    if self.maps:
+      record[annotations.SEGMENTATION] = annotations.read_map(
+          annotations.map_path(self.root, self.files[index]), self.num_classes, image.shape[:2],
+          image=self.files[index])
     return record
 
   def __repr__(self) -> str:
     # Stable across processes: Grain compares it when restoring an iterator state.
     return (f"ImageFolderSource(root={self.root!r}, n={len(self.files)}, min_size={self.min_size}, "
             f"caption_source={self.caption_source!r}, "
-            f"labels_from_subfolders={self.labels_from_subfolders})")
+            f"labels_from_subfolders={self.labels_from_subfolders}{self._annotations_repr()})")
+
+  def _annotations_repr(self) -> str:
+    # Only when used, so that the saved loader states of folders without annotations still fit.
+    if not (self.max_boxes or self.maps):
+      return ""
+    return (f", max_boxes={self.max_boxes}, boxes_file={self.boxes_file!r}, maps={self.maps}, "
+            f"num_classes={self.num_classes}")

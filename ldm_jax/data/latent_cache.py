@@ -24,7 +24,7 @@ from ldm_jax.data import transforms
 
 INDEX_FILE = "index.json"
 CACHE_VERSION = 1
-_PASSTHROUGH_KEYS = ("label", "caption", "boxes", "box_labels")
+_PASSTHROUGH_KEYS = ("label", "caption", "boxes", "box_labels", "box_mask", "segmentation")
 
 
 def _batches_from_source(source, batch_size: int) -> Iterable[dict[str, np.ndarray]]:

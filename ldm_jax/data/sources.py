@@ -4,24 +4,42 @@ checks read, so a source is named the same everywhere (`config.data.source` == `
     kind = SOURCES["shapes"]                        # a SourceKind
     source = kind.build(DataConfig(name="shapes", size=64))
     kind.yields                                     # IMAGES: records hold 'image' uint8 [H, W, 3]
-    config = data_config(experiment_config.data, seed=0)   # the experiment's `data` block
+    config = data_config(experiment_config.data, seed=0,    # the experiment's `data` block,
+                         model=experiment_config.model)     # and what its model's condition reads
 
 A new source is a class with `__len__`, `__getitem__` and a `repr` that is stable across runs (the
 loader's saved state names it), plus one entry in SOURCES: how to build it from a DataConfig, what
-its records hold, and which DataConfig fields an experiment's `data` block sets.
+its records hold, and which DataConfig fields an experiment's `data` block sets. RECORD_KEYS names
+every key a record may hold.
 """
 
 import dataclasses
 from typing import Any, Callable
 
+from ldm_jax.data import annotations
 from ldm_jax.data import folder
 from ldm_jax.data import latent_cache
 from ldm_jax.data import shapes
 from ldm_jax.data import tfds_source
+from ldm_jax.data import transforms
 
 # What a source's records hold, which decides the transform the training pipeline applies.
 IMAGES = "images"    # 'image' uint8 [H, W, 3] (+ label, caption, boxes): resized, cropped, flipped
 LATENTS = "latents"  # 'latents' [h, w, c] already encoded and scaled (+ label, caption, text_emb)
+
+# The keys of records, and what each holds.
+RECORD_KEYS = {
+    "image": "uint8 [H, W, 3]",
+    "latents": "float32 [h, w, c], scaled first-stage latents (latent_cache)",
+    "label": "int, the class (shapes; folders with labels_from_subfolders; tfds label_key)",
+    "caption": "str (shapes; folders with caption_source; tfds caption_key)",
+    annotations.BOXES: "float32 [N, 4] (x0, y0, x1, y1) fractions (shapes: N objects; folders: "
+                       "max_boxes, padded)",
+    annotations.BOX_LABELS: "int32 [N], the class of each box",
+    annotations.BOX_MASK: "bool [N], True = a real box, False = padding (folders); absent = all "
+                          "real",
+    annotations.SEGMENTATION: "int32 [H, W] class indices, the image's size (folders with maps)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +56,10 @@ class DataConfig:
   min_size: int = 0  # folder: drop images whose shorter side is smaller
   caption_source: str | None = None  # folder: None, "txt" or "jsonl"
   labels_from_subfolders: bool = False  # folder: class labels from sub-folder names
+  max_boxes: int = 0  # folder: boxes per record, padded with a mask (0 = no boxes)
+  boxes_file: str | None = None  # folder: COCO instances JSON (None = metadata.jsonl "boxes")
+  maps: bool = False  # folder: a segmentation map per image in root/maps/
+  num_classes: int = 0  # folder: classes of the boxes / map pixels
   # tfds
   tfds_name: str = ""
   split: str = "train"
@@ -58,6 +80,30 @@ class SourceKind:
   # Images are drawn at DataConfig.size already, so they need no resize (only a crop or flip when
   # asked for); other image sources are resized and cropped by the pipeline.
   drawn_at_size: bool = False
+  # Reads the boxes / maps a model's condition needs (`Annotations`) from files; other sources
+  # either draw them (shapes) or have none.
+  reads_annotations: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Annotations:
+  """What a model's condition needs from an image source beside the image."""
+  max_boxes: int = 0  # layout models: boxes padded to this many (0 = no boxes)
+  maps: bool = False  # semantic-synthesis models: a segmentation map per image
+  num_classes: int = 0  # classes of the boxes / map pixels (0 = neither is read)
+
+
+def annotations_for(model) -> Annotations:
+  """The Annotations that an experiment's `model` block conditions on: a layout model's boxes
+  (`model.cond_stage.layout`: max_objects of num_classes) or a spatial rescaler's maps (one class
+  per input channel)."""
+  cond_stage = (model.get("cond_stage") if model is not None else None) or {}
+  if cond_stage.get("layout"):
+    coding = transforms.layout_coding(cond_stage)
+    return Annotations(max_boxes=coding.max_objects, num_classes=coding.num_classes)
+  if cond_stage.get("kind") == "spatial_rescaler":
+    return Annotations(maps=True, num_classes=int(cond_stage["kwargs"]["in_channels"]))
+  return Annotations()
 
 
 SOURCES: dict[str, SourceKind] = {
@@ -70,11 +116,14 @@ SOURCES: dict[str, SourceKind] = {
     "folder": SourceKind(
         build=lambda c: folder.ImageFolderSource(
             c.root, min_size=c.min_size, caption_source=c.caption_source,
-            labels_from_subfolders=c.labels_from_subfolders),
+            labels_from_subfolders=c.labels_from_subfolders, max_boxes=c.max_boxes,
+            boxes_file=c.boxes_file, maps=c.maps, num_classes=c.num_classes),
         yields=IMAGES,
         settings=lambda d: dict(root=d.data_dir, min_size=d.min_size,
                                 caption_source="txt" if d.caption_key else None,
-                                labels_from_subfolders=bool(d.label_key))),
+                                labels_from_subfolders=bool(d.label_key),
+                                boxes_file=d.get("boxes_file") or None),
+        reads_annotations=True),
     "tfds": SourceKind(
         build=lambda c: tfds_source.TfdsSource(
             c.tfds_name, c.split, c.data_dir, image_key=c.image_key, label_key=c.label_key,
@@ -98,7 +147,12 @@ def get(name: str, field: str = "data name") -> SourceKind:
   return SOURCES[name]
 
 
-def data_config(data, seed: int) -> DataConfig:
-  """The DataConfig of an experiment's `data` block (`config.data`), with the run's seed."""
+def data_config(data, seed: int, model=None) -> DataConfig:
+  """The DataConfig of an experiment's `data` block (`config.data`), with the run's seed; with the
+  experiment's `model` block, a source that reads annotations reads the ones its condition needs."""
   kind = get(data.source, "config.data.source")
-  return DataConfig(name=data.source, seed=seed, size=data.image_size, **kind.settings(data))
+  extra = {}
+  if kind.reads_annotations:
+    extra = dataclasses.asdict(annotations_for(model))
+  return DataConfig(name=data.source, seed=seed, size=data.image_size, **kind.settings(data),
+                    **extra)

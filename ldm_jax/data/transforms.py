@@ -7,7 +7,10 @@ and the record's position, which makes augmentations reproducible across restart
 Conventions:
 - images are uint8 [H, W, 3] on input and float32 [H, W, 3] in [-1, 1] on output (NHWC once
   batched);
-- boxes are (x0, y0, x1, y1) fractions of the image and follow crops and flips;
+- boxes are (x0, y0, x1, y1) fractions of the image and follow crops and flips; a `box_mask`
+  (True = a real box) loses the boxes a crop leaves empty;
+- segmentation maps, int [H, W] class indices of the image's size, follow resizes (nearest
+  neighbour, so classes never blend), crops and flips pixel for pixel;
 - inpainting masks are float32 [H, W, 1] with **1 = keep (known pixel), 0 = hole to fill**. The
   CompVis inpainting code uses the opposite (mask = 1 marks the hole); convert with `1 - mask`.
 """
@@ -67,8 +70,9 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 class ImageTransform:
   """Resize (shorter side) + crop + optional flip + [-1, 1]; the loader's standard transform.
 
-  Called as `transform(record, rng)`; `record['image']` must be uint8 [H, W, 3]. Boxes, if present,
-  follow the crop and flip. `random_crop` and `flip` need the rng (the loader always passes one).
+  Called as `transform(record, rng)`; `record['image']` must be uint8 [H, W, 3]. Boxes and a
+  segmentation map, if present, follow the resize, crop and flip. `random_crop` and `flip` need the
+  rng (the loader always passes one).
   """
   size: int = 64
   random_crop: bool = False
@@ -79,25 +83,67 @@ class ImageTransform:
       raise ValueError("ImageTransform with random_crop or flip needs an rng")
     out = dict(record)
     image = np.asarray(record["image"])
+    seg = out.get("segmentation")
+    if seg is not None and np.shape(seg) != image.shape[:2]:
+      raise ValueError(f"segmentation map of shape {np.shape(seg)}; expected the image's "
+                       f"{image.shape[:2]}")
     image = resize_shorter(image, self.size)  # [H', W', 3]
     h, w = image.shape[:2]
+    if seg is not None:
+      seg = resize_labels(np.asarray(seg), h, w)  # [H', W']
     top, left = crop_offsets(h, w, self.size, rng if self.random_crop else None)
     image = image[top:top + self.size, left:left + self.size]  # [size, size, 3]
+    if seg is not None:
+      seg = seg[top:top + self.size, left:left + self.size]  # [size, size]
     boxes = out.get("boxes")
     if boxes is not None:
       # Boxes are fractions of the original image, hence also of the resized one.
       boxes = crop_boxes(np.asarray(boxes, np.float32).reshape(-1, 4), h, w, top, left, self.size)
+      if "box_mask" in out:  # A box the crop cut away entirely is no object of this image.
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [N]
+        out["box_mask"] = np.asarray(out["box_mask"], bool) & (area > 0)
     if self.flip and rng.random() < 0.5:
       image = image[:, ::-1]
       if boxes is not None:
         boxes = flip_boxes(boxes)
+      if seg is not None:
+        seg = seg[:, ::-1]
     if boxes is not None:
       out["boxes"] = boxes.astype(np.float32)
+    if seg is not None:
+      out["segmentation"] = np.ascontiguousarray(seg, np.int32)
     out["image"] = to_float(np.ascontiguousarray(image))  # [size, size, 3]
     return out
 
 
+def resize_labels(labels: np.ndarray, h: int, w: int) -> np.ndarray:
+  """int [H, W] class indices -> int32 [h, w] by nearest neighbour (PIL's, as the image's resize
+  places pixels), so that every pixel keeps a class of the input."""
+  if labels.shape == (h, w):
+    return labels.astype(np.int32)
+  im = Image.fromarray(np.asarray(labels, np.int32))  # mode I: any class count
+  return np.asarray(im.resize((w, h), resample=Image.NEAREST), np.int32)
+
+
 # ---------------------------------------------------------------- super-resolution ----------------
+# How the low-resolution view of a super-resolution pair is made (config.data.degradation).
+BICUBIC, BSR = "bicubic", "bsr"
+DEGRADATIONS = (BICUBIC, BSR)
+
+
+def degrade(image: np.ndarray, factor: int, degradation: str,
+            rng: np.random.Generator | None) -> np.ndarray:
+  """uint8 [H, W, 3] -> its uint8 [H/f, W/f, 3] low-resolution view: 'bicubic' (deterministic) or
+  'bsr' (`bsr_degrade`, random: needs rng)."""
+  if degradation == BICUBIC:
+    return bicubic_down(image, factor)
+  if degradation == BSR:
+    if rng is None:
+      raise ValueError("the 'bsr' degradation is random: it needs an rng")
+    return bsr_degrade(image, factor, rng)
+  raise ValueError(f"degradation={degradation!r}; expected one of {list(DEGRADATIONS)}")
+
+
 def bicubic_down(image: np.ndarray, factor: int = 4) -> np.ndarray:
   """uint8 [H, W, 3] -> uint8 [H/f, W/f, 3] with PIL bicubic (antialiased)."""
   h, w = image.shape[:2]
@@ -132,19 +178,23 @@ class SuperResTransform:
   """
   size: int = 256
   factor: int = 4
-  degradation: str | None = None  # None: plain bicubic; "bsr": blur + noise + JPEG
+  degradation: str | None = None  # None or "bicubic": plain bicubic; "bsr": blur + noise + JPEG
   random_crop: bool = True
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator | None = None) -> dict:
-    if self.degradation not in (None, "bsr"):
-      raise ValueError(f"degradation={self.degradation!r}; expected None or 'bsr'")
-    if rng is None and (self.random_crop or self.degradation):
+    degradation = self.degradation or BICUBIC
+    if degradation not in DEGRADATIONS:
+      raise ValueError(f"degradation={self.degradation!r}; expected None or one of "
+                       f"{list(DEGRADATIONS)}")
+    if rng is None and (self.random_crop or degradation != BICUBIC):
       raise ValueError("SuperResTransform with random_crop or degradation needs an rng")
     image = resize_shorter(np.asarray(record["image"]), self.size)
     top, left = crop_offsets(*image.shape[:2], self.size, rng if self.random_crop else None)
     hr = np.ascontiguousarray(image[top:top + self.size, left:left + self.size])  # [S, S, 3]
-    lr = bsr_degrade(hr, self.factor, rng) if self.degradation else bicubic_down(hr, self.factor)
-    out = {k: v for k, v in record.items() if k != "boxes"}
+    lr = degrade(hr, self.factor, degradation, rng)
+    # The annotations of the full image do not describe the crop's low-resolution pair.
+    out = {k: v for k, v in record.items()
+           if k not in ("boxes", "box_mask", "segmentation")}
     out["image"], out["lr"] = to_float(hr), to_float(lr)
     return out
 
@@ -242,6 +292,53 @@ def layout_tokens(boxes: np.ndarray, labels: np.ndarray, *, grid: int = 16, num_
   tokens[:len(order), 1] = q[:, 1] * grid + q[:, 0]
   tokens[:len(order), 2] = q[:, 3] * grid + q[:, 2]
   return tokens.reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutCoding:
+  """How a layout model codes boxes as tokens (`layout_tokens`): its config's
+  `model.cond_stage.layout`, saved with the model so that sampling codes boxes as training did."""
+  grid: int
+  num_classes: int
+  max_objects: int
+
+  def tokens(self, boxes: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None
+             ) -> np.ndarray:
+    """One image's boxes float32 [N, 4] (fractions), labels [N] and optional validity mask [N]
+    -> int32 [3 * max_objects]."""
+    boxes, labels = np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels).reshape(-1)
+    if mask is not None:
+      keep = np.asarray(mask, bool).reshape(-1)
+      boxes, labels = boxes[keep], labels[keep]
+    return layout_tokens(boxes, labels, grid=self.grid, num_classes=self.num_classes,
+                         max_objects=self.max_objects)
+
+
+def layout_coding(cond_stage: Any) -> LayoutCoding:
+  """The LayoutCoding of a layout model's cond_stage config (a mapping with `layout` and the token
+  transformer's `kwargs`); ValueError naming the field, the value and what was expected."""
+  layout = (cond_stage or {}).get("layout")
+  if not layout:
+    raise ValueError("model.cond_stage.layout is missing: a layout model's config must say how "
+                     "boxes become tokens, dict(grid=..., num_classes=..., max_objects=...)")
+  values = {}
+  for field, low in (("grid", 2), ("num_classes", 1), ("max_objects", 1)):
+    v = layout.get(field)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+      raise ValueError(f"model.cond_stage.layout.{field}={v!r}; expected an integer >= {low}")
+    values[field] = v
+  coding = LayoutCoding(**values)
+  kwargs = (cond_stage or {}).get("kwargs", {}) or {}
+  vocab = layout_vocab_size(coding.grid, coding.num_classes)
+  if "vocab_size" in kwargs and vocab > kwargs["vocab_size"]:
+    raise ValueError(f"model.cond_stage.layout: grid={coding.grid}, num_classes="
+                     f"{coding.num_classes} need {vocab} tokens; expected at most the "
+                     f"transformer's vocab_size={kwargs['vocab_size']}")
+  if "max_length" in kwargs and 3 * coding.max_objects > kwargs["max_length"]:
+    raise ValueError(f"model.cond_stage.layout.max_objects={coding.max_objects} makes "
+                     f"{3 * coding.max_objects} tokens; expected at most the transformer's "
+                     f"max_length={kwargs['max_length']}")
+  return coding
 
 
 def decode_layout_tokens(tokens: np.ndarray, *, grid: int, num_classes: int):

@@ -14,8 +14,9 @@ from ldm_jax.data import transforms
 
 
 def data_config(config) -> sources.DataConfig:
-  """The DataConfig of an experiment config's `data` block (the source named by data.source)."""
-  return sources.data_config(config.data, config.seed)
+  """The DataConfig of an experiment config's `data` block (the source named by data.source), reading
+  the boxes or maps its model's condition needs."""
+  return sources.data_config(config.data, config.seed, config.model)
 
 
 class Pipeline:

@@ -14,6 +14,7 @@ import numpy as np
 
 from ldm_jax import ldm as ldm_lib
 from ldm_jax import parallel
+from ldm_jax.data import annotations
 from ldm_jax.data import transforms
 from ldm_jax.diffusion import objectives
 from ldm_jax.models import conditioning as conditioning_lib
@@ -57,20 +58,24 @@ def task_inputs(model: ldm_lib.LatentDiffusion, batch: Mapping[str, Any], config
                 rng: np.random.Generator) -> dict[str, np.ndarray]:
   """Per-family conditioning inputs made on the host from an image batch (this host's shard).
 
-  super-resolution (cond 'identity', concat): the image bicubic-downsampled to latent size;
+  super-resolution (cond 'identity', concat): the image downsampled to latent size, degraded as
+    config.data.degradation says ('bicubic' or 'bsr', `transforms.degrade`);
   inpainting (cond 'first_stage', and Stable Diffusion's text inpainting models): random holes ->
     masked image + keep-mask (pixel resolution);
   the x4 upscaler: its low-resolution input noised as `upscaler_inputs` says;
   depth-to-image: `depth_inputs`;
-  layout (box-token transformer): `transforms.layout_tokens` of the boxes;
-  semantic synthesis ('spatial_rescaler'): one-hot class maps [B, H, W, classes + 1] (0 = background).
+  layout (box-token transformer): the boxes (those `box_mask` marks real, when the batch has one)
+    as tokens, coded as the model's `cond_stage.layout` says;
+  semantic synthesis ('spatial_rescaler'): one-hot class maps [B, H, W, classes]: the batch's
+    `segmentation` maps, else drawn from shapes boxes (`class_maps`).
   """
   kind, key = model.cond_kind, model.config.diffusion.conditioning_key
   images = np.asarray(batch["image"], np.float32)  # [B, H, W, 3] in [-1, 1]
   out: dict[str, np.ndarray] = {}
   if (kind == "identity" and conditioning_lib.takes_concat(key)) or model.is_upscaler:
     f = model.downsample_factor
-    lowres = [transforms.bicubic_down(transforms.to_uint8(im), f) for im in images]
+    degradation = config.data.get("degradation", transforms.BICUBIC)
+    lowres = [transforms.degrade(transforms.to_uint8(im), f, degradation, rng) for im in images]
     out["concat"] = np.stack([transforms.to_float(x) for x in lowres])  # [B, H/f, W/f, 3]
     if model.is_upscaler:
       out["concat"], out["noise_level"] = upscaler_inputs(model, out["concat"], rng)
@@ -81,13 +86,16 @@ def task_inputs(model: ldm_lib.LatentDiffusion, batch: Mapping[str, Any], config
     masks = np.stack([masker({"image": im}, rng)["mask"] for im in images])  # [B, H, W, 1]
     out["inpaint_mask"], out["masked_image"] = masks, images * masks
   elif is_layout(model):
-    d = config.data
-    out["tokens"] = np.stack([
-        transforms.layout_tokens(b, l, grid=d.layout_grid, num_classes=d.layout_classes,
-                                 max_objects=d.layout_max_objects)
-        for b, l in zip(batch["boxes"], batch["box_labels"])])  # [B, 3 * max_objects]
+    coding = transforms.layout_coding(model.cond_stage_config)
+    masks = batch.get("box_mask", [None] * len(images))
+    out["tokens"] = np.stack([coding.tokens(b, l, m) for b, l, m in zip(
+        batch["boxes"], batch["box_labels"], masks)])  # [B, 3 * max_objects]
   elif kind == "spatial_rescaler":
-    out["seg"] = class_maps(images, batch, int(model.cond_stage_config["kwargs"]["in_channels"]))
+    channels = int(model.cond_stage_config["kwargs"]["in_channels"])
+    if "segmentation" in batch:  # Maps read with the images (a folder's maps/).
+      out["seg"] = annotations.one_hot(np.asarray(batch["segmentation"]), channels)
+    else:
+      out["seg"] = class_maps(images, batch, channels)  # [B, H, W, channels]
   return out
 
 

@@ -56,3 +56,20 @@ def test_unknown_source_is_refused_by_each_reader():
     validate.check_config(_config("latents"))
   with pytest.raises(ValueError, match="data name='latents'"):
     loader.make_dataset(ml_collections.ConfigDict({"name": "latents"}))
+
+
+def test_folders_read_the_annotations_their_model_conditions_on():
+  from configs import layout2img, semantic_synthesis, shapes_ldm_text
+  got = {}
+  for name, module in (("layout", layout2img), ("semantic", semantic_synthesis),
+                       ("text", shapes_ldm_text)):
+    c = module.get_config("tiny")
+    c.data.source, c.data.data_dir, c.data.boxes_file = "folder", "/imgs", "/imgs/instances.json"
+    dc = inputs.data_config(c)
+    got[name] = (dc.max_boxes, dc.num_classes, dc.maps)
+    assert dc.boxes_file == "/imgs/instances.json"
+  # Layout: the coding's max_objects boxes of its classes; semantic: a map of the rescaler's
+  # input classes; a text model reads neither.
+  assert got == {"layout": (2, 18, False), "semantic": (0, 19, True), "text": (0, 0, False)}
+  for key in ("boxes", "box_labels", "box_mask", "segmentation"):
+    assert key in sources.RECORD_KEYS
