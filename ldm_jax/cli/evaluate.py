@@ -219,7 +219,11 @@ def run_paired(args) -> dict:
   lpips_params = _load_lpips(args) if args.lpips else None
   extractor = _extractor(args) if args.inception else None  # FID / IS are optional here.
   model = cli.load_model(args)
-  paired_eval.check_settings(settings, model, n, prefix="--")
+  task = paired_eval.check_settings(settings, model, n, prefix="--")
+  if task == paired_eval.SEMANTIC and image_sets.reference_kind(args.data, "--data") == "folder":
+    # The ground truth's maps/ folder holds the condition: the same images, opened with their maps.
+    source = image_sets.open_source(args.data, args.data_dir, "--data",
+                                    maps_classes=paired_eval.map_classes(model))
   size = args.image_size or int(model.config.diffusion.image_size) * model.downsample_factor
   stride = model.downsample_factor * 2 ** (len(model.config.unet.channel_mult) - 1)
   if size % stride:

@@ -98,11 +98,17 @@ def reference_kind(spec: str, flag: str = "--reference") -> str:
                    f"tfds:NAME[:SPLIT].")
 
 
-def open_source(spec: str, data_dir: str | None, flag: str):
-  """A random-access image source (records with 'image' uint8 [H, W, 3]) for a folder or TFDS."""
+def open_source(spec: str, data_dir: str | None, flag: str, *, maps_classes: int = 0):
+  """A random-access image source (records with 'image' uint8 [H, W, 3]) for a folder or TFDS.
+
+  maps_classes: > 0 reads a folder's segmentation maps (root/maps/, class indices below it) into
+    each record's 'segmentation' int32 [H, W].
+  """
   kind = reference_kind(spec, flag)
   try:
     if kind == "folder":
+      if maps_classes:
+        return ImageFolderSource(spec, verify=False, maps=True, num_classes=maps_classes)
       return ImageFolderSource(spec, verify=False)
     if kind == "tfds":
       name, _, split = spec[5:].partition(":")

@@ -36,7 +36,7 @@ from ldm_jax.models import conditioning
 from ldm_jax.models import lpips as lpips_lib
 
 SUPER_RESOLUTION, INPAINTING, SEMANTIC = "super_resolution", "inpainting", "semantic"
-DEGRADATIONS = ("bicubic", "bsr")
+DEGRADATIONS = transforms.DEGRADATIONS
 MASKS = ("box", "stroke", "mixed")
 # The record key of a source's segmentation map (int class indices [H, W]).
 SEGMENTATION = "segmentation"
@@ -93,9 +93,7 @@ def _example_rng(index: int) -> np.random.Generator:
 
 def lowres(image: np.ndarray, factor: int, degradation: str, index: int) -> np.ndarray:
   """uint8 [H, W, 3] -> the super-resolution input uint8 [H/f, W/f, 3] of example `index`."""
-  if degradation == "bsr":
-    return transforms.bsr_degrade(image, factor, _example_rng(index))
-  return transforms.bicubic_down(image, factor)
+  return transforms.degrade(image, factor, degradation, _example_rng(index))
 
 
 def inpaint_mask(size: int, masks: str, index: int) -> np.ndarray:
@@ -117,6 +115,11 @@ def one_hot_map(seg: np.ndarray, classes: int, where: str) -> np.ndarray:
   return np.eye(classes, dtype=np.float32)[seg]
 
 
+def map_classes(model) -> int:
+  """The classes of a semantic-synthesis model's segmentation maps (its condition's channels)."""
+  return int(model.cond_stage_config.get("kwargs", {}).get("in_channels", 0))
+
+
 def condition_inputs(model, task: str, truth: np.ndarray, records: list[dict], start: int,
                      s: PairedSettings) -> dict[str, np.ndarray]:
   """`sampling.sample` keyword arguments conditioning on ground truth uint8 [B, H, W, 3] (examples
@@ -132,7 +135,7 @@ def condition_inputs(model, task: str, truth: np.ndarray, records: list[dict], s
     masks = np.stack([inpaint_mask(truth.shape[1], s.masks, start + i)
                       for i in range(len(truth))])  # [B, H, W, 1]
     return {"init_image": transforms.to_float(truth), "mask": masks}
-  classes = int(model.cond_stage_config.get("kwargs", {}).get("in_channels", 0))
+  classes = map_classes(model)
   maps = []
   for i, record in enumerate(records):
     if SEGMENTATION not in record:

@@ -307,3 +307,33 @@ def test_semantic_maps_become_one_hot_conditions():
   with pytest.raises(InputError, match=rf"example 0: .* expected \[H, W\] class indices in "
                                        rf"\[0, {classes}\)"):
     list(paired_eval.pairs(model, [bad], 1, s, outputs_fn=oracle, show_progress=False))
+
+
+def test_cli_reads_a_semantic_models_maps_from_the_data_folder(assets, monkeypatch, tmp_path):
+  """`paired --data FOLDER` for a semantic model opens the folder with its maps/ PNGs: each record
+  handed to the evaluation carries its own map (class indices), as the condition is built from."""
+  model = _random_model(semantic_synthesis.get_config("tiny").model)
+  model_dir = str(tmp_path / "semantic")
+  model.save(model_dir)
+  classes = semantic_synthesis.SHAPES_SEG_CLASSES
+  data = tmp_path / "data"
+  (data / "maps").mkdir(parents=True)
+  rng = np.random.default_rng(1)
+  maps = {}
+  for i in range(2):
+    Image.fromarray(shapes.render_shapes(3, i, size=SIZE)["image"]).save(data / f"{i:03d}.png")
+    maps[i] = rng.integers(0, classes, (SIZE, SIZE)).astype(np.uint8)
+    Image.fromarray(maps[i]).save(data / "maps" / f"{i:03d}.png")
+  seen = {}
+
+  def capture(model, source, count, settings, **kwargs):
+    seen["records"] = [source[i] for i in range(count)]
+    return {"task": "semantic"}
+
+  monkeypatch.setattr(paired_eval, "evaluate_paired", capture)
+  rc = evaluate.main(["paired", "--checkpoint", model_dir, "--data", str(data), "--steps", "2",
+                      "--out", str(tmp_path / "r.json")] + FAST)
+  assert rc == 0
+  assert len(seen["records"]) == 2
+  for i, record in enumerate(seen["records"]):
+    np.testing.assert_array_equal(record["segmentation"], maps[i])
