@@ -28,6 +28,7 @@ either layout, so a written file reads back to the same updates.
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -102,9 +103,22 @@ def parse_spec(spec: str) -> tuple[str, float]:
   return spec, 1.0
 
 
+def _as_json(section: Any) -> str:
+  """A config section as canonical JSON: the key of the name caches below."""
+  def plain(value):  # ConfigDicts at any depth (a dict of a ConfigDict's items holds some)
+    return value.to_dict() if hasattr(value, "to_dict") else str(value)
+  return json.dumps(section, sort_keys=True, default=plain)
+
+
 def _unet_kernels(config: Mapping[str, Any], diffusers: bool) -> dict[Path, tuple[str, Callable]]:
   """UNet kernel path -> (torch module name, transform), in the diffusers or the CompVis naming."""
-  unet = build.build_unet(config["unet"])
+  return dict(_unet_kernels_of(_as_json(config["unet"]), diffusers))
+
+
+@functools.lru_cache(maxsize=8)
+def _unet_kernels_of(unet_json: str, diffusers: bool) -> dict[Path, tuple[str, Callable]]:
+  # Cached: the key map traces the UNet's init, and every file (or export) of a model asks again.
+  unet = build.build_unet(json.loads(unet_json))
   out = {}
   for path, (key, transform) in unet_convert.key_map(unet, diffusers=diffusers).items():
     if path[-1] == "kernel" and key.endswith(".weight"):
@@ -118,7 +132,13 @@ def _text_kernels(config: Mapping[str, Any]) -> tuple[dict[Path, tuple[str, Call
   cond = dict(config.get("cond_stage") or {})
   if cond.get("kind") not in _TEXT_KINDS:
     return {}, []
-  encoder = build.build_cond_stage(cond)
+  kernels, unused = _text_kernels_of(_as_json(cond))
+  return dict(kernels), list(unused)
+
+
+@functools.lru_cache(maxsize=8)
+def _text_kernels_of(cond_json: str) -> tuple[dict[Path, tuple[str, Callable]], list[str]]:
+  encoder = build.build_cond_stage(json.loads(cond_json))
   kernels = {path: (key[:-len(".weight")], transform)
              for path, (key, transform) in text_convert.clip_hf_key_map(encoder).items()
              if path[-1] == "kernel"}

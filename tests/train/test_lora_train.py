@@ -21,9 +21,10 @@ import numpy as np
 import optax
 import pytest
 
+from configs import common as configs_common
 from configs import sd_v1_finetune
-from ldm_jax import ldm
 from ldm_jax import model_io
+from ldm_jax import networks
 from ldm_jax import workdir_layout as layout
 from ldm_jax.cli import common as cli_common
 from ldm_jax.cli import train as entry
@@ -40,7 +41,17 @@ TARGETS = ("attention", "convs", "text_encoder")
 
 
 def _config(base: str, steps: int):
+  """sd_v1_finetune's tiny variant, smaller still: a one-level UNet (attention, resnets), one CLIP
+  block, a 2x first stage on 16 px shapes (tracing and compiling two runs is this file's cost)."""
   cfg = sd_v1_finetune.get_config("tiny")
+  cfg.model.unet = configs_common.unet_kwargs(
+      in_channels=4, model_channels=32, channel_mult=(1,), num_res_blocks=1,
+      attention_resolutions=(1,), num_heads=2, use_spatial_transformer=True, transformer_depth=1,
+      context_dim=64, legacy=False)
+  cfg.model.cond_stage.kwargs.layers = 1
+  cfg.model.first_stage = configs_common.first_stage(
+      "kl", ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16)
+  cfg.data.image_size = 16
   cfg.mesh.num_devices = 1
   cfg.init_from = base
   cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets = RANK, ALPHA, TARGETS
@@ -65,9 +76,15 @@ def run(tmp_path_factory):
   adapters of its checkpoints 1 and 2 (raw), and the same workdir resumed to step 3."""
   root = tmp_path_factory.mktemp("lora_train")
   cfg = _config("", 2)
-  base = ldm.LatentDiffusion.init(cfg.model, jax.random.PRNGKey(0))
+  # Random weights drawn on the host from the parameters' shapes (norm scales near 1): compiling
+  # the three networks' initialisers would cost more than the whole LoRA run.
+  abstract = jax.eval_shape(lambda: networks.init_params(cfg.model, jax.random.PRNGKey(0)))
+  rs = np.random.RandomState(0)
+  weights = jax.tree_util.tree_map_with_path(
+      lambda path, a: (float(path[-1].key == "scale") + 0.05 * rs.standard_normal(a.shape)
+                       ).astype(a.dtype), abstract)
   base_dir = str(root / "base")
-  base.save(base_dir)
+  model_io.save_model(base_dir, cfg.model, weights)
   before = _flat(model_io.load_model(base_dir)[1])
   workdir = str(root / "run")
   summary = entry.train(_config(base_dir, 2), workdir)
