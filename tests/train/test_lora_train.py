@@ -178,6 +178,34 @@ def test_the_sample_grid_and_eval_hook_see_base_plus_adapters(run):
              for k, v in _flat(model.params["unet"]).items())
 
 
+def test_adapters_and_frozen_base_follow_the_sharding_rules(run):
+  """On 8 devices (fsdp 4) the frozen base and the adapters' state are laid out by the rules every
+  parameter follows: large leaves split over 'fsdp', small ones replicated."""
+  from ldm_jax import ldm
+  from ldm_jax import parallel
+  from ldm_jax.train import loop
+  cfg = _config(run["base_dir"], 2)
+  cfg.mesh.num_devices, cfg.mesh.fsdp, cfg.mesh.min_shard_size = 8, 4, 256
+  mesh = loop.make_mesh(cfg)
+  training = lora_lib.LoraTraining(ldm.LatentDiffusion.from_checkpoint(run["base_dir"]), cfg, mesh)
+  frozen = jax.tree.leaves(training.frozen)
+  rules = jax.tree.leaves(parallel.infer_param_shardings(training.frozen, mesh, 256))
+  assert all(x.sharding == s for x, s in zip(frozen, rules))
+  assert any("fsdp" in str(x.sharding.spec) for x in frozen)
+  init_fn, args = training.init_state(optax.adam(1e-3))
+  state = parallel.abstract_sharded(init_fn, *args, mesh=mesh, min_size=256)
+  specs = {k: (leaf.shape, leaf.sharding.spec) for k, leaf in _flat_abstract(state.params).items()}
+  assert specs and all(spec == parallel.fsdp_spec(shape, 4, 256)
+                       for shape, spec in specs.values())
+  assert any("fsdp" in str(spec) for _, spec in specs.values())  # the 3x3 conv downs are split
+  assert any(spec == jax.sharding.PartitionSpec() for _, spec in specs.values())
+
+
+def _flat_abstract(tree) -> dict:
+  return {jax.tree_util.keystr(path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def test_the_checkpoint_holds_the_adapters_only(run):
   state = run["state2"]
   assert set(state["params"]) == {"lora"} and set(state["ema_params"]) == {"lora"}
