@@ -28,7 +28,8 @@ def main(argv=None) -> int:
   p.add_argument("--diffusers")
   p.add_argument("--checkpoint", help="an already converted model directory (to merge --lora into)")
   p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                 help="merge a LoRA .safetensors file, scaled (default 1); repeatable")
+                 help="merge a LoRA .safetensors file (or a LoRA training workdir's adapters), "
+                      "scaled (default 1); repeatable")
   p.add_argument("--export_lora", metavar="WORKDIR",
                  help="write the adapters a LoRA training run (config.lora) keeps in WORKDIR to "
                       "the .safetensors file --out")
@@ -47,7 +48,6 @@ def main(argv=None) -> int:
   # After parsing: --help and flag mistakes answer without loading JAX and the converters.
   from ldm_jax import model_io
   from ldm_jax.convert import common
-  from ldm_jax.convert import lora
   from ldm_jax.convert import pipeline
   from ldm_jax.train import lora as lora_training
   try:

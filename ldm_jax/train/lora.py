@@ -99,11 +99,12 @@ def read_record(workdir: str) -> dict[str, Any] | None:
     return None
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ConfigError(f"{path}: not the JSON record a LoRA run writes ({e}).") from None
-  missing = [k for k in ("base", "rank", "alpha", "targets", "model") if k not in record] \
-      if isinstance(record, dict) else ["the object itself"]
-  if missing:
-    raise ConfigError(f"{path}: {', '.join(missing)} missing; expected the record a LoRA run "
-                      f"writes (base, rank, alpha, targets, model).")
+  fields = ("base", "rank", "alpha", "targets", "model")
+  missing = [k for k in fields if k not in record] if isinstance(record, dict) else None
+  if missing is None or missing:
+    found = f"{', '.join(missing)} missing" if missing else f"a JSON {type(record).__name__}"
+    raise ConfigError(f"{path}: {found}; expected the object a LoRA run writes, with "
+                      f"{', '.join(fields)}.")
   return record
 
 
