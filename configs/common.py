@@ -8,6 +8,7 @@ Each experiment file defines `get_config(arg)` returning a ConfigDict; `arg` pic
   model       first_stage / unet / cond_stage / diffusion (see ldm_jax/models/build.py), and
               optionally sampling: the settings sample.py uses when the user gives none
   train       optimiser, schedule, EMA, precision, memory
+  lora        stage 2: train low-rank adapters on a frozen init_from instead of the whole UNet
   loss        stage-1 losses (LPIPS, discriminator)
   checkpoint  how often to save and how many to keep
   log         console/TensorBoard cadence and sample grids
@@ -71,6 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.logvar_init = 0.0
   c.train.min_snr_gamma = 0.0        # 0 disables min-SNR weighting.
   c.train.train_cond_stage = True    # Train a text transformer jointly (frozen encoders ignore this).
+
+  c.lora = ml_collections.ConfigDict()  # Stage 2: LoRA adapters on the frozen model of init_from.
+  c.lora.rank = 0                    # 0 trains the model itself; r > 0 trains rank-r adapters only.
+  c.lora.alpha = 0.0                 # Updates are (alpha / rank) * up @ down; 0 means alpha = rank.
+  c.lora.targets = ("attention",)    # Some of 'attention' (to_q/k/v/out), 'convs', 'text_encoder'.
 
   c.loss = ml_collections.ConfigDict()
   c.loss.kind = "kl"                 # 'kl' | 'vq'.

@@ -10,6 +10,8 @@ A training workdir (train.py):
     config.json          the resolved experiment config
     checkpoints/<step>/  Orbax training checkpoints: items state/ (the TrainState) and extra/ (JSON)
     model/               stage 2: a saved model directory, written when training starts
+    lora.json            stage 2 with config.lora: the frozen base's path and the adapters' shape
+                         (such a workdir has no model/: its checkpoints hold the adapters only)
     first_stage.json     stage 1: the autoencoder's config
     metrics.jsonl        one JSON line of metrics per logged step
     summary.json         the last step's metrics
@@ -33,6 +35,7 @@ SUMMARY_FILE = "summary.json"
 SAMPLES_DIR = "samples"
 EVAL_DIR = "eval"
 LOCK_FILE = "trainer.lock"
+LORA_FILE = "lora.json"
 SWEEP_SUMMARY_FILE = "sweep_summary.txt"  # In a sweep's parent directory, beside its runs.
 
 # Inside one checkpoint step directory.
@@ -69,6 +72,10 @@ def metrics_path(workdir: str) -> str:
 
 def summary_path(workdir: str) -> str:
   return os.path.join(workdir, SUMMARY_FILE)
+
+
+def lora_path(workdir: str) -> str:
+  return os.path.join(workdir, LORA_FILE)
 
 
 def lock_path(workdir: str) -> str:

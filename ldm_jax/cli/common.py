@@ -13,9 +13,9 @@ import numpy as np
 
 from ldm_jax import ldm as ldm_lib
 from ldm_jax.convert import common
-from ldm_jax.convert import lora
 from ldm_jax.data import folder
 from ldm_jax.errors import ConfigError, UserError, WeightLoadError
+from ldm_jax.train import lora as lora_training
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -77,8 +77,9 @@ def add_model_arguments(group) -> None:
   group.add_argument("--tokenizer", help="local tokenizer directory (text models from .ckpt files)")
   group.add_argument("--no_ema", action="store_true", help="use raw instead of EMA weights")
   group.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
-                     help="merge a LoRA .safetensors file (diffusers/PEFT or Kohya layout) into "
-                          "the UNet / text encoder, scaled (default 1); repeatable")
+                     help="merge a LoRA .safetensors file (diffusers/PEFT or Kohya layout) or "
+                          "the adapters of a LoRA training workdir into the UNet / text "
+                          "encoder, scaled (default 1); repeatable")
 
 
 def load_model(args) -> ldm_lib.LatentDiffusion:
@@ -123,7 +124,7 @@ def merge_loras(model, specs) -> dict:
   one is unreadable or does not fit the model. The parameters stay arguments of the compiled
   sampler, so another file or scale compiles nothing new."""
   try:
-    return lora.merge_files(model.config, model.params, specs)
+    return lora_training.merge_files(model.config, model.params, specs)
   except (ValueError, OSError) as e:  # LoraError, CheckpointError, missing files
     raise UserError("--lora: " + first_lines(e, 6)) from None
 

@@ -20,12 +20,20 @@ imported into. Keys that match nothing, incomplete pairs and shape mismatches ra
 `merge` adds the updates into a parameter tree (numpy, for saving or sampling); `deltas` + `apply`
 keep them apart, so `jax.jit(apply)` takes the scales as traced values and a new scale reuses the
 compiled program.
+
+Trained adapters (ldm_jax/train/lora.py) live in our layout, one {down, up} pair per kernel
+(`adapter_deltas`); `from_adapters` turns them into the `LoraFile` a file holding them would read
+as, through `module_names` (the `targets` map read the other way), and `write` saves that file in
+either layout, so a written file reads back to the same updates.
 """
 
 import dataclasses
+import functools
 import json
 import math
+import os
 import re
+import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import jax.numpy as jnp
@@ -95,6 +103,50 @@ def parse_spec(spec: str) -> tuple[str, float]:
   return spec, 1.0
 
 
+def _as_json(section: Any) -> str:
+  """A config section as canonical JSON: the key of the name caches below."""
+  def plain(value):  # ConfigDicts at any depth (a dict of a ConfigDict's items holds some)
+    return value.to_dict() if hasattr(value, "to_dict") else str(value)
+  return json.dumps(section, sort_keys=True, default=plain)
+
+
+def _unet_kernels(config: Mapping[str, Any], diffusers: bool) -> dict[Path, tuple[str, Callable]]:
+  """UNet kernel path -> (torch module name, transform), in the diffusers or the CompVis naming."""
+  return dict(_unet_kernels_of(_as_json(config["unet"]), diffusers))
+
+
+@functools.lru_cache(maxsize=8)
+def _unet_kernels_of(unet_json: str, diffusers: bool) -> dict[Path, tuple[str, Callable]]:
+  # Cached: the key map traces the UNet's init, and every file (or export) of a model asks again.
+  unet = build.build_unet(json.loads(unet_json))
+  out = {}
+  for path, (key, transform) in unet_convert.key_map(unet, diffusers=diffusers).items():
+    if path[-1] == "kernel" and key.endswith(".weight"):
+      out[path] = (key[:-len(".weight")], transform)
+  return out
+
+
+def _text_kernels(config: Mapping[str, Any]) -> tuple[dict[Path, tuple[str, Callable]], list[str]]:
+  """(CLIP kernel path -> (transformers module name without `text_model.`, transform), the module
+  names of blocks that are never run); empty without a CLIP text encoder."""
+  cond = dict(config.get("cond_stage") or {})
+  if cond.get("kind") not in _TEXT_KINDS:
+    return {}, []
+  kernels, unused = _text_kernels_of(_as_json(cond))
+  return dict(kernels), list(unused)
+
+
+@functools.lru_cache(maxsize=8)
+def _text_kernels_of(cond_json: str) -> tuple[dict[Path, tuple[str, Callable]], list[str]]:
+  encoder = build.build_cond_stage(json.loads(cond_json))
+  kernels = {path: (key[:-len(".weight")], transform)
+             for path, (key, transform) in text_convert.clip_hf_key_map(encoder).items()
+             if path[-1] == "kernel"}
+  unused = [f"encoder.layers.{layer}.{module}" for layer in range(encoder.num_blocks, encoder.layers)
+            for module in text_convert.CLIP_HF_BLOCK_MODULES]
+  return kernels, unused
+
+
 def targets(config: Mapping[str, Any]) -> dict[str, dict[str, tuple[Path, Callable] | None]]:
   """component -> {torch module name: (our kernel path, transform)} for the model `config` builds.
 
@@ -103,23 +155,23 @@ def targets(config: Mapping[str, Any]) -> dict[str, dict[str, tuple[Path, Callab
   is never run (output_layer='penultimate') map to None.
   """
   out: dict[str, dict[str, tuple[Path, Callable]]] = {UNET: {}, TEXT: {}}
-  unet = build.build_unet(config["unet"])
   for diffusers in (True, False):
-    for path, (key, transform) in unet_convert.key_map(unet, diffusers=diffusers).items():
-      if path[-1] == "kernel" and key.endswith(".weight"):
-        out[UNET][key[:-len(".weight")]] = (path, transform)
-  cond = dict(config.get("cond_stage") or {})
-  if cond.get("kind") in _TEXT_KINDS:
-    encoder = build.build_cond_stage(cond)
-    for path, (key, transform) in text_convert.clip_hf_key_map(encoder).items():
-      if path[-1] == "kernel":
-        name = key[:-len(".weight")]
-        out[TEXT][name] = out[TEXT]["text_model." + name] = (path, transform)
-    for layer in range(encoder.num_blocks, encoder.layers):
-      for module in text_convert.CLIP_HF_BLOCK_MODULES:
-        name = f"encoder.layers.{layer}.{module}"
-        out[TEXT][name] = out[TEXT]["text_model." + name] = None
+    for path, (name, transform) in _unet_kernels(config, diffusers).items():
+      out[UNET][name] = (path, transform)
+  kernels, unused = _text_kernels(config)
+  for path, (name, transform) in kernels.items():
+    out[TEXT][name] = out[TEXT]["text_model." + name] = (path, transform)
+  for name in unused:
+    out[TEXT][name] = out[TEXT]["text_model." + name] = None
   return out
+
+
+def module_names(config: Mapping[str, Any]) -> dict[str, dict[Path, tuple[str, Callable]]]:
+  """component -> {our kernel path: (module name as diffusers writes it, transform)}: `targets`
+  read the other way, for writing files (UNet: diffusers names; text encoder: `text_model.*`)."""
+  kernels, _ = _text_kernels(config)
+  return {UNET: _unet_kernels(config, diffusers=True),
+          TEXT: {path: ("text_model." + name, t) for path, (name, t) in kernels.items()}}
 
 
 def _split_key(key: str) -> tuple[str, str, str, bool] | None:
@@ -316,14 +368,139 @@ def merge(params: Mapping[str, Any], loras: Sequence[tuple[LoraFile, float]]) ->
 
 
 def merge_files(config: Mapping[str, Any], params: Mapping[str, Any],
-                specs: Sequence[str]) -> dict[str, Any]:
-  """`merge` for 'FILE[:SCALE]' command-line values, in order."""
+                specs: Sequence[str], reader: Callable[..., LoraFile] | None = None
+                ) -> dict[str, Any]:
+  """`merge` for 'FILE[:SCALE]' command-line values, in order; `reader(path, config)` reads one
+  (default `read`)."""
   loras = []
   for spec in specs:
     path, scale = parse_spec(spec)
-    lora = read(path, config)
+    lora = (reader or read)(path, config)
     if lora.unused:
       print(f"{path}: {len(lora.unused)} tensors adapt a text block this model never runs "
             f"(output_layer='penultimate'), e.g. {lora.unused[0]}; they change nothing.")
     loras.append((lora, scale))
   return merge(params, loras)
+
+
+# ------------------------------------------------------------------------------------------------
+# Adapters in our layout (what training optimises), and writing them as LoRA files.
+# ------------------------------------------------------------------------------------------------
+# An adapter tree is {component: nested dict like params[component]['params'], where each adapted
+# kernel K [*lead, out] is replaced by {'down': [*lead, r], 'up': [r, out]}}, so that
+# K + scaling * down . up (contracting r) is the adapted kernel: a Dense kernel [in, out] gets down
+# [in, r], a 3x3 conv kernel [3, 3, in, out] gets down [3, 3, in, r] and a 1x1 `up`.
+DOWN, UP = "down", "up"
+LAYOUTS = ("peft", "kohya")
+
+
+def adapter_factors(adapters: Mapping[str, Any]) -> dict[str, dict[Path, tuple[Any, Any]]]:
+  """{component: {kernel path: (down, up)}} of an adapter tree."""
+  out: dict[str, dict[Path, tuple[Any, Any]]] = {}
+  for component, tree in adapters.items():
+    flat = common.flatten(tree)
+    pairs = out.setdefault(component, {})
+    for path in sorted({p[:-1] for p in flat}):
+      pairs[path] = (flat[path + (DOWN,)], flat[path + (UP,)])
+  return out
+
+
+def adapter_deltas(adapters: Mapping[str, Any]) -> dict[str, dict[Path, Any]]:
+  """{component: {kernel path: down . up}} (unscaled, kernel-shaped, float32); pure jnp, so it runs
+  under jit and gradients reach both factors. `apply(params, [this], [scaling])` adapts params."""
+  return {component: {path: jnp.tensordot(jnp.asarray(down, jnp.float32),
+                                          jnp.asarray(up, jnp.float32), 1)
+                      for path, (down, up) in pairs.items()}
+          for component, pairs in adapter_factors(adapters).items()}
+
+
+def _torch_factors(down: np.ndarray, up: np.ndarray, transform: Callable, what: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Our factors of one kernel -> (down [r, in, *k], up [out, r, *1]) in the torch layout of the
+  module's weight, found as the layout whose `transform` (the importer's) gives our kernel shape."""
+  down, up = np.asarray(down, np.float32), np.asarray(up, np.float32)
+  (r, out), lead = up.shape, down.shape[:-1]
+  if len(lead) == 3:  # conv [kh, kw, in, out] <- torch [out, in, kh, kw]
+    candidates = [(np.transpose(down, (3, 2, 0, 1)), up.T[:, :, None, None])]
+  else:  # Dense [in, out] <- torch linear [out, in], 1x1 conv [out, in, 1, 1] or conv1d [out, in, 1]
+    candidates = [(down.T.reshape((r, lead[0]) + (1,) * n), up.T.reshape((out, r) + (1,) * n))
+                  for n in (0, 2, 1)]
+  for d, u in candidates:
+    weight_shape = (out,) + d.shape[1:]
+    if tuple(np.shape(transform(np.zeros(weight_shape, np.float32)))) == lead + (out,):
+      return d, u
+  raise LoraError(f"{what}: no torch weight layout gives a kernel of shape {lead + (out,)}.")
+
+
+def from_adapters(config: Mapping[str, Any], adapters: Mapping[str, Any], scaling: float,
+                  path: str) -> LoraFile:
+  """An adapter tree of the model `config` describes, as the `LoraFile` a file holding it would
+  read as (torch layout, module names), so `merge` and `write` take trained adapters too."""
+  names = module_names(config)
+  updates, unknown = [], []
+  for component, pairs in adapter_factors(adapters).items():
+    for kernel, (down, up) in pairs.items():
+      named = names.get(component, {}).get(kernel)
+      if named is None:
+        unknown.append(f"{component}/{'/'.join(kernel)}")
+        continue
+      module, transform = named
+      d, u = _torch_factors(down, up, transform, f"{path}: {module}")
+      updates.append(Update(component, kernel, module, d, u, float(scaling), transform))
+  if unknown:
+    raise LoraError(f"{path}: adapters of kernels the model has no LoRA module name for:\n"
+                    + common.summarise("kernels", unknown))
+  return LoraFile(path, tuple(updates))
+
+
+def file_tensors(lora: LoraFile, layout: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """(tensors, header metadata) of `lora` as a .safetensors file in the diffusers/PEFT layout
+  (alphas in diffusers' `lora_adapter_metadata`) or the Kohya layout (an `.alpha` per module)."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}.")
+  prefixes = {c: p for p, c in (_DIFFUSERS_PREFIXES if layout == "peft" else
+                                _KOHYA_PREFIXES).items()}
+  tensors: dict[str, np.ndarray] = {}
+  peft: dict[str, dict[str, Any]] = {}
+  for u in lora.updates:
+    rank = u.down.shape[0]
+    alpha = u.scaling * rank
+    down, up = (np.ascontiguousarray(np.asarray(x, np.float32)) for x in (u.down, u.up))
+    if layout == "kohya":
+      name = prefixes[u.component] + u.module.replace(".", "_")
+      tensors.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                      f"{name}.alpha": np.asarray(alpha, np.float32)})
+      continue
+    name = prefixes[u.component] + u.module
+    tensors.update({f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up})
+    # One PEFT config per component: the first module's rank and alpha, patterns for the others.
+    cfg = peft.setdefault(u.component, {"r": rank, "lora_alpha": alpha, "target_modules": [],
+                                        "rank_pattern": {}, "alpha_pattern": {},
+                                        "use_rslora": False})
+    cfg["target_modules"].append(u.module)
+    if rank != cfg["r"]:
+      cfg["rank_pattern"][re.escape(u.module)] = rank
+    if alpha != cfg["lora_alpha"]:
+      cfg["alpha_pattern"][re.escape(u.module)] = alpha
+  metadata = {"format": "pt"}
+  if peft:
+    metadata["lora_adapter_metadata"] = json.dumps(
+        {f"{prefixes[c]}{k}": v for c, cfg in peft.items() for k, v in cfg.items()})
+  return tensors, metadata
+
+
+def write(path: str, lora: LoraFile, layout: str = "peft") -> None:
+  """Writes `lora` to the .safetensors file `path` (see `file_tensors`); a reader sees the old file
+  or the whole new one: the tensors go to a temporary file in the same directory, renamed last."""
+  import safetensors.numpy  # Local: only writers need it.
+  tensors, metadata = file_tensors(lora, layout)
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  os.close(fd)
+  try:
+    safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise

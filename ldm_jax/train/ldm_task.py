@@ -23,8 +23,12 @@ FROZEN_TEXT = ("clip", "openclip", "bert")
 
 
 def trains_cond_stage(model: ldm_lib.LatentDiffusion, config) -> bool:
-  """The paper's text transformer and class embedders train with the UNet; CLIP/BERT stay frozen."""
+  """The paper's text transformer and class embedders train with the UNet; CLIP/BERT stay frozen,
+  but run in the step when they carry LoRA adapters (config.lora.targets)."""
   kind = model.cond_kind
+  lora = config.get("lora") or {}
+  if kind in FROZEN_TEXT and model.cond_stage is not None and lora.get("rank"):
+    return "text_encoder" in tuple(lora.get("targets", ()))
   if kind in FROZEN_TEXT or model.cond_stage is None:
     return False
   return bool(config.train.train_cond_stage)

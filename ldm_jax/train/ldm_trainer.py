@@ -11,6 +11,9 @@
 3. Loop (`trainer.train`, the skeleton both stages share): images -> latents outside the step
    (frozen), the pure step inside, checkpoints with the data iterator state, preemption-safe.
 
+With `config.lora.rank` > 0 the model of `config.init_from` stays frozen and only LoRA adapters
+train (ldm_jax/train/lora.py): no model/ is written, the state and checkpoints hold the adapters.
+
 `LatentDiffusionTask` is this stage's task for the skeleton; the functions above it are shared
 with ahead-of-time compilation (ldm_jax.aot).
 """
@@ -26,6 +29,7 @@ from ldm_jax import model_io
 from ldm_jax import parallel
 from ldm_jax import workdir_layout as layout
 from ldm_jax.train import ldm_task
+from ldm_jax.train import lora as lora_lib
 from ldm_jax.train import optim
 from ldm_jax.train import samples as samples_lib
 from ldm_jax.train import state as state_lib
@@ -138,15 +142,21 @@ def make_step(model: ldm_lib.LatentDiffusion, config, optimizer, lr_fn, mesh, st
 class LatentDiffusionTask(trainer.Task):
   """Stage 2 for the training skeleton: the diffusion loss on frozen-first-stage latents."""
 
+  lora: lora_lib.LoraTraining | None = None  # Set when config.lora trains adapters only.
+
   def build(self, mesh, first_batch):
     config, workdir = self.config, self.workdir
-    if "image" not in first_batch and (
+    if lora_lib.enabled(config):
+      self.model = training_model(lora_lib.load_base(config, workdir), config)
+      self.lora = lora_lib.LoraTraining(self.model, config, mesh)
+    elif "image" not in first_batch and (
         config.model.diffusion.scale_by_std and not config.init_from and
         not os.path.isdir(os.path.join(workdir, model_io.MODEL_SUBDIR))):
       raise ValueError("config.data.source='latent_cache' with scale_by_std: the scale is "
                        "estimated from images; build the cache with the trained model and set "
                        "config.model.diffusion.scale_factor instead.")
-    self.model = training_model(build_model(config, workdir, first_batch.get("image")), config)
+    else:
+      self.model = training_model(build_model(config, workdir, first_batch.get("image")), config)
     self.mesh = mesh  # The sample grid and the eval hook sample on the training mesh.
     self.optimizer, self.lr_fn = make_optimizer(config)
     if "eval" in config and config.eval.every_steps:
@@ -155,11 +165,15 @@ class LatentDiffusionTask(trainer.Task):
       self.evaluate = self._evaluate
 
   def init_state(self):
+    if self.lora:
+      return self.lora.init_state(self.optimizer)
     return init_state_fn(self.config, self.optimizer), (
         ldm_task.trainable_params(self.model, self.config),
         jax.random.PRNGKey(self.config.seed + 1))
 
   def make_step(self, mesh, state_shardings):
+    if self.lora:
+      return self.lora.make_step(mesh, state_shardings, self.optimizer, self.lr_fn)
     return make_step(self.model, self.config, self.optimizer, self.lr_fn, mesh,
                      state_shardings), ()
 
@@ -177,6 +191,8 @@ class LatentDiffusionTask(trainer.Task):
   def _trained_model(self, state) -> ldm_lib.LatentDiffusion:
     """The model with the state's EMA weights (or its raw ones when the run keeps no EMA)."""
     trained = state.ema_params if state.ema_params is not None else state.params
+    if self.lora:
+      trained = self.lora.adapted_params(trained)
     return ldm_task.apply_trained(self.model, trained)
 
   def sample(self, state, step, check):

@@ -6,7 +6,9 @@ Any model plugs in through one function,
 
 and `make_train_step` returns a pure `(state, batch) -> (state, metrics)`
 jitted once with explicit in/out shardings and the state donated, so XLA
-updates parameters and optimizer state in place.
+updates parameters and optimizer state in place. Frozen inputs that are not
+trained (the base model under LoRA adapters) can follow the batch as further
+step arguments, handed to `loss_fn(params, batch, rng, *frozen)`.
 
 Non-finite losses or gradients never reach the parameters: the step keeps
 the previous params, optimizer state and EMA and reports `nonfinite = 1`.
@@ -86,7 +88,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     grad_accum_steps: int = 1, mesh: Optional[Any] = None,
                     state_shardings: Optional[Any] = None,
                     batch_sharding: Optional[Any] = None, donate: bool = True,
-                    compute_dtype: Optional[Any] = None) -> Callable:
+                    compute_dtype: Optional[Any] = None,
+                    frozen_shardings: Optional[Tuple[Any, ...]] = None) -> Callable:
   """Builds the jitted `(state, batch) -> (state, metrics)`.
 
   Args:
@@ -108,6 +111,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     donate: donate the incoming state's buffers.
     compute_dtype: if set (e.g. jnp.bfloat16), floating params are cast to it
       for the forward/backward pass; the fp32 master params get fp32 grads.
+    frozen_shardings: shardings of further step arguments, which the step
+      passes on to `loss_fn(params, batch, rng, *frozen)` untouched (e.g. the
+      frozen base that LoRA adapters add to: an argument, not a constant
+      baked into the program, and not part of the state or its checkpoint).
 
   Returns:
     The jitted step. metrics: loss, grad_norm (before clipping), lr,
@@ -120,16 +127,16 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     raise ValueError('make_train_step: mesh is set but state_shardings is '
                      'None; pass jax.tree.map(lambda x: x.sharding, state)')
 
-  def forward(params, batch, rng):
+  def forward(params, batch, rng, *frozen):
     if compute_dtype is not None:
       params = _cast_floats(params, compute_dtype)
-    loss, metrics = loss_fn(params, batch, rng)
+    loss, metrics = loss_fn(params, batch, rng, *frozen)
     return loss.astype(jnp.float32), metrics
 
-  def step_fn(state: state_lib.TrainState, batch: Any):
+  def step_fn(state: state_lib.TrainState, batch: Any, *frozen: Any):
     rng, step_rng = jax.random.split(state.rng)
     (loss, aux), grads = jax.value_and_grad(forward, has_aux=True)(
-        state.params, batch, step_rng)
+        state.params, batch, step_rng, *frozen)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -169,7 +176,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   if mesh is None:
     mesh = jax.tree.leaves(state_shardings)[0].mesh
   return jax.jit(step_fn,
-                 in_shardings=(state_shardings, batch_sharding),
+                 in_shardings=(state_shardings, batch_sharding) +
+                 tuple(frozen_shardings or ()),
                  out_shardings=(state_shardings, parallel.replicated(mesh)),
                  donate_argnums=donate_argnums)
 
