@@ -18,6 +18,7 @@ from ldm_jax.errors import ConfigError
 from ldm_jax.eval import image_sets
 from ldm_jax.models import build
 from ldm_jax.models import conditioning
+from ldm_jax.train import lora
 from ldm_jax.train.step import NONFINITE_MODES
 
 GROUPS = 32
@@ -142,6 +143,8 @@ def check_config(config, num_devices: int | None = None) -> None:
   if not 0.0 <= config.train.cond_drop_prob < 1.0:
     _fail("train.cond_drop_prob", config.train.cond_drop_prob, "expected in [0, 1)")
   check_mesh(config.mesh, num_devices)
+  if lora.enabled(config):
+    lora.check_config(config)
   model = config.model
   check_autoencoder("model.first_stage", model.first_stage, config.data.image_size)
   if config.stage == "ldm":

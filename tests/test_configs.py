@@ -188,6 +188,12 @@ def test_other_impossible_fields_are_refused():
   c = get_config("cin256_v2")
   c.train.cond_drop_prob = 1.0
   _refused(c, "train.cond_drop_prob", 1.0)
+  c = get_config("sd_v1_finetune", "tiny")
+  c.lora.rank = -2
+  _refused(c, "lora.rank", -2)
+  c = get_config("sd_v1_finetune", "tiny")
+  c.lora.rank, c.lora.targets = 4, ("attention", "mlp")
+  _refused(c, "lora.targets", ("attention", "mlp"))
   c = get_config("sd_v2_finetune")
   c.mesh.fsdp = 3  # 8 test devices
   with pytest.raises(ValueError, match=r"config\.mesh="):
