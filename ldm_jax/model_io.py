@@ -255,6 +255,16 @@ def load_model(path: str, *, use_ema: bool = True) -> tuple[ml_collections.Confi
   if layout.is_saved_model(path):
     return load_saved_model(path)
   model_dir = layout.model_dir(path)
+  if os.path.isfile(layout.lora_path(path)):
+    # A LoRA run keeps adapters only, not a model: they apply on top of the base they were trained on.
+    try:
+      with open(layout.lora_path(path)) as f:
+        base = json.load(f).get("base", "?")
+    except (OSError, ValueError, AttributeError):
+      base = "?"
+    raise CheckpointNotFoundError(
+        f"{path}: the workdir of a LoRA training run (adapters only); expected a model: pass the "
+        f"base it was trained on ({base}) as the checkpoint and this workdir as --lora.")
   if not os.path.isfile(layout.config_path(model_dir)):
     raise CheckpointNotFoundError(
         f"{path}: neither a saved model (config.json + params/) nor a training workdir "

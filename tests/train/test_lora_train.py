@@ -280,6 +280,13 @@ def test_export_errors_exit_2_naming_the_problem(run, capsys):
   assert not os.path.exists(run["root"] / "x.safetensors")
 
 
+def test_a_lora_workdir_as_the_model_says_to_pass_it_as_lora(run):
+  from ldm_jax import model_io
+  from ldm_jax.errors import CheckpointNotFoundError
+  with pytest.raises(CheckpointNotFoundError, match="LoRA training run.*this workdir as --lora"):
+    model_io.load_model(run["workdir"])
+
+
 # ------------------------------------------------------------------------------------------------
 # Against diffusers + PEFT.
 # ------------------------------------------------------------------------------------------------
