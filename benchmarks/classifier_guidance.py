@@ -31,6 +31,7 @@ sys.path.insert(0, ROOT)
 
 from configs import common, shapes_autoencoder, shapes_classifier, shapes_ldm_class  # noqa: E402
 from ldm_jax import ldm as ldm_lib  # noqa: E402
+from ldm_jax import sampling  # noqa: E402
 from ldm_jax import workdir_layout as layout  # noqa: E402
 from ldm_jax.cli import train as entry  # noqa: E402
 from ldm_jax.data import shapes as shapes_lib  # noqa: E402
@@ -129,7 +130,7 @@ def main():
         kwargs.update(labels=labels[i:i + 64], classifier=classifier, classifier_scale=scale)
       else:
         kwargs.update(num_samples=len(kwargs["seeds"]))
-      images.append(ldm_lib.to_uint8(model.sample(**kwargs)))
+      images.append(ldm_lib.to_uint8(sampling.sample(model, **kwargs)))
     hits, found = hit_rate(np.concatenate(images), labels)
     row = {"scale": scale, "hit_rate": hits, "object_found": found,
            "seconds": time.time() - t0}
