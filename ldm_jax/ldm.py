@@ -349,7 +349,9 @@ class LatentDiffusion:
              init_image: jax.Array | None = None, strength: float | None = None,
              mask: jax.Array | None = None, negative_prompt: str | Sequence[str] | None = None,
              noise_level: int | None = None, depth_map: np.ndarray | None = None,
-             progress: bool = False, decode_tile: int | None = None) -> np.ndarray:
+             progress: bool = False, decode_tile: int | None = None,
+             classifier: "sampling.NoisyClassifier | None" = None,
+             classifier_scale: float = 1.0) -> np.ndarray:
     """Generates images; returns float32 [B, H, W, 3] in [-1, 1] (use `to_uint8`).
 
     sampler / steps / guidance: None takes the model's recommended settings (`sampling_settings`);
@@ -361,6 +363,9 @@ class LatentDiffusion:
     per sample, encoded as the unconditional branch instead of the empty prompt. noise_level: the
     x4 upscaler's augmentation of its low-resolution `images` (default 20).
     depth_map: depth-to-image models, [B, H, W] supplied by the user (no estimator is bundled).
+    classifier + classifier_scale: classifier guidance towards `labels` (one per sample) with a
+    noisy-latent classifier from `load_classifier`; ddim, plms or ddpm. For an unconditional model
+    the labels go to the classifier only.
     """
     s = self.sampling_settings(sampler=sampler, steps=steps, guidance=guidance)
     if any(v != "given" for v in s["source"].values()):
@@ -371,7 +376,14 @@ class LatentDiffusion:
                            guidance_rescale=guidance_rescale, seed=seed, x_T=x_T,
                            init_image=init_image, strength=strength, mask=mask,
                            negative_prompt=negative_prompt, noise_level=noise_level,
-                           depth_map=depth_map, progress=progress, decode_tile=decode_tile)
+                           depth_map=depth_map, progress=progress, decode_tile=decode_tile,
+                           classifier=classifier, classifier_scale=classifier_scale)
+
+  def load_classifier(self, path: str) -> "sampling.NoisyClassifier":
+    """A noisy-latent classifier for `sample(classifier=...)`: a workdir of the classifier task
+    (train.py with configs/shapes_classifier.py or cin_classifier.py), or a CompVis /
+    guided-diffusion classifier checkpoint, whose trunk follows this model's UNet config."""
+    return sampling.load_classifier(path, self)
 
   # ----------------------------------------------------------------------------------------------
   # Construction, saving and loading.

@@ -4,10 +4,16 @@ The compiled sampler loop (`diffusion.samplers.sample`) treats its `denoise` fun
 everything in `cond` as traced. Here `denoise` is a small hashable object that names only the UNet
 module and the routing; the UNet parameters, the conditioning, the null conditioning and the guidance
 scale all travel in `cond`, so new prompts, seeds or guidance scales reuse the compiled loop: it
-compiles once per (shape, sampler, steps, eta, guidance on/off).
+compiles once per (shape, sampler, steps, eta, guidance on/off, classifier network).
+
+Classifier guidance (`ClassifierGuidedDenoiser`) wraps the same denoiser: the classifier's
+parameters, the target labels, the scale and the schedule travel in `cond` as well, and the eps
+correction (`diffusion.classifier_guidance.guide_output`) runs inside the compiled loop.
+`load_classifier` reads a classifier's training workdir or a CompVis / guided-diffusion file.
 """
 
 import dataclasses
+import json
 import os
 from typing import Any, Sequence
 
@@ -17,10 +23,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ldm_jax import errors
+from ldm_jax import model_io
 from ldm_jax import networks
 from ldm_jax import parallel
+from ldm_jax import workdir_layout as layout
+from ldm_jax.convert import classifier as convert_classifier
+from ldm_jax.diffusion import classifier_guidance as cg
 from ldm_jax.diffusion import guidance as guidance_lib
 from ldm_jax.diffusion import samplers as samplers_lib
+from ldm_jax.models import classifier as classifier_lib
 
 # The default of the command lines' --num_devices when the flag is left out (unset: 0, every local
 # device); the test suite sets 1 so command-line tests that are not about sharding stay fast.
@@ -48,6 +59,123 @@ class UNetDenoiser:
     out_u, out_c = jnp.split(networks.denoise_fn(self.unet, c["params"], self.conditioning_key,
                                                 x2, t2, both), 2)
     return guidance_lib.combine_guidance(out_u, out_c, c["scale"], c["rescale"])
+
+
+# The samplers classifier guidance runs with: they call the network at the integer training
+# timesteps the classifier learnt, and read its guided eps.
+CLASSIFIER_SAMPLERS = ("ddim", "plms", "ddpm")
+# The schedule fields a classifier must share with the model it guides.
+SCHEDULE_FIELDS = ("beta_schedule", "timesteps", "linear_start", "linear_end", "cosine_s",
+                   "zero_terminal_snr")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierGuidedDenoiser:
+  """`inner` with classifier guidance; `cond` adds classifier_params, class_labels [B],
+  classifier_scale and schedule (all traced: a new scale or label reuses the compiled loop)."""
+  inner: Any
+  classifier: Any  # an EncoderUNet
+  parameterization: str
+
+  def __call__(self, x_t, t, c):
+    out = self.inner(x_t, t, c)
+    logits = lambda p, x, t_: self.classifier.apply({"params": p}, x, t_)  # [B, K]
+    return cg.guide_output(out, x_t, t, c["class_labels"], c["classifier_scale"],
+                           classifier=logits, classifier_params=c["classifier_params"],
+                           schedule=c["schedule"], parameterization=self.parameterization)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoisyClassifier:
+  """A noisy-latent classifier ready to guide sampling (`load_classifier`).
+
+  module: the EncoderUNet; params: its parameter tree; latent: the latent space it was trained
+  on (classifier.json's: channels, image_size, scale_factor, schedule), None for an imported
+  checkpoint (built from the model's own UNet config, so nothing to compare); source: its path.
+  """
+  module: Any
+  params: Any
+  latent: dict | None = None
+  source: str = ""
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.module.num_classes)
+
+
+def load_classifier(path: str, model) -> NoisyClassifier:
+  """A classifier for `model`: a training workdir of the classifier task (classifier.json and its
+  newest checkpoint), or a CompVis / guided-diffusion checkpoint file whose trunk is built from the
+  model's UNet config (as CompVis builds it). Raises a UserError for anything unusable."""
+  if os.path.isdir(path):
+    info_path = layout.classifier_path(path)
+    try:
+      with open(info_path, encoding="utf-8") as f:
+        info = json.load(f)
+      kwargs = dict(info["kwargs"])
+      kwargs.update({k: tuple(kwargs[k]) for k in ("attention_resolutions", "channel_mult")})
+      module = classifier_lib.EncoderUNet(**kwargs)
+      latent = dict(info["latent"])
+    except FileNotFoundError:
+      raise errors.CheckpointNotFoundError(
+          f"--classifier={path}: no {layout.CLASSIFIER_FILE}; expected a workdir of the "
+          f"classifier task (train.py --config configs/shapes_classifier.py) or a classifier "
+          f"checkpoint file.") from None
+    except (ValueError, KeyError, TypeError) as e:
+      raise errors.CheckpointError(f"{info_path}: not a classifier description "
+                                   f"({type(e).__name__}: {e}).") from None
+    params = model_io.restore_trained_params(path)
+    if params is None:
+      raise errors.CheckpointNotFoundError(f"--classifier={path}: no complete checkpoint in "
+                                           f"{layout.checkpoints_dir(path)}.")
+    return NoisyClassifier(module, params, latent, path)
+  unet = model.config.unet
+  unet = unet.to_dict() if hasattr(unet, "to_dict") else dict(unet)
+  kwargs, params = convert_classifier.load_for_unet(path, unet,
+                                                    int(model.config.diffusion.image_size))
+  return NoisyClassifier(classifier_lib.EncoderUNet(**kwargs), params, None, path)
+
+
+def check_classifier(model, classifier: NoisyClassifier, labels, sampler: str,
+                     latent_hw: tuple[int, int]) -> None:
+  """Refuses a classifier that cannot guide `model` here (SamplingInputError naming the
+  mismatch): another sampler, latent shape, schedule or scale, or labels outside its classes."""
+  where = f"classifier {classifier.source}".rstrip()
+  if samplers_lib.resolve(sampler) not in CLASSIFIER_SAMPLERS:
+    raise SamplingInputError(f"sampler {sampler!r} with a classifier: classifier guidance runs "
+                             f"with {', '.join(CLASSIFIER_SAMPLERS)}.")
+  module = classifier.module
+  if module.in_channels != model.latent_channels:
+    raise SamplingInputError(f"{where} reads {module.in_channels}-channel latents; this model's "
+                             f"have {model.latent_channels}.")
+  if module.pool == "attention" and tuple(latent_hw) != (module.image_size,) * 2:
+    raise SamplingInputError(f"{where} takes {module.image_size}x{module.image_size} latents "
+                             f"(its attention head); this sample's are "
+                             f"{latent_hw[1]}x{latent_hw[0]}.")
+  if classifier.latent is not None:
+    d = model.config.diffusion
+    for field in SCHEDULE_FIELDS:
+      if classifier.latent["schedule"].get(field) != d[field]:
+        raise SamplingInputError(f"{where} was trained with diffusion.{field}="
+                                 f"{classifier.latent['schedule'].get(field)!r}; this model has "
+                                 f"{d[field]!r}.")
+    if not np.isclose(classifier.latent["scale_factor"], model.scale_factor, rtol=1e-5):
+      raise SamplingInputError(f"{where} was trained on latents scaled by "
+                               f"{classifier.latent['scale_factor']:.6g}; this model's "
+                               f"scale_factor is {model.scale_factor:.6g}.")
+  if model.cond_kind == "class":
+    n = int(model.cond_stage_config.get("kwargs", {}).get("n_classes", 0))
+    if classifier.num_classes not in (n, model.null_label):
+      raise SamplingInputError(f"{where} has {classifier.num_classes} classes; this model has "
+                               f"{n} class labels (the null label {model.null_label} "
+                               f"included).")
+  if labels is None:
+    raise SamplingInputError("a classifier was given without labels: classifier guidance needs "
+                             "the class of every sample.")
+  bad = [int(l) for l in np.ravel(np.asarray(labels)) if not 0 <= int(l) < classifier.num_classes]
+  if bad:
+    raise SamplingInputError(f"class label {bad[0]} with {where}: expected 0 <= label < "
+                             f"{classifier.num_classes}.")
 
 
 def batch_shards(mesh) -> int:
@@ -88,10 +216,10 @@ def shard_batch(mesh, payload, x_T, x0, mask):
                              f"{batch_shards(mesh)} batch shards of the mesh.")
   put = lambda tree, sharding: jax.tree.map(lambda a: jax.device_put(a, sharding), tree)
   payload = dict(payload, params=put(payload["params"], replicated))
-  for key in ("cond", "uncond"):
+  for key in ("cond", "uncond", "class_labels"):
     if key in payload:
       payload[key] = put(payload[key], batch_sharding)
-  for key in ("scale", "rescale"):
+  for key in ("scale", "rescale", "classifier_params", "classifier_scale", "schedule"):
     if key in payload:
       payload[key] = put(payload[key], replicated)
   x_T = put(x_T, batch_sharding)
@@ -171,8 +299,8 @@ def sample(model, *, prompts=None, labels=None, images=None, tokens=None,
            num_samples=None, height=None, width=None, sampler=None, steps=None, eta=0.0,
            guidance=None, guidance_rescale=0.0, seed=0, seeds=None, x_T=None, init_image=None,
            strength=None, mask=None, negative_prompt=None, noise_level=None, depth_map=None,
-           progress=False, decode=True,
-           decode_tile=None, paste_known=True, mesh=None, as_numpy=True) -> np.ndarray:
+           progress=False, decode=True, decode_tile=None, paste_known=True, mesh=None,
+           as_numpy=True, classifier=None, classifier_scale=1.0) -> np.ndarray:
   """See `LatentDiffusion.sample`; returns float32 images [B, H, W, 3] in [-1, 1] (or latents).
 
   model: a `LatentDiffusion` (ldm.py), which sits above this module and calls it.
@@ -190,6 +318,10 @@ def sample(model, *, prompts=None, labels=None, images=None, tokens=None,
     sample (inputs and seed) and cut back after: the real samples are the ones an unsharded call
     makes. On a mesh over several hosts every host passes the same inputs and gets every sample.
   as_numpy: False returns the device array (sharded like the batch when a mesh is given).
+  classifier: a `NoisyClassifier` (`load_classifier`): classifier guidance towards `labels` with
+    `classifier_scale` (0 = unguided), with the samplers in CLASSIFIER_SAMPLERS. The labels feed
+    only the classifier, unless the model is class-conditional (then both, with classifier-free
+    guidance as usual).
   """
   chosen = model.sampling_settings(sampler=sampler, steps=steps, guidance=guidance)
   sampler, steps, guidance = chosen["sampler"], chosen["steps"], chosen["guidance"]
@@ -214,7 +346,7 @@ def sample(model, *, prompts=None, labels=None, images=None, tokens=None,
                  negative_prompt=grow("negative_prompt", negative_prompt),
                  noise_level=noise_level, depth_map=grow("depth_map", depth_map), progress=progress,
                  decode=decode, decode_tile=decode_tile, paste_known=paste_known, mesh=mesh,
-                 as_numpy=as_numpy)
+                 as_numpy=as_numpy, classifier=classifier, classifier_scale=classifier_scale)
     return out[:batch]
   default = int(model.config.diffusion.image_size) * f
   if model.is_upscaler and images is not None:  # The upscaler's latents are its input's size.
@@ -230,6 +362,11 @@ def sample(model, *, prompts=None, labels=None, images=None, tokens=None,
     x_T = initial_noise(seeds, shape)
   elif tuple(x_T.shape) != (batch,) + shape:
     raise SamplingInputError(f"x_T shape {tuple(x_T.shape)}: expected {(batch,) + shape}.")
+
+  if classifier is not None:
+    check_classifier(model, classifier, labels, sampler, (h, w))
+  # The labels of an unconditional model are the classifier's alone.
+  cond_labels = labels if classifier is None or model.cond_kind == "class" else None
 
   # Conditioning (and its null version for classifier-free guidance).
   concat = None
@@ -269,7 +406,7 @@ def sample(model, *, prompts=None, labels=None, images=None, tokens=None,
     lowres = None
     if model.is_upscaler and concat is not None:
       lowres = lowres_noise(seeds, tuple(concat.shape[1:]))
-    cond = model.condition(prompts=prompts, labels=labels, images=concat, tokens=tokens,
+    cond = model.condition(prompts=prompts, labels=cond_labels, images=concat, tokens=tokens,
                            mask=None if not inpaint_model else jnp.asarray(mask),
                            noise_level=noise_level, lowres_noise=lowres, depth=depth)
     payload = {"params": model.params["unet"], "cond": cond}
@@ -295,6 +432,12 @@ def sample(model, *, prompts=None, labels=None, images=None, tokens=None,
     x0 = None  # The model inpaints from its condition; it starts from pure noise.
 
   denoise = UNetDenoiser(model.unet, model.config.diffusion.conditioning_key, guided)
+  if classifier is not None:
+    denoise = ClassifierGuidedDenoiser(denoise, classifier.module,
+                                       model.config.diffusion.parameterization)
+    payload.update(classifier_params=classifier.params,
+                   class_labels=jnp.asarray(labels, jnp.int32).reshape(batch),
+                   classifier_scale=jnp.float32(classifier_scale), schedule=model.schedule)
   rng = jax.random.fold_in(jax.random.PRNGKey(int(seeds[0])), 1)
   if mesh is not None:
     payload, x_T, x0, m = shard_batch(mesh, payload, x_T, x0, m)

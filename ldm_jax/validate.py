@@ -18,10 +18,13 @@ from ldm_jax.errors import ConfigError
 from ldm_jax.eval import image_sets
 from ldm_jax.models import build
 from ldm_jax.models import conditioning
+from ldm_jax.train import classifier_task
 from ldm_jax.train import lora
 from ldm_jax.train.step import NONFINITE_MODES
 
 GROUPS = 32
+# config.stage: what a config trains (the command line picks the trainer by it).
+STAGES = ("autoencoder", "ldm", "classifier")
 
 
 def _fail(field: str, value, expected: str):
@@ -132,7 +135,7 @@ def check_config(config, num_devices: int | None = None) -> None:
   num_devices: the devices the mesh must cover (default: `jax.device_count()`); ahead-of-time
   compilation checks against the target topology's.
   """
-  _check_choice("stage", config.stage, ("autoencoder", "ldm"))
+  _check_choice("stage", config.stage, STAGES)
   _check_choice("data.source", config.data.source, sources.NAMES)
   if config.data.batch_size < 1:
     _fail("data.batch_size", config.data.batch_size, "expected >= 1")
@@ -147,6 +150,14 @@ def check_config(config, num_devices: int | None = None) -> None:
     lora.check_config(config)
   model = config.model
   check_autoencoder("model.first_stage", model.first_stage, config.data.image_size)
+  if config.stage == "classifier":
+    _check_choice("model.diffusion.beta_schedule", model.diffusion.beta_schedule,
+                  ("linear", "sqrt_linear", "sqrt", "cosine"))
+    try:
+      classifier_task.check_config(config)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    return
   if config.stage == "ldm":
     f = 2 ** (len(model.first_stage.kwargs.ch_mult) - 1)
     check_unet("model.unet", model.unet, config.data.image_size // f)

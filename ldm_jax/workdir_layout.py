@@ -13,6 +13,7 @@ A training workdir (train.py):
     lora.json            stage 2 with config.lora: the frozen base's path and the adapters' shape
                          (such a workdir has no model/: its checkpoints hold the adapters only)
     first_stage.json     stage 1: the autoencoder's config
+    classifier.json      noisy-latent classifier: its network and the latent space it reads
     metrics.jsonl        one JSON line of metrics per logged step
     summary.json         the last step's metrics
     samples/             stage 2: sample grids, step_NNNNNNN.png
@@ -30,6 +31,7 @@ PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 FIRST_STAGE_FILE = "first_stage.json"
+CLASSIFIER_FILE = "classifier.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 SAMPLES_DIR = "samples"
@@ -64,6 +66,11 @@ def model_dir(workdir: str) -> str:
 
 def first_stage_path(workdir: str) -> str:
   return os.path.join(workdir, FIRST_STAGE_FILE)
+
+
+def classifier_path(workdir: str) -> str:
+  """classifier.json of a noisy-latent classifier's training workdir."""
+  return os.path.join(workdir, CLASSIFIER_FILE)
 
 
 def metrics_path(workdir: str) -> str:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from ldm_jax import validate
 from ldm_jax.parallel import count_params
 from ldm_jax.models import build
+from ldm_jax.models import classifier as classifier_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "convert" / "fixtures"
@@ -94,6 +95,14 @@ def abstract_model(name: str, variant: str) -> dict:
   f = 2 ** (len(c.model.first_stage.kwargs.ch_mult) - 1)
   fs_vars, latent = _abstract_first_stage(c.model.first_stage, size, with_outputs)
   out = dict(f=f, first_stage=fs_vars, latent=latent, cond_out=None, unet_out=None)
+  if c.stage == "classifier":  # The noisy-latent classifier reads the first stage's latents.
+    net = classifier_lib.EncoderUNet(**c.model.classifier.to_dict())
+    h = size // f
+    x = jax.ShapeDtypeStruct((1, h, h, net.in_channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    out["classifier"] = jax.eval_shape(net.init, rng, x, t)
+    if with_outputs:
+      out["logits"] = jax.eval_shape(net.apply, out["classifier"], x, t).shape
   if c.stage != "ldm":
     return out
 
@@ -137,6 +146,13 @@ def check_config_builds(name: str, variant: str) -> dict:
     assert c.train.num_steps <= 10 and c.data.batch_size <= 4
     assert not c.init_from, "tiny variants start from scratch"
     assert m["latent"] == (1, latent, latent, fs_kw.embed_dim)
+  if c.stage == "classifier":
+    assert count_params(m["classifier"]) > 0
+    assert c.model.classifier.in_channels == fs_kw.embed_dim == c.model.diffusion.channels
+    assert c.model.diffusion.image_size == latent, "diffusion.image_size is the latent size"
+    if variant == "tiny":
+      assert m["logits"] == (1, c.model.classifier.num_classes)
+    return m
   if c.stage != "ldm":
     assert c.loss.kind == c.model.first_stage.kind
     return m

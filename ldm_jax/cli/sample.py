@@ -63,6 +63,12 @@ def parse_args(argv):
                         "else 1.0 (none)")
   how.add_argument("--guidance_rescale", type=cli.finite_float, default=0.0,
                    help="in [0, 1]")
+  how.add_argument("--classifier", metavar="CKPT",
+                   help="classifier guidance towards --class_label: a workdir of the classifier "
+                        "task, or a CompVis / guided-diffusion classifier checkpoint file "
+                        "(ddim, plms, ddpm)")
+  how.add_argument("--classifier_scale", type=cli.finite_float,
+                   help="classifier guidance scale (default 1.0; 0 = unguided)")
   how.add_argument("--seed", type=int, default=0, help="sample i uses seed + i; below 2**32")
   how.add_argument("--num_samples", type=int, default=1, help="samples per prompt / label")
   how.add_argument("--batch_size", type=int, default=8)
@@ -106,6 +112,7 @@ def check_arguments(args) -> list[str]:
   NaN and inf are refused by the parser (`finite_float`); this checks ranges and combinations.
   """
   check_sampling(args)
+  check_classifier_flags(args)
   if args.mask and not args.init_image:
     raise UserError("--mask needs --init_image.")
   for name in ("height", "width"):
@@ -121,6 +128,20 @@ def check_arguments(args) -> list[str]:
   count = max(len(prompts) or len(args.class_label or ()), 1) * args.num_samples
   sampling_settings.check({"seed": args.seed}, prefix="--", num_samples=count)
   return prompts
+
+
+def check_classifier_flags(args) -> None:
+  """--classifier / --classifier_scale / --class_label, before the model is loaded."""
+  if args.classifier is None:
+    if args.classifier_scale is not None:
+      raise UserError("--classifier_scale needs --classifier (the noisy-latent classifier).")
+    return
+  if args.classifier_scale is None:
+    args.classifier_scale = 1.0
+  if args.classifier_scale < 0:
+    raise UserError(f"--classifier_scale={args.classifier_scale}: expected >= 0.")
+  if not args.class_label:
+    raise UserError("--classifier needs --class_label: the class each sample is guided towards.")
 
 
 def check_negative_prompts(args, prompts: list[str]) -> None:
@@ -165,14 +186,14 @@ def requests(args, model, prompts: list[str]) -> list[dict[str, Any]]:
   if prompts and not model.is_text:
     raise UserError(f"--prompt was given, but this model is conditioned by "
                     f"'{model.cond_kind}', not text.")
-  if labels and model.cond_kind != "class":
+  if labels and model.cond_kind != "class" and not args.classifier:
     raise UserError(f"--class_label was given, but this model is conditioned by "
                     f"'{model.cond_kind}', not class labels.")
   if model.is_text and not prompts and not args.layout:
     raise UserError("this is a text-conditional model: give --prompt or --prompt_file.")
   if model.cond_kind == "class" and not labels:
     raise UserError("this is a class-conditional model: give --class_label.")
-  if labels:
+  if labels and model.cond_kind == "class":  # A classifier's classes are checked by sampling.
     n = int(model.cond_stage_config.get("kwargs", {}).get("n_classes", 0))
     bad = [lab for lab in labels if not 0 <= lab < n]
     if bad:
@@ -288,6 +309,11 @@ def run(args) -> list[str]:
   reqs = requests(args, model, prompts)
   check_model_inputs(args, model)
   imgs = image_inputs(args, raw_images, h, w)
+  classifier = None
+  if args.classifier:
+    classifier = sampling.load_classifier(args.classifier, model)
+    f = model.downsample_factor
+    sampling.check_classifier(model, classifier, args.class_label, args.sampler, (h // f, w // f))
   os.makedirs(args.outdir, exist_ok=True)
   paths, records, all_images = [], [], []
   for start in range(0, len(reqs), args.batch_size):
@@ -299,6 +325,8 @@ def run(args) -> list[str]:
       kwargs["prompts"] = [r["prompt"] for r in chunk]
     if "label" in chunk[0]:
       kwargs["labels"] = [r["label"] for r in chunk]
+    if classifier is not None:
+      kwargs.update(classifier=classifier, classifier_scale=args.classifier_scale)
     if "negative_prompt" in chunk[0]:
       kwargs["negative_prompt"] = [r["negative_prompt"] for r in chunk]
     n = len(chunk)
@@ -327,7 +355,8 @@ def run(args) -> list[str]:
   settings = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "guidance",
                                             "guidance_rescale", "strength", "init_image", "mask",
                                             "lowres", "checkpoint", "compvis_ckpt", "diffusers",
-                                            "dtype", "lora")}
+                                            "dtype", "lora", "classifier",
+                                            "classifier_scale")}
   settings.update(noise_level=args.noise_level, depth_map=args.depth_map, layout=args.layout,
                   semantic_map=args.semantic_map)
   settings.update(height=h, width=w, use_ema=not args.no_ema)

@@ -19,6 +19,7 @@ from ldm_jax import validate
 from ldm_jax.cli import common as cli
 from ldm_jax.errors import UserError
 from ldm_jax.train import ae_trainer
+from ldm_jax.train import classifier_task
 from ldm_jax.train import ldm_trainer
 from ldm_jax.train import workdir as workdir_lib
 
@@ -45,8 +46,8 @@ def train(config, workdir: str) -> dict:
     # Held for the whole run, before the first file is written: a second trainer on this
     # workdir stops here, having changed nothing.
     with workdir_lib.TrainerLock(workdir):
-      stage = ae_trainer if config.stage == "autoencoder" else ldm_trainer
-      return stage.train(config, workdir)
+      stages = {"autoencoder": ae_trainer, "ldm": ldm_trainer, "classifier": classifier_task}
+      return stages[config.stage].train(config, workdir)
   # The library's own errors (a busy workdir, unreadable checkpoints, weights that do not fit)
   # are UserErrors already; a file the config names that does not exist may be a plain one.
   except UserError:

@@ -6,6 +6,9 @@
     `NoisyLatentImageClassifier` keeps the classifier under `model.` and the frozen diffusion model
     it was trained with under `diffusion_model.`; a bare state dict is returned as it is.
   * `load_classifier(path, model)`: a checkpoint file of either kind -> our parameter tree.
+  * `head_of_state_dict(sd)`: the head (pool) and the class count a state dict was saved with.
+  * `load_for_unet(path, unet_kwargs, image_size)`: a checkpoint file -> (EncoderUNet kwargs,
+    params), the network built as CompVis builds it from the diffusion model's UNet config.
 
 Like the UNet importer, this walks the `jax.eval_shape` parameter template and names the torch
 key of every leaf (`convert.common.strict_load`): a missing, unexpected or mis-shaped tensor is an
@@ -123,4 +126,42 @@ def load_classifier(path, model: classifier_lib.EncoderUNet) -> dict:
   try:
     return classifier_from_state_dict(sd, model)
   except common.WeightLoadError as e:
+    raise common.WeightLoadError(f"{FilePath(path)}: {e}") from None
+
+
+def head_of_state_dict(sd: Mapping[str, np.ndarray]) -> tuple[str, int]:
+  """(pool, num_classes) of an EncoderUNetModel state dict (its own key names), read from the
+  head's last layer: `out.2.c_proj` (attention), `out.3` conv (adaptive), `out.2` linear
+  (spatial) or `out.3` linear (spatial_v2). Raises common.WeightLoadError for none of these."""
+  shape = lambda key: tuple(np.shape(sd[key]))
+  if "out.2.c_proj.bias" in sd:
+    return "attention", shape("out.2.c_proj.bias")[0]
+  if "out.3.weight" in sd:
+    return ("adaptive" if len(shape("out.3.weight")) == 4 else "spatial_v2",
+            shape("out.3.weight")[0])
+  if "out.2.weight" in sd:
+    return "spatial", shape("out.2.weight")[0]
+  heads = sorted(k for k in sd if k.startswith("out."))[:6]
+  raise common.WeightLoadError(
+      f"no classifier head found: expected out.2.c_proj.* (attention pool), out.3.* (adaptive "
+      f"or spatial_v2) or out.2.* (spatial); the checkpoint's out.* keys: {heads or 'none'}.")
+
+
+def load_for_unet(path, unet_kwargs: dict, image_size: int) -> tuple[dict, dict]:
+  """A classifier checkpoint file -> (EncoderUNet kwargs, params) for a diffusion model.
+
+  The trunk's fields come from the diffusion UNet's kwargs (`encoder_kwargs_from_unet`, as
+  CompVis's NoisyLatentImageClassifier builds its network), the head and the class count from the
+  file; image_size is the latent size. Raises torch_io.CheckpointError for an unreadable file,
+  common.WeightLoadError (naming the file) for one that does not fit.
+  """
+  sd = classifier_state_dict(torch_io.load_state_dict(path))
+  try:
+    pool, num_classes = head_of_state_dict(sd)
+    kwargs = classifier_lib.encoder_kwargs_from_unet(unet_kwargs, num_classes=num_classes,
+                                                     image_size=image_size, pool=pool)
+    model = classifier_lib.EncoderUNet(**kwargs)
+    model.trunk_layout()  # A UNet config the classifier cannot take fails here, by field name.
+    return kwargs, classifier_from_state_dict(sd, model)
+  except (common.WeightLoadError, ValueError) as e:
     raise common.WeightLoadError(f"{FilePath(path)}: {e}") from None

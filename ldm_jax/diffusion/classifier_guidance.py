@@ -23,6 +23,8 @@ step (not the step's position in a shortened sampling grid); the autoencoder is 
   * `classifier_guidance(denoise, classifier, schedule, parameterization)`: wraps a denoiser so the
     samplers of `diffusion.samplers` run guided without change; labels, scale and the classifier's
     parameters travel in the conditioning, so changing them does not recompile the loop.
+  * `guide_output(out, x_t, t, labels, scale, ...)`: the wrapper's body, a denoiser's output ->
+    the guided output, for callers that build their own (hashable) denoiser.
 
 The classifier is any function `classifier(params, x, t) -> logits [B, K]` (log-probabilities work
 too: log_softmax leaves them unchanged). It must treat examples independently (the EncoderUNet's
@@ -122,12 +124,26 @@ def classifier_guidance(denoise: Callable, classifier: Classifier, schedule: Sch
       raise TypeError(f"classifier_guidance: cond is a {type(inputs).__name__}; expected "
                       f"GuidanceInputs(cond, labels, scale, classifier_params).")
     out = denoise(x, t, inputs.cond)
-    a_t = alphas_cumprod_at(schedule, t)  # [B]
-    a = _per_example(a_t, x.ndim)  # [B, 1, 1, 1]
-    _, eps = x0_eps_from_output(out, x, a, parameterization)
-    _, grad = log_prob_and_grad(classifier, inputs.classifier_params, x, t, inputs.labels)
-    eps = guide_eps(eps, grad, a_t, inputs.scale)
-    x0 = (x.astype(jnp.float32) - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
-    return output_from_x0_eps(x0, eps, a, parameterization)
+    return guide_output(out, x, t, inputs.labels, inputs.scale, classifier=classifier,
+                        classifier_params=inputs.classifier_params, schedule=schedule,
+                        parameterization=parameterization)
 
   return guided
+
+
+def guide_output(out: jnp.ndarray, x: jnp.ndarray, t: jnp.ndarray, labels: jnp.ndarray, scale,
+                 *, classifier: Classifier, classifier_params: Any, schedule: Schedule,
+                 parameterization: str = "eps") -> jnp.ndarray:
+  """A denoiser's output `out` at (x [B, H, W, C], t [B]) -> the classifier-guided output, in the
+  same parameterization (float32): the guided eps, and for x0 / v the x0 consistent with it and x.
+
+  The one body of every guided denoiser (`classifier_guidance`, and the sampling loop of
+  `ldm_jax.sampling`, which carries the schedule in its traced conditioning).
+  """
+  a_t = alphas_cumprod_at(schedule, t)  # [B]
+  a = _per_example(a_t, x.ndim)  # [B, 1, 1, 1]
+  _, eps = x0_eps_from_output(out, x, a, parameterization)
+  _, grad = log_prob_and_grad(classifier, classifier_params, x, t, labels)
+  eps = guide_eps(eps, grad, a_t, scale)
+  x0 = (x.astype(jnp.float32) - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+  return output_from_x0_eps(x0, eps, a, parameterization)

@@ -190,3 +190,30 @@ def test_bfloat16_trunk_keeps_float32_logits():
   scale = np.abs(full).max()
   err = np.abs(np.asarray(logits) - full).max()
   assert 1e-6 * scale < err < 0.05 * scale  # bf16 rounding shows, but only as rounding
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_head_and_classes_are_read_from_the_state_dict(name):
+  sd = {k: v.numpy() for k, v in _reference(CONFIGS[name]).state_dict().items()}
+  assert convert_classifier.head_of_state_dict(sd) == (CONFIGS[name]["pool"], CLASSES)
+
+
+def test_unknown_head_is_refused():
+  with pytest.raises(common.WeightLoadError, match=r"no classifier head found.*out.7.weight"):
+    convert_classifier.head_of_state_dict({"out.7.weight": np.zeros(3)})
+
+
+def test_load_for_unet_builds_the_trunk_from_the_diffusion_unet(tmp_path):
+  """A CompVis classifier file beside the LDM's UNet config: the trunk from the config, head and
+  classes from the file, logits as the reference's."""
+  cfg = CONFIGS["attention"]
+  ref = _reference(cfg)
+  path = tmp_path / "classifier.ckpt"
+  torch.save({"state_dict": {"model." + k: v for k, v in ref.state_dict().items()}}, path)
+  unet = {k: v for k, v in cfg.items() if k not in ("pool", "in_channels")}
+  unet.update(in_channels=5, out_channels=3, use_spatial_transformer=True, context_dim=64)
+  kwargs, params = convert_classifier.load_for_unet(path, unet, IMAGE)
+  assert (kwargs["pool"], kwargs["num_classes"], kwargs["in_channels"]) == ("attention", CLASSES, 3)
+  model = classifier_lib.EncoderUNet(**kwargs)
+  x, t = _inputs()
+  _assert_close(_apply(model, params, x, t), _reference_logits(ref, x, t))
