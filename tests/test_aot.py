@@ -128,6 +128,14 @@ def test_bad_topology_and_mesh_are_user_errors():
   with pytest.raises(analysis.AotError, match="batch_size=6"):
     c.mesh.fsdp, c.data.batch_size = 1, 6
     analysis.analyse(c, "v5e:2x2")
+  c = tiny_sd()
+  c.lora.rank = 4
+  with pytest.raises(analysis.AotError, match="config.lora.rank=4"):
+    analysis.analyse(c, "v5e:2x2")
+  import configs.shapes_classifier
+  c = configs.shapes_classifier.get_config("tiny")
+  with pytest.raises(analysis.AotError, match="config.stage='classifier'"):
+    analysis.analyse(c, "v5e:2x2")
 
 
 @pytest.mark.parametrize("args, named", [

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from ldm_jax import validate
 from ldm_jax.aot import programs, report, topology
+from ldm_jax.train import lora
 from ldm_jax.train import loop
 
 log = logging.getLogger("ldm_jax.aot")
@@ -43,6 +44,14 @@ def analyse(config, topology_name: str, *, batch_per_chip: int = 0, train: bool 
     mesh = loop.make_mesh(config, devices)
   except ValueError as e:
     raise AotError(f"--config: {e}") from None
+  # The programs built here are stage 1's and stage 2's full train steps and stage 2's sampler.
+  if config.stage not in ("autoencoder", "ldm"):
+    raise AotError(f"--config: config.stage={config.stage!r}; ahead-of-time compilation covers "
+                   f"the 'autoencoder' and 'ldm' stages.")
+  if train and lora.enabled(config):
+    raise AotError(f"--config: config.lora.rank={config.lora.rank}: the LoRA train step is not "
+                   f"built here (it would be reported as a full fine-tune); set "
+                   f"--config.lora.rank=0 for the full step, or --notrain --sample.")
   n = int(mesh.devices.size)
   shards = n // int(mesh.shape.get("tensor", 1))
   if config.data.batch_size % shards:
