@@ -149,3 +149,20 @@ def test_cli_error_is_one_line_and_exit_code_2(args, named):
   errors = [l for l in proc.stderr.splitlines() if l.startswith("ldm_jax.aot: error:")]
   assert len(errors) == 1 and named in errors[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+
+
+def test_lower_only_traces_every_program_without_compiling(monkeypatch):
+  """--lower_only lowers the same programs for the topology (their state bytes are the compiled
+  run's) and never calls XLA's compile, so it reports no memory or cost figures."""
+  from ldm_jax.aot import programs
+
+  def no_compile(program):
+    raise AssertionError(f"{program.name} was compiled")
+  monkeypatch.setattr(programs, "compile_program", no_compile)
+  c = sd_v1_finetune.get_config("tiny")
+  out = analysis.analyse(c, "v5e:2x2", batch_per_chip=1, sample=True, sample_batch_per_chip=1,
+                         sample_steps=2, lower_only=True)
+  assert [p["name"] for p in out["programs"]] == ["train_step", "sample_step", "sample_loop"]
+  train = out["programs"][0]
+  assert train["lower_seconds"] > 0 and "memory" not in train and "advice" not in train
+  assert train["state_bytes"]["params"] > 0 and train["state_bytes"]["opt_state"] > 0

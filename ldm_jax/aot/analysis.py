@@ -24,11 +24,14 @@ class AotError(ValueError):
 
 def analyse(config, topology_name: str, *, batch_per_chip: int = 0, train: bool = True,
             sample: bool = False, sample_batch_per_chip: int = 8, sample_steps: int = 50,
-            guidance: float = 7.5, on_compiled: Callable[[str, Any], None] | None = None) -> dict:
+            guidance: float = 7.5, on_compiled: Callable[[str, Any], None] | None = None,
+            lower_only: bool = False) -> dict:
   """Compiles and analyses the programs; returns the JSON-able report.
 
   batch_per_chip: sets config.data.batch_size to it times the chips (0 keeps the config's).
   on_compiled(name, compiled): sees each compiled program (e.g. to inspect its HLO).
+  lower_only: trace and lower each program for the topology (its shardings, kernels and shapes
+    checked) without XLA's compile, in seconds instead of minutes; no memory or cost figures.
   Raises AotError for an unknown topology or a config that cannot run on it.
   """
   try:
@@ -63,6 +66,12 @@ def analyse(config, topology_name: str, *, batch_per_chip: int = 0, train: bool 
          "programs": []}
 
   def one(program, *, repeats_of=None, repeats=1):
+    if lower_only:  # Traced and lowered with the topology's shardings, not compiled: no analyses.
+      log.info("%s: tracing and lowering for %s ...", program.name, topology_name)
+      _, seconds = programs.lower_program(program)
+      return {"name": program.name, "images": program.images, "lower_seconds": seconds["trace"],
+              "lower_cpu_seconds": seconds["trace_cpu"],
+              "state_bytes": report.state_bytes(program.state)}, None
     log.info("%s: tracing and compiling for %s ...", program.name, topology_name)
     compiled, seconds = programs.compile_program(program)
     log.info("%s: traced in %.1f s, compiled in %.1f s (%.1f CPU s)", program.name,
@@ -86,10 +95,11 @@ def analyse(config, topology_name: str, *, batch_per_chip: int = 0, train: bool 
     build = programs.ae_train_step if config.stage == "autoencoder" else programs.ldm_train_step
     result, _ = one(_build(build, config, mesh))
     result["batch_per_chip"] = config.data.batch_size // shards
-    result["advice"] = report.advice(config, chip=chip, num_chips=n, figures=result["figures"],
-                                     mem=result["memory"],
-                                     states=result["state_bytes"],
-                                     batch_per_chip=result["batch_per_chip"])
+    if not lower_only:
+      result["advice"] = report.advice(config, chip=chip, num_chips=n,
+                                       figures=result["figures"], mem=result["memory"],
+                                       states=result["state_bytes"],
+                                       batch_per_chip=result["batch_per_chip"])
     out["programs"].append(result)
   if sample:
     if config.stage == "autoencoder":

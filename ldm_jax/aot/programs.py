@@ -242,18 +242,24 @@ def sample_step(config, mesh, *, batch_per_chip: int, guidance: float = 7.5) -> 
   return Program("sample_step", fn, (x_T, t, payload), images=n)
 
 
+def lower_program(program: Program):
+  """(lowered, {trace, trace_cpu} seconds): traced and lowered for the program's devices."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  mesh = next(a.sharding.mesh for a in jax.tree.leaves(program.args)
+              if isinstance(getattr(a, "sharding", None), jax.sharding.NamedSharding))
+  with platform.mesh_context(mesh):  # Kernels that need the mesh (TPU attention) find it here.
+    lowered = program.fn.lower(*program.args)
+  return lowered, {"trace": time.perf_counter() - wall, "trace_cpu": time.process_time() - cpu}
+
+
 def compile_program(program: Program):
   """(compiled, {trace, compile, trace_cpu, compile_cpu} seconds).
 
   CPU seconds are this process's (all threads): on a shared machine they say more about the
   compiler's work than wall time does.
   """
+  lowered, seconds = lower_program(program)
   wall, cpu = time.perf_counter(), time.process_time()
-  mesh = next(a.sharding.mesh for a in jax.tree.leaves(program.args)
-              if isinstance(getattr(a, "sharding", None), jax.sharding.NamedSharding))
-  with platform.mesh_context(mesh):  # Kernels that need the mesh (TPU attention) find it here.
-    lowered = program.fn.lower(*program.args)
-  wall2, cpu2 = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
-  return compiled, {"trace": wall2 - wall, "compile": time.perf_counter() - wall2,
-                    "trace_cpu": cpu2 - cpu, "compile_cpu": time.process_time() - cpu2}
+  seconds.update(compile=time.perf_counter() - wall, compile_cpu=time.process_time() - cpu)
+  return compiled, seconds

@@ -1,0 +1,107 @@
+"""Does every config in configs/ trace and lower for a TPU topology? (a benchmark, not a test)
+
+  TPU_SKIP_MDS_QUERY=1 python benchmarks/aot_all_configs.py [--topology v5e:2x2] \
+      [--variants tiny,] [--compile_tiny] [--out benchmarks/results/aot/all_configs.json]
+
+For each config module and variant ('' is the full size), runs what `python -m ldm_jax.aot
+--config configs/NAME.py[:VARIANT] --topology T --batch_per_chip 1 --lower_only [--sample]` runs,
+in this process: stage 1 configs lower their train step, stage 2 configs their train step and
+sampling loop (batch 1 per chip). Lowering checks the project's shardings, kernel choices and shapes
+for the TPU devices; XLA's compile is what `--compile_tiny` adds for the tiny variants (minutes
+each here) and what benchmarks/aot_scaling.py does at full size. Prints one row per config and
+writes JSON; a config that fails is a row with the error's last line, and the run goes on.
+"""
+
+import argparse
+import datetime
+import glob
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+from ldm_jax.aot import analysis  # noqa: E402  (after the repository is on the path)
+
+# Stages that have no program to compile here (analysis refuses them by name).
+NOT_COMPILED_STAGES = ("classifier",)
+
+
+def config_names() -> list[str]:
+  return sorted(os.path.splitext(os.path.basename(p))[0]
+                for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                if os.path.basename(p) != "common.py")
+
+
+def load(name: str, variant: str):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def run_one(name: str, variant: str, topology: str, compile_: bool) -> dict:
+  row = {"config": name, "variant": variant}
+  start = time.perf_counter()
+  try:
+    config = load(name, variant)
+    row["stage"] = config.stage
+    if config.stage in NOT_COMPILED_STAGES:
+      row["status"] = f"skipped: stage {config.stage!r} has no AOT program"
+      return row
+    out = analysis.analyse(config, topology, batch_per_chip=1,
+                           sample=config.stage == "ldm", sample_batch_per_chip=1,
+                           sample_steps=2, lower_only=not compile_)
+    row["programs"] = {p["name"]: {k: p[k] for k in ("lower_seconds", "compile_seconds")
+                                   if k in p} for p in out["programs"]}
+    row["status"] = "compiled" if compile_ else "lowered"
+  except Exception as e:  # A row per failure; the sweep goes on.  # noqa: BLE001
+    lines = [l for l in traceback.format_exception_only(type(e), e)[-1].splitlines() if l.strip()]
+    row["status"] = "FAILED: " + (lines[-1] if lines else type(e).__name__)
+  finally:
+    row["seconds"] = round(time.perf_counter() - start, 1)
+  return row
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--topology", default="v5e:2x2")
+  parser.add_argument("--variants", default="tiny,", help="comma-separated; '' is full size")
+  parser.add_argument("--configs", default="", help="comma-separated names (default: all)")
+  parser.add_argument("--compile_tiny", action="store_true",
+                      help="compile the tiny variants with XLA's TPU compiler (minutes each)")
+  parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/aot/all_configs.json"))
+  args = parser.parse_args()
+  names = [n for n in args.configs.split(",") if n] or config_names()
+  variants = args.variants.split(",")
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+  report = {"topology": args.topology, "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "command": "python benchmarks/aot_all_configs.py " + " ".join(sys.argv[1:]),
+            "rows": []}
+  for name in names:
+    for variant in variants:
+      row = run_one(name, variant, args.topology, args.compile_tiny and variant == "tiny")
+      report["rows"].append(row)
+      programs = ", ".join(f"{k} {v.get('lower_seconds', 0):.1f} s"
+                           for k, v in row.get("programs", {}).items())
+      print(f"{name}:{variant or 'full'}: {row['status']} ({row['seconds']} s) {programs}",
+            flush=True)
+  failed = [r for r in report["rows"] if r["status"].startswith("FAILED")]
+  print(f"{len(report['rows'])} rows, {len(failed)} failed")
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
