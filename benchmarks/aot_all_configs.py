@@ -5,7 +5,8 @@
 
 For each config module and variant ('' is the full size), runs what `python -m ldm_jax.aot
 --config configs/NAME.py[:VARIANT] --topology T --batch_per_chip 1 --lower_only [--sample]` runs,
-in this process: stage 1 configs lower their train step, stage 2 configs their train step and
+in this process (a config's fsdp larger than the topology's chips is set to the chip count, as the
+row says): stage 1 configs lower their train step, stage 2 configs their train step and
 sampling loop (batch 1 per chip). Lowering checks the project's shardings, kernel choices and shapes
 for the TPU devices; XLA's compile is what `--compile_tiny` adds for the tiny variants (minutes
 each here) and what benchmarks/aot_scaling.py does at full size. Prints one row per config and
@@ -29,6 +30,7 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 from ldm_jax.aot import analysis  # noqa: E402  (after the repository is on the path)
+from ldm_jax.aot import topology as aot_topology  # noqa: E402
 
 # Stages that have no program to compile here (analysis refuses them by name).
 NOT_COMPILED_STAGES = ("classifier",)
@@ -56,6 +58,11 @@ def run_one(name: str, variant: str, topology: str, compile_: bool) -> dict:
     if config.stage in NOT_COMPILED_STAGES:
       row["status"] = f"skipped: stage {config.stage!r} has no AOT program"
       return row
+    chips = len(aot_topology.tpu_devices(topology)[1])
+    if config.mesh.get("fsdp", 1) > chips:  # SD configs shard over 8 chips: as many as there are.
+      row["override"] = f"--config.mesh.fsdp={chips}"
+      with config.unlocked():
+        config.mesh.fsdp = chips
     out = analysis.analyse(config, topology, batch_per_chip=1,
                            sample=config.stage == "ldm", sample_batch_per_chip=1,
                            sample_steps=2, lower_only=not compile_)
@@ -94,7 +101,8 @@ def main() -> None:
       report["rows"].append(row)
       programs = ", ".join(f"{k} {v.get('lower_seconds', 0):.1f} s"
                            for k, v in row.get("programs", {}).items())
-      print(f"{name}:{variant or 'full'}: {row['status']} ({row['seconds']} s) {programs}",
+      print(f"{name}:{variant or 'full'}: {row['status']} ({row['seconds']} s) {programs}"
+            f"{' with ' + row['override'] if 'override' in row else ''}",
             flush=True)
   failed = [r for r in report["rows"] if r["status"].startswith("FAILED")]
   print(f"{len(report['rows'])} rows, {len(failed)} failed")

@@ -166,3 +166,14 @@ def test_lower_only_traces_every_program_without_compiling(monkeypatch):
   train = out["programs"][0]
   assert train["lower_seconds"] > 0 and "memory" not in train and "advice" not in train
   assert train["state_bytes"]["params"] > 0 and train["state_bytes"]["opt_state"] > 0
+
+
+@pytest.mark.parametrize("name", ["sd_v2_inpainting", "sd_v2_depth", "sd_x4_upscaler"])
+def test_sampling_loop_lowers_for_the_concat_families(name):
+  """The text-family models with a concat condition get their image / mask, depth map or
+  low-resolution image in the AOT sampling loop (without them it cannot be built at all)."""
+  import importlib
+  c = importlib.import_module(f"configs.{name}").get_config("tiny")
+  out = analysis.analyse(c, "v5e:2x2", train=False, sample=True, sample_batch_per_chip=1,
+                         sample_steps=2, lower_only=True)
+  assert [p["name"] for p in out["programs"]] == ["sample_step", "sample_loop"]

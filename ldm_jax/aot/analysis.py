@@ -57,7 +57,7 @@ def analyse(config, topology_name: str, *, batch_per_chip: int = 0, train: bool 
                    f"--config.lora.rank=0 for the full step, or --notrain --sample.")
   n = int(mesh.devices.size)
   shards = n // int(mesh.shape.get("tensor", 1))
-  if config.data.batch_size % shards:
+  if train and config.data.batch_size % shards:  # The sampling batch is set by its own flag.
     raise AotError(f"--config.data.batch_size={config.data.batch_size}: expected a multiple of "
                    f"the {shards} batch shards of {topology_name} (or set --batch_per_chip).")
   out = {"topology": topology_name, "chip": chip.name, "num_chips": n,

@@ -172,7 +172,17 @@ def _sampling_inputs(model: ldm_lib.LatentDiffusion, n: int) -> dict[str, Any]:
     length = int(model.cond_stage_config.get("kwargs", {}).get("max_length", 77))
     return {"tokens": np.zeros((n, length), np.int32)}
   if model.is_text:
-    return {"prompts": [""] * n}
+    inputs = {"prompts": [""] * n}
+    pixels = h * f  # The image size the latents decode to.
+    if model.is_text_inpainting:  # The masked image and its mask, at image size.
+      inputs.update(images=np.zeros((n, pixels, pixels, 3), np.float32),
+                    mask=np.ones((n, pixels, pixels, 1), np.float32))
+    elif model.is_upscaler:  # The low-resolution image is the latent grid's size.
+      inputs.update(images=np.zeros((n, h, h, 3), np.float32),
+                    lowres_noise=np.zeros((n, h, h, 3), np.float32))
+    elif model.is_depth:  # The depth map, already at latent size.
+      inputs.update(depth=np.zeros((n, h, h, 1), np.float32))
+    return inputs
   if kind == "class":
     return {"labels": [0] * n}
   if kind == "first_stage":
