@@ -39,8 +39,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # also when loaded by path, as the tests do
 
-from classifier_guidance import train  # noqa: E402  (this script's folder is on sys.path)
+from classifier_guidance import train  # noqa: E402
 from configs import common, layout2img, semantic_synthesis  # noqa: E402
 from configs import shapes_autoencoder, shapes_ldm_class  # noqa: E402
 from ldm_jax import ldm as ldm_lib  # noqa: E402
