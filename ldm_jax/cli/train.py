@@ -25,6 +25,8 @@ from ldm_jax.train import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 log = logging.getLogger("ldm_jax.train")
+# config.stage -> the module whose `train(config, workdir)` runs it; the names are validate.STAGES.
+TRAINERS = {"autoencoder": ae_trainer, "ldm": ldm_trainer, "classifier": classifier_task}
 
 
 def train(config, workdir: str) -> dict:
@@ -46,8 +48,7 @@ def train(config, workdir: str) -> dict:
     # Held for the whole run, before the first file is written: a second trainer on this
     # workdir stops here, having changed nothing.
     with workdir_lib.TrainerLock(workdir):
-      stages = {"autoencoder": ae_trainer, "ldm": ldm_trainer, "classifier": classifier_task}
-      return stages[config.stage].train(config, workdir)
+      return TRAINERS[config.stage].train(config, workdir)
   # The library's own errors (a busy workdir, unreadable checkpoints, weights that do not fit)
   # are UserErrors already; a file the config names that does not exist may be a plain one.
   except UserError:

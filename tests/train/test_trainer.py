@@ -101,3 +101,10 @@ def test_skeleton_runs_a_task_and_resumes_it(tmp_path, caplog):
   assert ("after_resume", 2) in task.calls and ("batches", 2) in task.calls
   assert last["step"] == 6
   assert json.load(open(os.path.join(workdir, "summary.json")))["step"] == 6
+
+
+def test_every_stage_validate_accepts_has_a_trainer():
+  from ldm_jax import validate
+  from ldm_jax.cli import train as entry
+  assert set(entry.TRAINERS) == set(validate.STAGES)
+  assert all(callable(m.train) for m in entry.TRAINERS.values())
