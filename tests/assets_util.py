@@ -45,6 +45,19 @@ def randomize_(module, std: float = 0.2, seed: int = 0) -> None:
       p.copy_(1.0 + noise if is_norm_weight else noise)
 
 
+def tiny_lora_unet(seed: int = 2):
+  """A two-level diffusers UNet2DConditionModel (cross-attention in the first level) with random
+  non-zero weights, in eval mode: the torch side of the LoRA tests."""
+  from diffusers import UNet2DConditionModel
+  m = UNet2DConditionModel(
+      sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+      block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+      attention_head_dim=4)
+  randomize_(m, std=0.1, seed=seed)
+  return m.eval()
+
+
 def state_dict_numpy(module) -> dict[str, np.ndarray]:
   return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
 

@@ -16,7 +16,7 @@ import torch
 
 peft = pytest.importorskip("peft")
 
-from assets_util import assert_close, randomize_, state_dict_numpy
+from assets_util import assert_close, randomize_, state_dict_numpy, tiny_lora_unet
 from ldm_jax.convert import lora as lora_lib
 from ldm_jax.convert import text as text_convert
 from ldm_jax.convert import unet as unet_convert
@@ -28,14 +28,7 @@ TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
 
 def _torch_unet():
-  from diffusers import UNet2DConditionModel
-  m = UNet2DConditionModel(
-      sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-      block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-      attention_head_dim=4)
-  randomize_(m, std=0.1, seed=2)
-  return m.eval()
+  return tiny_lora_unet(seed=2)
 
 
 def _torch_text():

@@ -293,18 +293,11 @@ def test_a_lora_workdir_as_the_model_says_to_pass_it_as_lora(run):
 def test_peft_export_loaded_by_diffusers_matches_ldm_jax(tmp_path):
   torch = pytest.importorskip("torch")
   pytest.importorskip("peft")
-  from diffusers import UNet2DConditionModel
-  from assets_util import assert_close, randomize_, state_dict_numpy
+  from assets_util import assert_close, state_dict_numpy, tiny_lora_unet
   from ldm_jax.convert import unet as unet_convert
   from ldm_jax.models import build
 
-  unet = UNet2DConditionModel(
-      sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-      block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-      attention_head_dim=4)
-  randomize_(unet, std=0.1, seed=2)
-  unet.eval()
+  unet = tiny_lora_unet(seed=2)
   config = {"unet": unet_convert.unet_kwargs_from_diffusers_config(dict(unet.config))}
   ours = build.build_unet(config["unet"])
   base = {"unet": {"params": unet_convert.unet_from_diffusers(state_dict_numpy(unet), ours)}}
