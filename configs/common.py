@@ -44,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_examples = 100_000  # Shapes: virtual dataset length.
   c.data.worker_count = 0        # Grain worker processes (0 = in-process).
   c.data.boxes_file = ""         # Image folders: COCO instances JSON (else metadata.jsonl boxes).
+  c.data.boxes_key = ""          # TFDS: the boxes' BBoxFeature sequence (e.g. 'objects/bbox').
+  c.data.box_labels_key = ""     # TFDS: the boxes' classes (e.g. 'objects/label').
+  c.data.segmentation_key = ""   # TFDS: a map of class indices (e.g. 'annotation').
   c.data.degradation = "bicubic" # Super-resolution: how the low-res input is made, bicubic or bsr.
   c.data.inpaint_masks = "mixed" # Inpainting: 'box', 'stroke' or 'mixed' random holes.
   c.data.batch_size = 32         # Global batch size (split across hosts and devices).

@@ -129,6 +129,20 @@ def check_eval_config(config) -> None:
                         f"this one is conditioned by {kind!r}")
 
 
+def _check_tfds_annotation_keys(data, needs: sources.Annotations) -> None:
+  """A TFDS source names the features that hold what the model's condition reads."""
+  keys = []
+  if needs.max_boxes:
+    keys += [("boxes_key", "a BBoxFeature sequence such as 'objects/bbox'"),
+             ("box_labels_key", "the boxes' classes such as 'objects/label'")]
+  if needs.maps:
+    keys.append(("segmentation_key", "an image feature of class indices such as 'annotation'"))
+  for key, what in keys:
+    if not data.get(key):
+      _fail(f"data.{key}", data.get(key, ""), f"this model reads it from the TFDS dataset; "
+                                              f"expected {what}")
+
+
 def check_config(config, num_devices: int | None = None) -> None:
   """Raises ValueError naming the first impossible field of an experiment config.
 
@@ -170,9 +184,11 @@ def check_config(config, num_devices: int | None = None) -> None:
     _check_choice("data.degradation", config.data.get("degradation", transforms.BICUBIC),
                   transforms.DEGRADATIONS)
     try:
-      sources.annotations_for(model)  # A layout model's box coding must fit its transformer.
+      needs = sources.annotations_for(model)  # A layout model's box coding must fit its transformer.
     except ValueError as e:
       raise ConfigError(f"config.{e}.") from None
+    if config.data.source == "tfds":
+      _check_tfds_annotation_keys(config.data, needs)
     if model.unet.in_channels < model.first_stage.kwargs.embed_dim:
       _fail("model.unet.in_channels", model.unet.in_channels,
             f"must be at least the latent channels {model.first_stage.kwargs.embed_dim}")

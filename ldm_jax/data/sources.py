@@ -34,11 +34,12 @@ RECORD_KEYS = {
     "label": "int, the class (shapes; folders with labels_from_subfolders; tfds label_key)",
     "caption": "str (shapes; folders with caption_source; tfds caption_key)",
     annotations.BOXES: "float32 [N, 4] (x0, y0, x1, y1) fractions (shapes: N objects; folders: "
-                       "max_boxes, padded)",
+                       "max_boxes, padded; tfds boxes_key)",
     annotations.BOX_LABELS: "int32 [N], the class of each box",
     annotations.BOX_MASK: "bool [N], True = a real box, False = padding (folders); absent = all "
                           "real",
-    annotations.SEGMENTATION: "int32 [H, W] class indices, the image's size (folders with maps)",
+    annotations.SEGMENTATION: "int32 [H, W] class indices, the image's size (folders with maps; "
+                              "tfds segmentation_key)",
 }
 
 
@@ -67,6 +68,9 @@ class DataConfig:
   image_key: str = "image"
   label_key: str | None = None
   caption_key: str | None = None
+  boxes_key: str | None = None  # tfds: the boxes' BBoxFeature sequence, e.g. 'objects/bbox'
+  box_labels_key: str | None = None  # tfds: their classes, e.g. 'objects/label'
+  segmentation_key: str | None = None  # tfds: a class-index image, e.g. 'annotation'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +131,17 @@ SOURCES: dict[str, SourceKind] = {
     "tfds": SourceKind(
         build=lambda c: tfds_source.TfdsSource(
             c.tfds_name, c.split, c.data_dir, image_key=c.image_key, label_key=c.label_key,
-            caption_key=c.caption_key),
+            caption_key=c.caption_key, max_boxes=c.max_boxes, boxes_key=c.boxes_key,
+            box_labels_key=c.box_labels_key, maps=c.maps, segmentation_key=c.segmentation_key,
+            num_classes=c.num_classes),
         yields=IMAGES,
         settings=lambda d: dict(tfds_name=d.name, split=d.split, data_dir=d.data_dir or None,
                                 image_key=d.image_key, label_key=d.label_key or None,
-                                caption_key=d.caption_key or None)),
+                                caption_key=d.caption_key or None,
+                                boxes_key=d.get("boxes_key") or None,
+                                box_labels_key=d.get("box_labels_key") or None,
+                                segmentation_key=d.get("segmentation_key") or None),
+        reads_annotations=True),
     "latent_cache": SourceKind(
         build=lambda c: latent_cache.LatentCacheSource(c.root),
         yields=LATENTS,
