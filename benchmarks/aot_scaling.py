@@ -50,6 +50,11 @@ ROWS = {
                            "--batch_per_chip", "16"],
     "sd2base_v5e2x2_b8": ["--config", SD2 + ":base", "--topology", "v5e:2x2",
                           "--config.mesh.fsdp=4", "--batch_per_chip", "8"],
+    # The paper's pixel-space-256 LDMs on KL/VQ-f4 latents (64x64x3), data-parallel as released.
+    "celebahq_ldm4_v5e2x2_b12": ["--config", "configs/celebahq_ldm_vq4.py", "--topology",
+                                 "v5e:2x2", "--batch_per_chip", "12"],
+    "cin256_v2_v5e2x2_b8": ["--config", "configs/cin256_v2.py", "--topology", "v5e:2x2",
+                            "--batch_per_chip", "8"],
     "sd15_sample_v5e2x2_b8": ["--config", SD15, "--topology", "v5e:2x2", "--config.mesh.fsdp=4",
                               "--notrain", "--sample", "--sample_batch_per_chip", "8"],
     "shapes_text_tiny_v5e2x2": ["--config", "configs/shapes_ldm_text.py:tiny", "--topology",
