@@ -68,6 +68,10 @@ def run_one(name: str, variant: str, topology: str, compile_: bool) -> dict:
                            sample_steps=2, lower_only=not compile_)
     row["programs"] = {p["name"]: {k: p[k] for k in ("lower_seconds", "compile_seconds")
                                    if k in p} for p in out["programs"]}
+    for p in out["programs"]:  # A compiled program's memory against the chip, and its FLOPs.
+      figures = p.get("figures", {})
+      row["programs"][p["name"]].update(
+          {k: figures[k] for k in ("used_bytes", "hbm_bytes", "fits", "flops") if k in figures})
     row["status"] = "compiled" if compile_ else "lowered"
   except Exception as e:  # A row per failure; the sweep goes on.  # noqa: BLE001
     lines = [l for l in traceback.format_exception_only(type(e), e)[-1].splitlines() if l.strip()]
@@ -99,8 +103,11 @@ def main() -> None:
     for variant in variants:
       row = run_one(name, variant, args.topology, args.compile_tiny and variant == "tiny")
       report["rows"].append(row)
-      programs = ", ".join(f"{k} {v.get('lower_seconds', 0):.1f} s"
-                           for k, v in row.get("programs", {}).items())
+      programs = ", ".join(
+          f"{k} {v.get('lower_seconds', 0):.1f} s"
+          + (f" + {v['compile_seconds']:.1f} s compile, {v['used_bytes'] / 2 ** 20:.0f} MiB"
+             if "compile_seconds" in v and "used_bytes" in v else "")
+          for k, v in row.get("programs", {}).items())
       print(f"{name}:{variant or 'full'}: {row['status']} ({row['seconds']} s) {programs}"
             f"{' with ' + row['override'] if 'override' in row else ''}",
             flush=True)
