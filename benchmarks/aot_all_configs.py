@@ -99,10 +99,13 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "command": "python benchmarks/aot_all_configs.py " + " ".join(sys.argv[1:]),
             "rows": []}
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
   for name in names:
     for variant in variants:
       row = run_one(name, variant, args.topology, args.compile_tiny and variant == "tiny")
       report["rows"].append(row)
+      with open(args.out, "w") as f:  # After every row: a sweep stopped part-way keeps its rows.
+        json.dump(report, f, indent=2)
       programs = ", ".join(
           f"{k} {v.get('lower_seconds', 0):.1f} s"
           + (f" + {v['compile_seconds']:.1f} s compile, {v['used_bytes'] / 2 ** 20:.0f} MiB"
@@ -113,9 +116,6 @@ def main() -> None:
             flush=True)
   failed = [r for r in report["rows"] if r["status"].startswith("FAILED")]
   print(f"{len(report['rows'])} rows, {len(failed)} failed")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
