@@ -106,20 +106,25 @@ def run_row(name: str, timeout: float) -> dict:
   return meta
 
 
+_DTYPES = {"bfloat16": "bf16", "float32": "fp32"}
+
+
 def _gib(n) -> str:
   return f"{n / 2 ** 30:.2f}"
 
 
 def table_rows(results: list[dict]) -> list[str]:
-  lines = ["| row | chips | batch/chip | remat | state GiB/chip (params+opt+EMA) | temp GiB | "
+  lines = ["| row | chips | batch/chip | compute, remat | state GiB/chip (params+opt+EMA) | temp GiB | "
            "used GiB / HBM | fits | FLOPs/chip | est. time (source) | img/s/chip (at most) | "
            "trace + compile s wall (compile CPU s) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for meta in results:
     aot = meta.get("aot")
     if aot is None:
+      error = meta.get("error")
+      error = "; ".join(error) if isinstance(error, list) else error
       why = (f"did not finish in {meta['timed_out_after_seconds']:.0f} s wall"
-             if "timed_out_after_seconds" in meta else f"failed: {meta.get('error')}")
+             if "timed_out_after_seconds" in meta else f"failed: {error}")
       if meta.get("note"):
         why += f" ({meta['note']})"
       lines.append(f"| {meta['row']} | | | | | | | | | {why} | | |")
@@ -133,7 +138,8 @@ def table_rows(results: list[dict]) -> list[str]:
           else "n/a"
       lines.append(
           f"| {meta['row']}: {p['name']} | {aot['num_chips']} {aot['chip']} | "
-          f"{p.get('batch_per_chip', '')} | {aot['remat']} | {_gib(state) if state else '-'} | "
+          f"{p.get('batch_per_chip', '')} | {_DTYPES.get(aot['compute_dtype'], aot['compute_dtype'])}"
+          f"{', remat' if aot['remat'] else ''} | {_gib(state) if state else '-'} | "
           f"{_gib(mem.get('temp_size_in_bytes', 0))} | {_gib(fig.get('used_bytes', mem['total']))} / "
           f"{_gib(fig['hbm_bytes'])} | {'yes' if fig['fits'] else 'NO'} | "
           f"{fig.get('flops', 0):.3g} | {seconds} | {ips} | "
