@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py: it must find every convolution and attention the UNet runs, and time
+"""benchmarks/unet_kernels.py: it must find every convolution and attention the UNet runs, and time
 the same function on both sides (checked against the torch model and torch's ops)."""
 
 import collections
@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def kernels():
   spec = importlib.util.spec_from_file_location(
-      "kernels", os.path.join(ROOT, "benchmarks", "kernels.py"))
+      "unet_kernels", os.path.join(ROOT, "benchmarks", "unet_kernels.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -23,7 +23,7 @@ def kernels():
 def test_recorded_kernels_match_the_torch_unet(kernels):
   from diffusers import UNet2DConditionModel
   from diffusers.models.attention_processor import Attention
-  import peer_models as pm  # on sys.path once kernels.py is loaded
+  import peer_models as pm  # on sys.path once unet_kernels.py is loaded
   shapes = kernels.record_shapes(batch=2)
   torch_unet = UNet2DConditionModel(**pm.UNET_CONFIG)
   # Each torch Conv2d runs once per forward pass: the multisets of (kh, kw, in, out) must agree,

@@ -1,6 +1,6 @@
 """Kernel by kernel: the benchmarked UNet's convolutions, attentions and matmuls, ldm_jax vs torch.
 
-    .venv/bin/python benchmarks/kernels.py --batch 8        # about 3 min on 2 idle cores
+    .venv/bin/python benchmarks/unet_kernels.py --batch 8        # about 3 min on 2 idle cores
 
 Where does the train step's distance to torch (`peers.py`, row `train`) come from? This script
 records every convolution, attention and dense matmul that ldm_jax's UNet runs (from a trace of
