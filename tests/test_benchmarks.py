@@ -2,22 +2,16 @@
 the same function on both sides (checked against the torch model and torch's ops)."""
 
 import collections
-import importlib.util
-import os
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmark_util import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def kernels():
-  spec = importlib.util.spec_from_file_location(
-      "unet_kernels", os.path.join(ROOT, "benchmarks", "unet_kernels.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("unet_kernels")
 
 
 def test_recorded_kernels_match_the_torch_unet(kernels):

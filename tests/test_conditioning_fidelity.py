@@ -1,22 +1,15 @@
 """benchmarks/conditioning_fidelity.py's grading: a sample follows its condition only when the right
 objects sit in the right boxes, and a real render of another scene does not pass for this one."""
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmark_util import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def fidelity():
-  spec = importlib.util.spec_from_file_location(
-      "conditioning_fidelity", os.path.join(ROOT, "benchmarks", "conditioning_fidelity.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("conditioning_fidelity")
 
 
 def scene(objects):
