@@ -31,6 +31,7 @@ from ldm_jax.convert import classifier as convert_classifier
 from ldm_jax.diffusion import classifier_guidance as cg
 from ldm_jax.diffusion import guidance as guidance_lib
 from ldm_jax.diffusion import samplers as samplers_lib
+from ldm_jax.kernels import platform
 from ldm_jax.models import classifier as classifier_lib
 
 # The default of the command lines' --num_devices when the flag is left out (unset: 0, every local
@@ -295,6 +296,18 @@ def negative_prompts(negative_prompt, batch: int, model, guided: bool) -> list[s
   return negative
 
 
+def kernel_mesh(model, mesh):
+  """The mesh of the devices a sampling call runs on, for `platform.mesh_context`: `mesh`, or
+  else a one-device mesh around the device that holds the model's UNet parameters (the default
+  device when they are host arrays)."""
+  if mesh is not None:
+    return mesh
+  leaf = jax.tree.leaves(model.params["unet"])[0]
+  held = leaf.devices() if isinstance(leaf, jax.Array) else set()
+  device = next(iter(held)) if len(held) == 1 else jax.local_devices()[0]
+  return parallel.make_mesh({"data": 1}, devices=[device])
+
+
 def sample(model, *, prompts=None, labels=None, images=None, tokens=None,
            num_samples=None, height=None, width=None, sampler=None, steps=None, eta=0.0,
            guidance=None, guidance_rescale=0.0, seed=0, seeds=None, x_T=None, init_image=None,
@@ -441,15 +454,19 @@ def sample(model, *, prompts=None, labels=None, images=None, tokens=None,
   rng = jax.random.fold_in(jax.random.PRNGKey(int(seeds[0])), 1)
   if mesh is not None:
     payload, x_T, x0, m = shard_batch(mesh, payload, x_T, x0, m)
-  z = samplers_lib.sample(denoise, model.schedule, x_T, payload, rng, sampler=sampler,
-                          steps=int(steps), eta=float(eta),
-                          parameterization=model.config.diffusion.parameterization, x0=x0,
-                          mask=m, strength=strength, progress=progress)
-  if not decode:
-    return to_host(z) if as_numpy else z
   if decode_tile is None and max(h, w) > int(model.config.diffusion.image_size):
     decode_tile = int(model.config.diffusion.image_size)  # Bigger than trained: bounded memory.
-  images = model.decode(z, tile=decode_tile)
+  # The loop and the decoder are traced for the mesh of their devices, so that on TPU their
+  # attention runs the Pallas flash kernel. (Conditioning above reads host inputs, which a
+  # program traced for a multi-device mesh cannot take; its attention keeps the einsum form.)
+  with platform.mesh_context(kernel_mesh(model, mesh)):
+    z = samplers_lib.sample(denoise, model.schedule, x_T, payload, rng, sampler=sampler,
+                            steps=int(steps), eta=float(eta),
+                            parameterization=model.config.diffusion.parameterization, x0=x0,
+                            mask=m, strength=strength, progress=progress)
+    if not decode:
+      return to_host(z) if as_numpy else z
+    images = model.decode(z, tile=decode_tile)
   if not as_numpy:
     return images
   images = to_host(images)

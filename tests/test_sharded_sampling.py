@@ -10,15 +10,19 @@ per-device batch size.
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 from PIL import Image
 
 import cli_util
 from ldm_jax import ldm
 from ldm_jax import parallel
+from ldm_jax import kernels
 from ldm_jax import sampling
 from ldm_jax.eval import sample_eval
+from ldm_jax.kernels import platform
 from ldm_jax.train import samples as train_samples
 
 PROMPTS = ["a red circle at the center", "a blue square at the top left", "a green circle"]
@@ -196,3 +200,37 @@ def test_trainer_samples_its_grid_on_the_training_mesh(tiny_workdirs, tmp_path, 
   assert spy.meshes and sampling.batch_shards(spy.meshes[0]) == 2
   assert {d.id for d in spy.meshes[0].devices.flat} == {d.id for d in parallel.jax.devices()[:2]}
   assert (workdir / "samples" / "step_0000001.png").is_file()
+
+
+def test_sampling_traces_for_its_devices_so_tpu_attention_can_run(model, monkeypatch):
+  """On a TPU, attention runs the Pallas flash kernel only in a program traced under the mesh of
+  its devices (`platform.mesh_context`); otherwise it keeps the one-block einsum. Shown on CPU:
+  the CPU mesh gets the context a TPU mesh gets, and every attention traced in one runs the TPU
+  form (in Pallas interpret mode). Sampling on one device and on a mesh then runs the kernel in
+  every UNet and decoder attention (only the text encoder, fed host inputs, is traced outside),
+  and makes the einsum form's images."""
+  kwargs = dict(prompts=PROMPTS[:2], steps=2, seed=3, guidance=2.0)
+  einsum = sampling.sample(model, **kwargs)
+  attention = kernels.attention
+  context_tokens = model.tokenize(PROMPTS[:1]).shape[1]
+  inside, outside = [], []
+
+  def tpu_form_in_a_mesh_context(q, k, v, **kw):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      outside.append(q.shape[1])  # Lq
+      return attention(q, k, v, **kw)
+    inside.append(dict(mesh.shape))
+    return attention(q, k, v, implementation="tpu", **kw)
+
+  monkeypatch.setattr(kernels, "attention", tpu_form_in_a_mesh_context)
+  monkeypatch.setattr(platform, "mesh_context",
+                      lambda mesh: jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+  with pltpu.force_tpu_interpret_mode():
+    for mesh, devices in ((None, 1), (data_mesh(2), 2)):
+      inside.clear()
+      outside.clear()
+      images = sampling.sample(model, mesh=mesh, **kwargs)
+      assert inside and all(shape == {"data": devices} for shape in inside), inside
+      assert set(outside) <= {context_tokens}, outside  # the text encoder's self-attention only
+      np.testing.assert_allclose(images, einsum, atol=2e-4)
