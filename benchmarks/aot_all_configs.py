@@ -1,7 +1,8 @@
 """Does every config in configs/ trace and lower for a TPU topology? (a benchmark, not a test)
 
   TPU_SKIP_MDS_QUERY=1 python benchmarks/aot_all_configs.py [--topology v5e:2x2] \
-      [--variants tiny,] [--compile_tiny] [--out benchmarks/results/aot/all_configs.json]
+      [--variants tiny,] [--compile_tiny] [--compile_full] [--resume] \
+      [--out benchmarks/results/aot/all_configs.json]
 
 For each config module and variant ('' is the full size), runs what `python -m ldm_jax.aot
 --config configs/NAME.py[:VARIANT] --topology T --batch_per_chip 1 --lower_only [--sample]` runs,
@@ -9,8 +10,12 @@ in this process (a config's fsdp larger than the topology's chips is set to the 
 row says): stage 1 configs lower their train step, stage 2 configs their train step and
 sampling loop (batch 1 per chip). Lowering checks the project's shardings, kernel choices and shapes
 for the TPU devices; XLA's compile is what `--compile_tiny` adds for the tiny variants (minutes
-each here) and what benchmarks/aot_scaling.py does at full size. Prints one row per config and
-writes JSON; a config that fails is a row with the error's last line, and the run goes on.
+each here) and `--compile_full` for the full-size ones (10-40 minutes each on 2 cores, and up to
+~15 GB of host memory: run it alone). Prints one row per config and writes JSON after every row,
+each row with its commit and date; a config that fails is a row with the error's last line, and
+the run goes on. `--resume` keeps the rows of the --out file that were already done the same way
+(same topology, lowered or compiled) and runs only the others, so a long sweep can be spread over
+several runs.
 """
 
 import argparse
@@ -81,6 +86,18 @@ def run_one(name: str, variant: str, topology: str, compile_: bool) -> dict:
   return row
 
 
+def previous_rows(path: str, topology: str) -> dict[tuple[str, str], dict]:
+  """(config, variant) -> row of an earlier run's JSON for the same topology ({} if none)."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    earlier = json.load(f)
+  if earlier.get("topology") != topology:
+    return {}
+  return {(r["config"], r["variant"]): dict(r, commit=r.get("commit", earlier.get("commit")))
+          for r in earlier.get("rows", [])}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--topology", default="v5e:2x2")
@@ -88,6 +105,10 @@ def main() -> None:
   parser.add_argument("--configs", default="", help="comma-separated names (default: all)")
   parser.add_argument("--compile_tiny", action="store_true",
                       help="compile the tiny variants with XLA's TPU compiler (minutes each)")
+  parser.add_argument("--compile_full", action="store_true",
+                      help="compile the full-size variants too (10-40 minutes each)")
+  parser.add_argument("--resume", action="store_true",
+                      help="keep the --out file's rows already done the same way; run the rest")
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/aot/all_configs.json"))
   args = parser.parse_args()
   names = [n for n in args.configs.split(",") if n] or config_names()
@@ -100,9 +121,20 @@ def main() -> None:
             "command": "python benchmarks/aot_all_configs.py " + " ".join(sys.argv[1:]),
             "rows": []}
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  compiles = lambda variant: args.compile_tiny if variant == "tiny" else args.compile_full
+  done = previous_rows(args.out, args.topology) if args.resume else {}
   for name in names:
     for variant in variants:
-      row = run_one(name, variant, args.topology, args.compile_tiny and variant == "tiny")
+      wanted = "compiled" if compiles(variant) else "lowered"
+      row = done.get((name, variant))
+      if row is not None and row["status"] == wanted:
+        report["rows"].append(row)
+        print(f"{name}:{variant or 'full'}: {wanted} at {row.get('commit', '?')} (kept)",
+              flush=True)
+        continue
+      row = run_one(name, variant, args.topology, compiles(variant))
+      row.update(commit=commit, date=datetime.datetime.now(datetime.timezone.utc).strftime(
+          "%Y-%m-%d %H:%M UTC"))
       report["rows"].append(row)
       with open(args.out, "w") as f:  # After every row: a sweep stopped part-way keeps its rows.
         json.dump(report, f, indent=2)
