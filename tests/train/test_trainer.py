@@ -17,6 +17,7 @@ import optax
 
 from configs import shapes_autoencoder
 from ldm_jax import parallel
+from ldm_jax.kernels import platform
 from ldm_jax.train import loop
 from ldm_jax.train import state as state_lib
 from ldm_jax.train import step as step_lib
@@ -68,6 +69,18 @@ class ToyTask(trainer.Task):
         {"image": np.asarray(pipeline.next()["image"], np.float32)}, mesh)
 
 
+class MeshRecordingTask(ToyTask):
+  """ToyTask whose loss records the mesh context it is traced in."""
+
+  def make_step(self, mesh, state_shardings):
+    def loss_fn(params, batch, rng):
+      del rng
+      self.calls.append(("traced under", dict(jax.sharding.get_abstract_mesh().shape)))
+      return jnp.mean(jnp.square(batch["image"] - params["colour"])), {}
+    return step_lib.make_train_step(loss_fn, self.optimizer, ema_decay=None, mesh=mesh,
+                                    state_shardings=state_shardings), ()
+
+
 def _compile_lines(caplog):
   return [r for r in caplog.records if "Train step compiled" in r.getMessage()]
 
@@ -108,3 +121,17 @@ def test_every_stage_validate_accepts_has_a_trainer():
   from ldm_jax.cli import train as entry
   assert set(entry.TRAINERS) == set(validate.STAGES)
   assert all(callable(m.train) for m in entry.TRAINERS.values())
+
+
+def test_step_is_traced_under_the_training_mesh(tmp_path, monkeypatch):
+  """On TPU the step's attention runs the Pallas kernel only when traced under the mesh
+  (`platform.mesh_context`, which sets it for TPU meshes only; tests/kernels/test_mesh_context.py).
+  Here a CPU mesh gets the same context: the loss is traced under the 2 devices' mesh."""
+  monkeypatch.setattr(platform, "mesh_context",
+                      lambda mesh: jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+  config = _config(2)
+  config.mesh.num_devices = 2
+  task = MeshRecordingTask(config, str(tmp_path / "run"))
+  trainer.train(task)
+  traced = [shape for call, *shape in task.calls if call == "traced under"]
+  assert traced and all(shape == [{"data": 2, "fsdp": 1}] for shape in traced), traced
