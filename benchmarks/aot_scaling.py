@@ -42,6 +42,10 @@ ROWS = {
     # Without FSDP every chip holds the whole fp32 state (about 12.8 GiB).
     "sd15_v5e2x2_b1_nofsdp": ["--config", SD15, "--topology", "v5e:2x2", "--config.mesh.fsdp=1",
                               "--batch_per_chip", "1"],
+    # The Pallas kernel's effect on the whole step: the same row with TPU attention in its
+    # one-block einsum form.
+    "sd15_v5e2x2_b8_einsum": ["--config", SD15, "--topology", "v5e:2x2", "--config.mesh.fsdp=4",
+                              "--batch_per_chip", "8", "--noattention_kernel"],
     "sd15_v5e2x4_b8": ["--config", SD15, "--topology", "v5e:2x4", "--config.mesh.fsdp=8",
                        "--batch_per_chip", "8"],
     "sd15_v4_2x2x1_b8": ["--config", SD15, "--topology", "v4:2x2x1", "--config.mesh.fsdp=4",
@@ -143,7 +147,9 @@ def table_rows(results: list[dict]) -> list[str]:
       lines.append(
           f"| {meta['row']}: {p['name']} | {aot['num_chips']} {aot['chip']} | "
           f"{p.get('batch_per_chip', '')} | {_DTYPES.get(aot['compute_dtype'], aot['compute_dtype'])}"
-          f"{', remat' if aot['remat'] else ''} | {_gib(state) if state else '-'} | "
+          f"{', remat' if aot['remat'] else ''}"
+          f"{', einsum attention' if aot.get('attention') == 'einsum' else ''} | "
+          f"{_gib(state) if state else '-'} | "
           f"{_gib(mem.get('temp_size_in_bytes', 0))} | {_gib(fig.get('used_bytes', mem['total']))} / "
           f"{_gib(fig['hbm_bytes'])} | {'yes' if fig['fits'] else 'NO'} | "
           f"{fig.get('flops', 0):.3g} | {seconds} | {ips} | "

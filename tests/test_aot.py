@@ -177,3 +177,18 @@ def test_sampling_loop_lowers_for_the_concat_families(name):
   out = analysis.analyse(c, "v5e:2x2", train=False, sample=True, sample_batch_per_chip=1,
                          sample_steps=2, lower_only=True)
   assert [p["name"] for p in out["programs"]] == ["sample_step", "sample_loop"]
+
+
+def test_noattention_kernel_keeps_the_einsum_form(tpu_v5e_devices):
+  """`--noattention_kernel` (the 'before' of the Pallas kernel in docs/scaling.md) lowers the same
+  program with TPU attention as the one-block einsum: no Pallas call in it."""
+  from ldm_jax.aot import programs
+  from ldm_jax.train import loop
+  c = tiny_sd()
+  program = programs.sample_step(c, loop.make_mesh(c, tpu_v5e_devices), batch_per_chip=1)
+  texts = {kernel: programs.lower_program(program, kernel)[0].as_text() for kernel in (True, False)}
+  assert "tpu_custom_call" in texts[True]
+  assert "tpu_custom_call" not in texts[False] and "while" not in texts[False]
+  out = analysis.analyse(c, "v5e:2x2", train=False, sample=True, sample_batch_per_chip=1,
+                         sample_steps=2, lower_only=True, attention_kernel=False)
+  assert out["attention"] == "einsum"

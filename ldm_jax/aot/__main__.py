@@ -32,6 +32,8 @@ flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale of the sampl
 flags.DEFINE_bool("train", True, "Compile the train step (--notrain: the sampling loop only).")
 flags.DEFINE_bool("lower_only", False, "Trace and lower the programs for the topology without "
                   "compiling them: checks shardings, kernels and shapes in seconds; no figures.")
+flags.DEFINE_bool("attention_kernel", True, "TPU attention as the Pallas flash kernel "
+                  "(--noattention_kernel: the one-block einsum form, to compare).")
 flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
 
 
@@ -67,12 +69,13 @@ def main(argv) -> int:
     out = analysis.analyse(config, FLAGS.topology, batch_per_chip=FLAGS.batch_per_chip,
               train=FLAGS.train, sample=FLAGS.sample,
               sample_batch_per_chip=FLAGS.sample_batch_per_chip, sample_steps=FLAGS.sample_steps,
-              guidance=FLAGS.guidance, lower_only=FLAGS.lower_only)
+              guidance=FLAGS.guidance, lower_only=FLAGS.lower_only,
+              attention_kernel=FLAGS.attention_kernel)
   except analysis.AotError as e:
     print(f"ldm_jax.aot: error: {e}", file=sys.stderr)
     return 2
   print(f"{out['topology']}: {out['num_chips']} {out['chip']} chips, mesh {out['mesh']}, "
-        f"{out['compute_dtype']} compute, remat={out['remat']}")
+        f"{out['compute_dtype']} compute, remat={out['remat']}, {out['attention']} attention")
   for result in out["programs"]:
     if FLAGS.lower_only:
       print(f"== {result['name']}: {result['images']} images per call; lowered in "

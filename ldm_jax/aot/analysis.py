@@ -25,13 +25,15 @@ class AotError(ValueError):
 def analyse(config, topology_name: str, *, batch_per_chip: int = 0, train: bool = True,
             sample: bool = False, sample_batch_per_chip: int = 8, sample_steps: int = 50,
             guidance: float = 7.5, on_compiled: Callable[[str, Any], None] | None = None,
-            lower_only: bool = False) -> dict:
+            lower_only: bool = False, attention_kernel: bool = True) -> dict:
   """Compiles and analyses the programs; returns the JSON-able report.
 
   batch_per_chip: sets config.data.batch_size to it times the chips (0 keeps the config's).
   on_compiled(name, compiled): sees each compiled program (e.g. to inspect its HLO).
   lower_only: trace and lower each program for the topology (its shardings, kernels and shapes
     checked) without XLA's compile, in seconds instead of minutes; no memory or cost figures.
+  attention_kernel: False keeps TPU attention in its one-block einsum form (no Pallas kernel), to
+    measure what the kernel saves.
   Raises AotError for an unknown topology or a config that cannot run on it.
   """
   try:
@@ -63,17 +65,18 @@ def analyse(config, topology_name: str, *, batch_per_chip: int = 0, train: bool 
   out = {"topology": topology_name, "chip": chip.name, "num_chips": n,
          "mesh": {k: int(v) for k, v in mesh.shape.items()},
          "compute_dtype": config.train.compute_dtype, "remat": bool(config.train.remat),
+         "attention": "pallas" if attention_kernel else "einsum",
          "programs": []}
 
   def one(program, *, repeats_of=None, repeats=1):
     if lower_only:  # Traced and lowered with the topology's shardings, not compiled: no analyses.
       log.info("%s: tracing and lowering for %s ...", program.name, topology_name)
-      _, seconds = programs.lower_program(program)
+      _, seconds = programs.lower_program(program, attention_kernel)
       return {"name": program.name, "images": program.images, "lower_seconds": seconds["trace"],
               "lower_cpu_seconds": seconds["trace_cpu"],
               "state_bytes": report.state_bytes(program.state)}, None
     log.info("%s: tracing and compiling for %s ...", program.name, topology_name)
-    compiled, seconds = programs.compile_program(program)
+    compiled, seconds = programs.compile_program(program, attention_kernel)
     log.info("%s: traced in %.1f s, compiled in %.1f s (%.1f CPU s)", program.name,
              seconds["trace"], seconds["compile"], seconds["compile_cpu"])
     if on_compiled is not None:

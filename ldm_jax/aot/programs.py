@@ -11,6 +11,7 @@ Each program is the trainer's own function (`ldm_trainer.make_step`, `ae_trainer
 laptop.
 """
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -252,23 +253,30 @@ def sample_step(config, mesh, *, batch_per_chip: int, guidance: float = 7.5) -> 
   return Program("sample_step", fn, (x_T, t, payload), images=n)
 
 
-def lower_program(program: Program):
-  """(lowered, {trace, trace_cpu} seconds): traced and lowered for the program's devices."""
+def lower_program(program: Program, attention_kernel: bool = True):
+  """(lowered, {trace, trace_cpu} seconds): traced and lowered for the program's devices.
+
+  attention_kernel: False traces without the mesh context, so TPU attention keeps its one-block
+    einsum form instead of the Pallas kernel (what the kernel saves, measured on the same code).
+  """
   wall, cpu = time.perf_counter(), time.process_time()
   mesh = next(a.sharding.mesh for a in jax.tree.leaves(program.args)
               if isinstance(getattr(a, "sharding", None), jax.sharding.NamedSharding))
-  with platform.mesh_context(mesh):  # Kernels that need the mesh (TPU attention) find it here.
+  # Kernels that need the mesh (TPU attention) find it here.
+  context = platform.mesh_context(mesh) if attention_kernel else contextlib.nullcontext()
+  with context:
     lowered = program.fn.lower(*program.args)
   return lowered, {"trace": time.perf_counter() - wall, "trace_cpu": time.process_time() - cpu}
 
 
-def compile_program(program: Program):
-  """(compiled, {trace, compile, trace_cpu, compile_cpu} seconds).
+def compile_program(program: Program, attention_kernel: bool = True):
+  """(compiled, {trace, compile, trace_cpu, compile_cpu} seconds); attention_kernel as in
+  `lower_program`.
 
   CPU seconds are this process's (all threads): on a shared machine they say more about the
   compiler's work than wall time does.
   """
-  lowered, seconds = lower_program(program)
+  lowered, seconds = lower_program(program, attention_kernel)
   wall, cpu = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
   seconds.update(compile=time.perf_counter() - wall, compile_cpu=time.process_time() - cpu)
