@@ -144,6 +144,8 @@ def table_rows(results: list[dict]) -> list[str]:
                  else "n/a")
       ips = f"{fig['images_per_second_per_chip']:.2f}" if "images_per_second_per_chip" in fig \
           else "n/a"
+      windowed = p.get("loops", {}).get("windowed_einsum", 0)
+      undercount = f" (undercount: {windowed} windowed-einsum loops)" if windowed else ""
       lines.append(
           f"| {meta['row']}: {p['name']} | {aot['num_chips']} {aot['chip']} | "
           f"{p.get('batch_per_chip', '')} | {_DTYPES.get(aot['compute_dtype'], aot['compute_dtype'])}"
@@ -152,7 +154,7 @@ def table_rows(results: list[dict]) -> list[str]:
           f"{_gib(state) if state else '-'} | "
           f"{_gib(mem.get('temp_size_in_bytes', 0))} | {_gib(fig.get('used_bytes', mem['total']))} / "
           f"{_gib(fig['hbm_bytes'])} | {'yes' if fig['fits'] else 'NO'} | "
-          f"{fig.get('flops', 0):.3g} | {seconds} | {ips} | "
+          f"{fig.get('flops', 0):.3g}{undercount} | {seconds} | {ips} | "
           f"{p['lower_seconds']:.0f} + {p['compile_seconds']:.0f} "
           f"({p.get('compile_cpu_seconds', float('nan')):.0f} CPU) |")
   return lines

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -50,6 +51,7 @@ def test_train_step_is_the_tpu_program_without_cpu_kernels(compiled):
   assert (out["chip"], out["num_chips"], out["mesh"]) == ("v5e", 4, {"data": 4, "fsdp": 1})
   assert [p["name"] for p in out["programs"]] == ["train_step", "sample_step", "sample_loop"]
   assert "while" not in texts["train_step"]  # no blocked CPU attention, forward or backward
+  assert out["programs"][0]["loops"] == {"while": 0, "windowed_einsum": 0}
   assert "tpu_custom_call" in texts["train_step"]  # the Pallas flash attention kernels
   assert texts["train_step"].count("bf16") > 0  # compute_dtype=bfloat16 reached the program
 
@@ -192,3 +194,36 @@ def test_noattention_kernel_keeps_the_einsum_form(tpu_v5e_devices):
   out = analysis.analyse(c, "v5e:2x2", train=False, sample=True, sample_batch_per_chip=1,
                          sample_steps=2, lower_only=True, attention_kernel=False)
   assert out["attention"] == "einsum"
+
+
+def _flops(compiled) -> float:
+  costs = compiled.cost_analysis()
+  return (costs if isinstance(costs, dict) else costs[0])["flops"]
+
+
+def test_windowed_einsum_loops_are_counted_and_their_undercount_flagged(tpu_v5e_devices):
+  """On 8 chips XLA's TPU compiler turns a large FSDP matmul gradient into windowed-einsum loops
+  (gather one weight shard per iteration) whose bodies its cost analysis counts once: the FLOPs
+  fall below the closed form 2 x 2 x B x D x D / chips. The report counts those loops and says
+  its figures are undercounts; a small gradient on the same mesh has no loop and the closed
+  form's count."""
+  del tpu_v5e_devices  # libtpu is there.
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  _, devices = topology.tpu_devices("v5e:2x4")
+  mesh = Mesh(np.array(devices).reshape(8), ("fsdp",))
+  rows = NamedSharding(mesh, PartitionSpec("fsdp", None))
+  grad = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w).astype(jnp.float32))),
+                 out_shardings=rows)
+  found = {}
+  for batch, width in ((2048, 640), (16384, 1280)):
+    w, x = (jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=rows)
+            for shape in ((width, width), (batch, width)))
+    compiled = grad.lower(w, x).compile()
+    closed_form = 2 * 2 * batch * width * width / 8  # two matmuls (dx is not asked), per chip
+    found[batch] = (report.loops(compiled.as_text()), _flops(compiled) / closed_form)
+  small, large = found[2048], found[16384]
+  assert small[0] == {"while": 0, "windowed_einsum": 0} and small[1] == pytest.approx(1, rel=0.01)
+  assert large[0]["windowed_einsum"] >= 1 and large[0]["while"] == large[0]["windowed_einsum"]
+  assert large[1] < 0.75  # XLA counts each loop body once
+  assert "undercount" in report.undercount_note({"loops": large[0]})
+  assert report.undercount_note({"loops": small[0]}) is None

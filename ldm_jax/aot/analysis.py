@@ -82,10 +82,12 @@ def analyse(config, topology_name: str, *, batch_per_chip: int = 0, train: bool 
     if on_compiled is not None:
       on_compiled(program.name, compiled)
     mem, costs = report.memory(compiled), report.cost(compiled)
+    loops = report.loops(compiled.as_text())
     result = {"name": program.name, "images": program.images, "lower_seconds": seconds["trace"],
               "compile_seconds": seconds["compile"], "lower_cpu_seconds": seconds["trace_cpu"],
               "compile_cpu_seconds": seconds["compile_cpu"],
-              "state_bytes": report.state_bytes(program.state), "memory": mem, "cost": costs}
+              "state_bytes": report.state_bytes(program.state), "memory": mem, "cost": costs,
+              "loops": loops}
     if repeats_of is not None:  # Time and FLOPs from another program, run `repeats` times.
       costs = repeats_of["cost"]
       result["cost_from"] = f"{repeats_of['name']} x {repeats}"
