@@ -191,7 +191,9 @@ def _block_backward(scale, qb, kb, vb, mask_b, ob, lse_b, dob):
     # into one YNNPACK fusion, which is wrong in most rows when dout is a broadcast (a constant
     # cotangent); in plain jnp, with e [1024, 77], v [77, 40], w [40]:
     #   jax.jit(lambda e, v, w: e * jnp.sum(w * (e @ v), -1, keepdims=True))
-    # (tests/kernels/test_attention_grad.py). Here the sum is over two [c, Lk] arrays instead.
+    # (tests/kernels/test_attention_grad.py). Here the sum is over two [c, Lk] arrays instead;
+    # for one block (<= CPU_ATTENTION_GRAD_BLOCK logits) that costs nothing measurable
+    # (benchmarks/attention_row_term.py).
     row = jnp.sum(weights * dweights, axis=-1, keepdims=True)  # [..., c, 1]
   dlogits = weights * (dweights - row)
   if mask_b is not None:
