@@ -147,6 +147,8 @@ def table_rows(results: list[dict]) -> list[str]:
                  else "n/a")
       ips = f"{fig['images_per_second_per_chip']:.2f}" if "images_per_second_per_chip" in fig \
           else "n/a"
+      verdict = "yes" if fig["fits"] else ("NO (XLA refused it)" if "refused" in p else "NO")
+      flops = f"{fig['flops']:.3g}" if "flops" in fig else "-"
       windowed = p.get("loops", {}).get("windowed_einsum", 0)
       undercount = f" (undercount: {windowed} windowed-einsum loops)" if windowed else ""
       lines.append(
@@ -156,8 +158,8 @@ def table_rows(results: list[dict]) -> list[str]:
           f"{', einsum attention' if aot.get('attention') == 'einsum' else ''} | "
           f"{_gib(state) if state else '-'} | "
           f"{_gib(mem.get('temp_size_in_bytes', 0))} | {_gib(fig.get('used_bytes', mem['total']))} / "
-          f"{_gib(fig['hbm_bytes'])} | {'yes' if fig['fits'] else 'NO'} | "
-          f"{fig.get('flops', 0):.3g}{undercount} | {seconds} | {ips} | "
+          f"{_gib(fig['hbm_bytes'])} | {verdict} | "
+          f"{flops}{undercount} | {seconds} | {ips} | "
           f"{p['lower_seconds']:.0f} + {p['compile_seconds']:.0f} "
           f"({p.get('compile_cpu_seconds', float('nan')):.0f} CPU) |")
   return lines

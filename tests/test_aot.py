@@ -227,3 +227,45 @@ def test_windowed_einsum_loops_are_counted_and_their_undercount_flagged(tpu_v5e_
   assert large[1] < 0.75  # XLA counts each loop body once
   assert "undercount" in report.undercount_note({"loops": large[0]})
   assert report.undercount_note({"loops": small[0]}) is None
+
+
+def test_a_program_too_large_for_the_chip_is_refused_with_its_sizes(tpu_v5e_devices):
+  """XLA's TPU compiler refuses a program whose temporaries exceed the chip's HBM; compile_program
+  turns that into HbmRefusal with the sizes it named. Here each chip's cumulative sum holds a
+  [2^14, 2^18] float32 array: 16 GiB by the closed form, more than a v5e's 16 GiB can spare."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from ldm_jax.aot import programs
+  mesh = Mesh(np.array(tpu_v5e_devices), ("data",))
+  x = jax.ShapeDtypeStruct((4 * 2 ** 14,), jnp.float32,
+                           sharding=NamedSharding(mesh, PartitionSpec("data")))
+  fn = jax.jit(lambda x: jnp.cumsum(jnp.outer(x, jnp.arange(2 ** 18, dtype=jnp.float32)),
+                                    axis=0)[::2 ** 12, ::2 ** 12],
+               out_shardings=NamedSharding(mesh, PartitionSpec()))
+  with pytest.raises(programs.HbmRefusal) as refused:
+    programs.compile_program(programs.Program("too_large", fn, (x,), images=1))
+  assert refused.value.temp_bytes >= 2 ** 34  # at least the one [2^14, 2^18] float32 buffer
+  assert 15 * 2 ** 30 < refused.value.available_bytes <= 16 * 2 ** 30
+  assert refused.value.seconds["compile"] > 0
+
+
+def test_a_refused_train_step_is_reported_as_not_fitting_with_advice(monkeypatch):
+  """analyse turns a refusal into a row that does not fit: the arguments from their shardings,
+  the temporaries XLA named, by how much it is over and which knobs help; no FLOPs."""
+  from ldm_jax.aot import programs
+
+  def refuse(program, attention_kernel=True):
+    _, seconds = programs.lower_program(program, attention_kernel)
+    seconds.update(compile=1.0, compile_cpu=1.0)
+    raise programs.HbmRefusal(20 * 2 ** 30, int(15.75 * 2 ** 30), seconds)
+
+  monkeypatch.setattr(programs, "compile_program", refuse)
+  out = analysis.analyse(tiny_sd(), "v5e:2x2", batch_per_chip=2)
+  step = out["programs"][0]
+  assert "refused" in step and "20.00 GiB" in step["refused"]
+  assert step["memory"]["temp_size_in_bytes"] == 20 * 2 ** 30
+  assert step["memory"]["argument_size_in_bytes"] > sum(step["state_bytes"].values())
+  assert not step["figures"]["fits"] and "flops" not in step["figures"]
+  assert any("over" in tip for tip in step["advice"])
+  assert any(tip.startswith("batch:") for tip in step["advice"])
+  text = "\n".join(report.format_program(step))
+  assert "refused" in text and "does NOT fit" in text

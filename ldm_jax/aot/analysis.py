@@ -76,18 +76,35 @@ def analyse(config, topology_name: str, *, batch_per_chip: int = 0, train: bool 
               "lower_cpu_seconds": seconds["trace_cpu"],
               "state_bytes": report.state_bytes(program.state)}, None
     log.info("%s: tracing and compiling for %s ...", program.name, topology_name)
-    compiled, seconds = programs.compile_program(program, attention_kernel)
-    log.info("%s: traced in %.1f s, compiled in %.1f s (%.1f CPU s)", program.name,
-             seconds["trace"], seconds["compile"], seconds["compile_cpu"])
-    if on_compiled is not None:
+    refused = compiled = None
+    try:
+      compiled, seconds = programs.compile_program(program, attention_kernel)
+    except programs.HbmRefusal as e:
+      refused, seconds = e, e.seconds
+    log.info("%s: traced in %.1f s, compiled in %.1f s (%.1f CPU s)%s", program.name,
+             seconds["trace"], seconds["compile"], seconds["compile_cpu"],
+             "; refused: too large for the chip" if refused else "")
+    if compiled is not None and on_compiled is not None:
       on_compiled(program.name, compiled)
-    mem, costs = report.memory(compiled), report.cost(compiled)
-    loops = report.loops(compiled.as_text())
+    if refused is None:
+      mem, costs = report.memory(compiled), report.cost(compiled)
+      loops = report.loops(compiled.as_text())
+    else:
+      # No analyses of a program XLA would not build: its arguments (exact, from their shardings)
+      # and the temporaries the compiler said it needs; no FLOPs or time.
+      arguments = report.per_chip_bytes(program.args)
+      mem = {"argument_size_in_bytes": arguments, "temp_size_in_bytes": refused.temp_bytes,
+             "total": arguments + refused.temp_bytes}
+      costs, loops = {}, {}
     result = {"name": program.name, "images": program.images, "lower_seconds": seconds["trace"],
               "compile_seconds": seconds["compile"], "lower_cpu_seconds": seconds["trace_cpu"],
               "compile_cpu_seconds": seconds["compile_cpu"],
               "state_bytes": report.state_bytes(program.state), "memory": mem, "cost": costs,
               "loops": loops}
+    if refused is not None:
+      result["refused"] = (f"XLA's TPU compiler refused it: its temporaries alone need "
+                           f"{report.gib(refused.temp_bytes)}, the chip has "
+                           f"{report.gib(refused.available_bytes)} for them")
     if repeats_of is not None:  # Time and FLOPs from another program, run `repeats` times.
       costs = repeats_of["cost"]
       result["cost_from"] = f"{repeats_of['name']} x {repeats}"

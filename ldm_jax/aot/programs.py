@@ -24,6 +24,7 @@ import numpy as np
 from ldm_jax import ldm as ldm_lib
 from ldm_jax import parallel
 from ldm_jax import sampling
+from ldm_jax.aot import report
 from ldm_jax.diffusion import samplers as samplers_lib
 from ldm_jax.kernels import platform
 from ldm_jax.models import conditioning
@@ -269,15 +270,31 @@ def lower_program(program: Program, attention_kernel: bool = True):
   return lowered, {"trace": time.perf_counter() - wall, "trace_cpu": time.process_time() - cpu}
 
 
+class HbmRefusal(Exception):
+  """XLA's TPU compiler refused the program: its temporaries exceed the chip's HBM."""
+
+  def __init__(self, temp_bytes: int, available_bytes: int, seconds: dict[str, float]):
+    super().__init__(f"temporaries of {temp_bytes} bytes exceed the {available_bytes} bytes of "
+                     f"HBM available")
+    self.temp_bytes, self.available_bytes, self.seconds = temp_bytes, available_bytes, seconds
+
+
 def compile_program(program: Program, attention_kernel: bool = True):
   """(compiled, {trace, compile, trace_cpu, compile_cpu} seconds); attention_kernel as in
-  `lower_program`.
+  `lower_program`. Raises HbmRefusal when the program does not fit the chip at all.
 
   CPU seconds are this process's (all threads): on a shared machine they say more about the
   compiler's work than wall time does.
   """
   lowered, seconds = lower_program(program, attention_kernel)
   wall, cpu = time.perf_counter(), time.process_time()
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    refusal = report.hbm_refusal(str(e))
+    if refusal is None:
+      raise
+    seconds.update(compile=time.perf_counter() - wall, compile_cpu=time.process_time() - cpu)
+    raise HbmRefusal(**refusal, seconds=seconds) from None
   seconds.update(compile=time.perf_counter() - wall, compile_cpu=time.process_time() - cpu)
   return compiled, seconds

@@ -143,6 +143,23 @@ def gib(n: float) -> str:
   return f"{n / GIB:.2f} GiB"
 
 
+# XLA's TPU compiler, refusing a program too large for the chip (sizes in its binary units).
+_HBM_REFUSAL = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds "
+                          r"available HBM \(([\d.]+)([KMGT]?)\)")
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def hbm_refusal(message: str) -> dict[str, int] | None:
+  """{temp_bytes, available_bytes} from XLA's TPU compiler refusing a program whose temporaries
+  exceed the chip's HBM ("RESOURCE_EXHAUSTED: Ran out of memory on HBM ..."), else None."""
+  found = _HBM_REFUSAL.search(message)
+  if found is None:
+    return None
+  temp, temp_unit, available, available_unit = found.groups()
+  return {"temp_bytes": int(float(temp) * _UNITS[temp_unit]),
+          "available_bytes": int(float(available) * _UNITS[available_unit])}
+
+
 # A while instruction of compiled HLO text, and its condition computation's name.
 _WHILE = re.compile(r"\bwhile\([^\n]*?condition=%?([\w.-]+)")
 
@@ -188,6 +205,8 @@ def format_program(result: dict) -> list[str]:
       lines.append(f"  {label:32s} {gib(mem[key])}")
   fig = result["figures"]
   verdict = "fits" if fig["fits"] else "does NOT fit"
+  if "refused" in result:
+    lines.append(f"  ! {result['refused']}")
   lines.append(f"  {'total of the program':32s} {gib(mem['total'])}")
   if fig.get("resident_bytes"):
     lines.append(f"  {'+ frozen encoders (outside it)':32s} {gib(fig['resident_bytes'])}")
