@@ -228,7 +228,7 @@ def format_program(result: dict) -> list[str]:
       lines.append(f"  {'images/s/chip (at most)':32s} {fig['images_per_second_per_chip']:.2f}")
     if "mfu" in fig:
       lines.append(f"  {'MFU at that time':32s} {100 * fig['mfu']:.1f}%")
-  else:
+  elif "refused" not in result:
     lines.append("  XLA reported neither a time nor FLOPs for this program.")
   note = undercount_note(result)
   if note:
