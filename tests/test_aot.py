@@ -269,3 +269,13 @@ def test_a_refused_train_step_is_reported_as_not_fitting_with_advice(monkeypatch
   assert any(tip.startswith("batch:") for tip in step["advice"])
   text = "\n".join(report.format_program(step))
   assert "refused" in text and "does NOT fit" in text
+
+
+@pytest.mark.parametrize("name, chips", [("v4:2x2x1", 4), ("v4:2x2x2", 8), ("v5p:2x2x1", 4),
+                                         ("v5e:2x4", 8)])
+def test_topologies_have_one_device_per_chip(name, chips):
+  """A v4 host runs each chip's two TensorCores as one device (megacore), and the report's
+  figures are per chip: libtpu's v4 topology would otherwise hold a device per core."""
+  chip, devices = topology.tpu_devices(name)
+  assert len(devices) == chips == len({tuple(d.coords) for d in devices})
+  assert chip.name == name.split(":")[0]

@@ -22,14 +22,17 @@ class Chip:
   hbm_bytes: int
   peak_bf16_flops: float  # dense bf16 FLOP/s
   hbm_bytes_per_second: float
+  # Two TensorCores that JAX runs as one device ("megacore"), as on a real v4 / v5p host. libtpu's
+  # topology descriptions otherwise give v4 one device per core: half a chip each.
+  megacore: bool = False
 
 
 # HBM capacity and bandwidth per chip and dense bf16 peak, from Google Cloud's TPU
 # system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e).
 CHIPS = {
-    "v4": Chip("v4", 32 * GIB, 275e12, 1200e9),
+    "v4": Chip("v4", 32 * GIB, 275e12, 1200e9, megacore=True),
     "v5e": Chip("v5e", 16 * GIB, 197e12, 819e9),
-    "v5p": Chip("v5p", 95 * GIB, 459e12, 2765e9),
+    "v5p": Chip("v5p", 95 * GIB, 459e12, 2765e9, megacore=True),
     "v6e": Chip("v6e", 32 * GIB, 918e12, 1640e9),
 }
 
@@ -44,7 +47,8 @@ def chip_of(topology: str) -> Chip:
 
 
 def tpu_devices(topology: str) -> tuple[Chip, list[Any]]:
-  """(chip, devices) of a TPU topology, from libtpu, on a host that has no TPU."""
+  """(chip, devices) of a TPU topology, from libtpu, on a host that has no TPU: one device per
+  chip, as JAX sees them on the real hosts (megacore chips as one device)."""
   chip = chip_of(topology)
   # Without this libtpu asks the GCE metadata server for the host's TPU, and waits for it.
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -52,9 +56,15 @@ def tpu_devices(topology: str) -> tuple[Chip, list[Any]]:
   # worker, another user) would fail; compiling needs no exclusive access to a chip.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # Local: loads libtpu.
+  options = {"chip_config_name": "megacore"} if chip.megacore else {}
   try:
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **options)
   except Exception as e:  # libtpu raises XlaRuntimeError/ValueError with its own wording.
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise TopologyError(f"--topology={topology!r}: libtpu does not know it ({first}).") from None
-  return chip, list(desc.devices)
+  devices = list(desc.devices)
+  chips = {tuple(d.coords) for d in devices}
+  if len(chips) != len(devices):  # The figures below are per chip; a device must be one.
+    raise TopologyError(f"--topology={topology!r}: libtpu gave {len(devices)} devices on "
+                        f"{len(chips)} chips; expected one device per chip.")
+  return chip, devices
