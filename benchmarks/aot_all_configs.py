@@ -123,6 +123,9 @@ def main() -> None:
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   compiles = lambda variant: args.compile_tiny if variant == "tiny" else args.compile_full
   done = previous_rows(args.out, args.topology) if args.resume else {}
+  # Rows of configs this run does not cover stay in the file, first.
+  report["rows"] = [row for key, row in done.items()
+                    if key[0] not in names or key[1] not in variants]
   for name in names:
     for variant in variants:
       wanted = "compiled" if compiles(variant) else "lowered"
