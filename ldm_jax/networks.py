@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ldm_jax.diffusion import defaults as diffusion_defaults
+from ldm_jax.kernels import platform
 from ldm_jax.models import build
 from ldm_jax.models import conditioning as conditioning_lib
 # The condition's pytree is the conditioning module's; re-exported as `networks.Conditioning`.
@@ -34,7 +35,7 @@ def diffusion_section(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
 # Pure jitted functions (module objects are static: hashable dataclasses).
 # ------------------------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnums=(0,))
-def encode_fn(first_stage, variables, images, rng, scale_factor):
+def _encode(first_stage, variables, images, rng, scale_factor):
   if hasattr(first_stage, "quantize"):  # VQ: LDMs diffuse the pre-quantisation latents.
     h = first_stage.apply(variables, images, method=first_stage.encode)
     return h * scale_factor
@@ -44,8 +45,22 @@ def encode_fn(first_stage, variables, images, rng, scale_factor):
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def decode_fn(first_stage, variables, latents, scale_factor):
+def _decode(first_stage, variables, latents, scale_factor):
   return first_stage.apply(variables, latents / scale_factor, method=first_stage.decode)
+
+
+# The autoencoder's attention runs at up to 4096 tokens (its middle block at 64x64), so its
+# programs are traced for the devices of their inputs: on TPU that runs the Pallas kernel.
+def encode_fn(first_stage, variables, images, rng, scale_factor):
+  """Images [B, H, W, 3] in [-1, 1] -> scaled latents (the posterior's mode, or a sample with rng)."""
+  with platform.devices_context(variables, images):
+    return _encode(first_stage, variables, images, rng, scale_factor)
+
+
+def decode_fn(first_stage, variables, latents, scale_factor):
+  """Scaled latents -> images [B, H, W, 3] in (about) [-1, 1]."""
+  with platform.devices_context(variables, latents):
+    return _decode(first_stage, variables, latents, scale_factor)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -7,6 +7,7 @@ within float tolerance (1e-4 on latents), not bitwise: XLA may pick other kernel
 per-device batch size.
 """
 
+import contextlib
 import json
 import os
 
@@ -202,17 +203,14 @@ def test_trainer_samples_its_grid_on_the_training_mesh(tiny_workdirs, tmp_path, 
   assert (workdir / "samples" / "step_0000001.png").is_file()
 
 
-def test_sampling_traces_for_its_devices_so_tpu_attention_can_run(model, monkeypatch):
+@contextlib.contextmanager
+def tpu_attention_in_mesh_contexts():
   """On a TPU, attention runs the Pallas flash kernel only in a program traced under the mesh of
-  its devices (`platform.mesh_context`); otherwise it keeps the one-block einsum. Shown on CPU:
-  the CPU mesh gets the context a TPU mesh gets, and every attention traced in one runs the TPU
-  form (in Pallas interpret mode). Sampling on one device and on a mesh then runs the kernel in
-  every UNet and decoder attention (only the text encoder, fed host inputs, is traced outside),
-  and makes the einsum form's images."""
-  kwargs = dict(prompts=PROMPTS[:2], steps=2, seed=3, guidance=2.0)
-  einsum = sampling.sample(model, **kwargs)
+  its devices (`platform.mesh_context`); otherwise it keeps the one-block einsum. To show that on
+  CPU, the CPU mesh gets the context a TPU mesh gets, and every attention traced in one runs the
+  TPU form (in Pallas interpret mode). Yields (inside, outside): the mesh shape of each attention
+  traced inside a context, and the query length of each traced outside one."""
   attention = kernels.attention
-  context_tokens = model.tokenize(PROMPTS[:1]).shape[1]
   inside, outside = [], []
 
   def tpu_form_in_a_mesh_context(q, k, v, **kw):
@@ -223,10 +221,21 @@ def test_sampling_traces_for_its_devices_so_tpu_attention_can_run(model, monkeyp
     inside.append(dict(mesh.shape))
     return attention(q, k, v, implementation="tpu", **kw)
 
-  monkeypatch.setattr(kernels, "attention", tpu_form_in_a_mesh_context)
-  monkeypatch.setattr(platform, "mesh_context",
-                      lambda mesh: jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
-  with pltpu.force_tpu_interpret_mode():
+  with pytest.MonkeyPatch.context() as patch, pltpu.force_tpu_interpret_mode():
+    patch.setattr(kernels, "attention", tpu_form_in_a_mesh_context)
+    patch.setattr(platform, "mesh_context",
+                  lambda mesh: jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+    yield inside, outside
+
+
+def test_sampling_traces_for_its_devices_so_tpu_attention_can_run(model):
+  """Sampling on one device and on a mesh runs the TPU attention in every UNet and decoder
+  attention (only the text encoder, fed host inputs, is traced outside), and makes the einsum
+  form's images (see `tpu_attention_in_mesh_contexts`)."""
+  kwargs = dict(prompts=PROMPTS[:2], steps=2, seed=3, guidance=2.0)
+  einsum = sampling.sample(model, **kwargs)
+  context_tokens = model.tokenize(PROMPTS[:1]).shape[1]
+  with tpu_attention_in_mesh_contexts() as (inside, outside):
     for mesh, devices in ((None, 1), (data_mesh(2), 2)):
       inside.clear()
       outside.clear()
@@ -234,3 +243,23 @@ def test_sampling_traces_for_its_devices_so_tpu_attention_can_run(model, monkeyp
       assert inside and all(shape == {"data": devices} for shape in inside), inside
       assert set(outside) <= {context_tokens}, outside  # the text encoder's self-attention only
       np.testing.assert_allclose(images, einsum, atol=2e-4)
+
+
+def test_autoencoder_is_traced_for_the_devices_of_its_inputs(model):
+  """encode and decode (attention at up to 64x64 tokens in the autoencoder's middle block) trace
+  for the devices their inputs are on: one device, or the mesh of sharded latents, as the
+  trainer's batches and sampling's latents are; so on TPU they run the kernel too."""
+  z = sampling.sample(model, prompts=PROMPTS[:2], steps=2, seed=3, guidance=2.0, decode=False)
+  einsum = np.asarray(model.decode(z))
+  einsum_latents = np.asarray(model.encode(einsum))
+  with tpu_attention_in_mesh_contexts() as (inside, outside):
+    for mesh, devices in ((None, 1), (data_mesh(2), 2)):
+      inside.clear()
+      placed = z if mesh is None else jax.device_put(z, parallel.batch_sharding(mesh))
+      images = np.asarray(model.decode(placed))
+      latents = np.asarray(model.encode(jax.device_put(einsum, placed.sharding)
+                                        if mesh is not None else einsum))
+      assert inside and all(shape == {"data": devices} for shape in inside), inside
+      assert not outside, outside
+      np.testing.assert_allclose(images, einsum, atol=2e-4)
+      np.testing.assert_allclose(latents, einsum_latents, atol=2e-4)

@@ -11,6 +11,7 @@ import contextlib
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 # Platform names as jax.lax.platform_dependent spells them; "default" is every other platform.
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -47,3 +48,27 @@ def mesh_context(mesh: jax.sharding.Mesh | None):
   if mesh is None or mesh.devices.flat[0].platform != "tpu":
     return contextlib.nullcontext()
   return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def devices_context(*trees: Any):
+  """`mesh_context` for the devices the arrays of `trees` are on, for a call made outside any
+  trace: the mesh of their NamedShardings, or a one-device mesh when every array is on one device
+  or on the host (the default device). Inside a trace (tracers), or with arrays on different
+  meshes, no context: the enclosing program's, if any, applies.
+  """
+  meshes, devices = set(), set()
+  for leaf in jax.tree.leaves(trees):
+    if isinstance(leaf, jax.core.Tracer):
+      return contextlib.nullcontext()
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+      meshes.add(sharding.mesh)
+    elif isinstance(leaf, jax.Array):
+      devices |= leaf.devices()
+  if len(meshes) == 1:
+    mesh = meshes.pop()
+    return mesh_context(mesh) if devices <= set(mesh.devices.flat) else contextlib.nullcontext()
+  if meshes or len(devices) > 1:
+    return contextlib.nullcontext()
+  device = devices.pop() if devices else jax.local_devices()[0]
+  return mesh_context(jax.sharding.Mesh(np.array([device]), ("data",)))
