@@ -296,18 +296,6 @@ def negative_prompts(negative_prompt, batch: int, model, guided: bool) -> list[s
   return negative
 
 
-def kernel_mesh(model, mesh):
-  """The mesh of the devices a sampling call runs on, for `platform.mesh_context`: `mesh`, or
-  else a one-device mesh around the device that holds the model's UNet parameters (the default
-  device when they are host arrays)."""
-  if mesh is not None:
-    return mesh
-  leaf = jax.tree.leaves(model.params["unet"])[0]
-  held = leaf.devices() if isinstance(leaf, jax.Array) else set()
-  device = next(iter(held)) if len(held) == 1 else jax.local_devices()[0]
-  return parallel.make_mesh({"data": 1}, devices=[device])
-
-
 def sample(model, *, prompts=None, labels=None, images=None, tokens=None,
            num_samples=None, height=None, width=None, sampler=None, steps=None, eta=0.0,
            guidance=None, guidance_rescale=0.0, seed=0, seeds=None, x_T=None, init_image=None,
@@ -456,10 +444,12 @@ def sample(model, *, prompts=None, labels=None, images=None, tokens=None,
     payload, x_T, x0, m = shard_batch(mesh, payload, x_T, x0, m)
   if decode_tile is None and max(h, w) > int(model.config.diffusion.image_size):
     decode_tile = int(model.config.diffusion.image_size)  # Bigger than trained: bounded memory.
-  # The loop and the decoder are traced for the mesh of their devices, so that on TPU their
-  # attention runs the Pallas flash kernel. (Conditioning above reads host inputs, which a
-  # program traced for a multi-device mesh cannot take; its attention keeps the einsum form.)
-  with platform.mesh_context(kernel_mesh(model, mesh)):
+  # The loop and the decoder are traced for the devices of their inputs (the mesh, or the one
+  # device), so that on TPU their attention runs the Pallas flash kernel; the tiled decoder needs
+  # this context, as it traces decode_fn inside its own jit. (Conditioning above reads host
+  # inputs, which a program traced for a multi-device mesh cannot take; its attention keeps the
+  # einsum form.)
+  with platform.devices_context(payload, x_T):
     z = samplers_lib.sample(denoise, model.schedule, x_T, payload, rng, sampler=sampler,
                             steps=int(steps), eta=float(eta),
                             parameterization=model.config.diffusion.parameterization, x0=x0,
