@@ -16,6 +16,11 @@ each row with its commit and date; a config that fails is a row with the error's
 the run goes on. `--resume` keeps the rows of the --out file that were already done the same way
 (same topology, lowered or compiled) and runs only the others, so a long sweep can be spread over
 several runs.
+
+  python benchmarks/aot_all_configs.py --table [--out benchmarks/results/aot/all_configs_full_compiled.json]
+
+rewrites the table between the full-size markers of docs/scaling.md from a compiled run's JSON: per
+config, each program's memory per chip and FLOPs, the compile time, the commit and the date.
 """
 
 import argparse
@@ -39,6 +44,9 @@ from ldm_jax.aot import topology as aot_topology  # noqa: E402
 
 # Stages that have no program to compile here (analysis refuses them by name).
 NOT_COMPILED_STAGES = ("classifier",)
+DOC = os.path.join(ROOT, "docs", "scaling.md")
+BEGIN, END = "<!-- full-configs:begin -->", "<!-- full-configs:end -->"
+PROGRAMS = ("train_step", "sample_step", "sample_loop")
 
 
 def config_names() -> list[str]:
@@ -98,6 +106,59 @@ def previous_rows(path: str, topology: str) -> dict[tuple[str, str], dict]:
           for r in earlier.get("rows", [])}
 
 
+def table_lines(report: dict) -> list[str]:
+  """A markdown table of a compiled run's rows: memory per chip and FLOPs per program."""
+  def program(row: dict, name: str) -> str:
+    p = row.get("programs", {}).get(name)
+    if not p or "used_bytes" not in p:
+      return "-"
+    verdict = "" if p["fits"] else " (does NOT fit)"
+    return f"{p['used_bytes'] / 2 ** 30:.2f}{verdict}, {p['flops']:.2e}"
+
+  lines = ["| config | stage | train step: GiB/chip, FLOPs/chip | guided sampling step | "
+           "2-step sampling loop | compile min | commit, date |",
+           "|---|---|---|---|---|---|---|"]
+  for row in sorted(report["rows"], key=lambda r: (r.get("stage", ""), r["config"])):
+    name = row["config"] + (f":{row['variant']}" if row["variant"] else "")
+    if row["status"] != "compiled":
+      lines.append(f"| {name} | {row.get('stage', '')} | {row['status']} | | | "
+                   f"{row['seconds'] / 60:.0f} | {row.get('commit', '?')}, {row.get('date', '?')} |")
+      continue
+    compile_s = sum(p.get("compile_seconds", 0) for p in row["programs"].values())
+    override = f" ({row['override']})" if "override" in row else ""
+    lines.append(f"| {name}{override} | {row['stage']} | "
+                 + " | ".join(program(row, p) for p in PROGRAMS)
+                 + f" | {compile_s / 60:.1f} | {row.get('commit', '?')}, {row.get('date', '?')} |")
+  return lines
+
+
+def table_block(path: str) -> str:
+  """docs/scaling.md's full-size section, markers included, from a compiled run's JSON."""
+  with open(path) as f:
+    report = json.load(f)
+  compiled = [r for r in report["rows"] if r["status"] == "compiled"]
+  fitting = [r for r in compiled if all(p.get("fits", True) for p in r["programs"].values())]
+  wanted = [n for n in config_names() if load(n, "").stage not in NOT_COMPILED_STAGES]
+  missing = sorted(set(wanted) - {r["config"] for r in compiled if not r["variant"]})
+  lines = [BEGIN, "",
+           f"{len(compiled)} of the {len(wanted)} full-size configs with an AOT program compiled "
+           f"for {report['topology']} at batch 1 per chip, {len(fitting)} of them fitting the chip "
+           f"in every program (`{os.path.relpath(path, ROOT)}`, machine: {report['machine']})"
+           + (f"; not compiled yet: {', '.join(f'`{n}`' for n in missing)}." if missing else "."),
+           "", *table_lines(report), "", END]
+  return "\n".join(lines)
+
+
+def write_table(path: str) -> None:
+  with open(DOC) as f:
+    doc = f.read()
+  if BEGIN not in doc or END not in doc:
+    raise SystemExit(f"{DOC}: the markers {BEGIN} ... {END} are missing.")
+  head, rest = doc.split(BEGIN, 1)
+  with open(DOC, "w") as f:
+    f.write(head + table_block(path) + rest.split(END, 1)[1])
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--topology", default="v5e:2x2")
@@ -110,7 +171,12 @@ def main() -> None:
   parser.add_argument("--resume", action="store_true",
                       help="keep the --out file's rows already done the same way; run the rest")
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/aot/all_configs.json"))
+  parser.add_argument("--table", action="store_true",
+                      help="rewrite docs/scaling.md's full-size table from --out; compile nothing")
   args = parser.parse_args()
+  if args.table:
+    write_table(args.out)
+    return
   names = [n for n in args.configs.split(",") if n] or config_names()
   variants = args.variants.split(",")
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,

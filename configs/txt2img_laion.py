@@ -57,6 +57,11 @@ def get_config(arg: str = ""):
   c.train.use_ema = False            # The released model has no EMA weights (use_ema: False).
   c.train.cond_drop_prob = 0.1       # Empty-caption dropout for classifier-free guidance.
   c.train.train_cond_stage = True    # The text transformer learns jointly with the UNet.
+  # 1.45B trainable parameters: fp32 weights, AdamW moments and gradients replicated are ~23 GB
+  # per chip, more than a v5e (16 GiB) or v4 (32 GiB) holds (`python -m ldm_jax.aot` refuses it);
+  # sharded over one 8-chip host they are ~3 GB. Use --config.mesh.fsdp=N for N chips.
+  c.mesh.data = -1
+  c.mesh.fsdp = 8
   c.checkpoint.every = 10_000
   c.log.every = 100
   c.log.sample_every = 10_000
@@ -65,6 +70,7 @@ def get_config(arg: str = ""):
                           "a street sign that reads latent diffusion")
   if arg == "tiny":
     common.tiny_training(c)
+    c.mesh.fsdp = 1                  # Runs on one CPU device.
     c.data.source = "shapes"
     c.data.caption_key = ""          # shapes always carries captions.
     c.data.image_size = 64           # -> 8x8x4 latents through the tiny KL-f8.

@@ -2,11 +2,13 @@
 the same function on both sides (checked against the torch model and torch's ops)."""
 
 import collections
+import json
+import os
 
 import pytest
 import torch
 
-from benchmark_util import load_benchmark
+from benchmark_util import ROOT, load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +56,22 @@ def test_time_shape_runs_the_same_function_in_both(kernels, key):
   row = kernels.time_shape(key, repeats=1)  # raises if ldm_jax and torch disagree
   assert row["error"] < 1e-5
   assert all(row[k] > 0 for k in ("jax_fwd", "torch_fwd", "jax_both", "torch_both"))
+
+
+def test_full_size_config_table_in_the_docs_is_rendered_from_its_results():
+  """docs/scaling.md's full-size sweep section is what `aot_all_configs.py --table` renders from the
+  committed JSON (so a new row cannot land without its table), each figure read from the row."""
+  sweep = load_benchmark("aot_all_configs")
+  path = os.path.join(ROOT, "benchmarks", "results", "aot", "all_configs_full_compiled.json")
+  with open(os.path.join(ROOT, "docs", "scaling.md")) as f:
+    assert sweep.table_block(path) in f.read()
+  with open(path) as f:
+    report = json.load(f)
+  row = report["rows"][0]
+  step = row["programs"]["train_step"]
+  line = next(l for l in sweep.table_lines(report) if l.startswith(f"| {row['config']} |"))
+  assert f"{step['used_bytes'] / 2 ** 30:.2f}, {step['flops']:.2e}" in line
+  failed = dict(row, status="FAILED: XlaRuntimeError: boom")
+  line = sweep.table_lines(dict(report, rows=[failed]))[-1]
+  assert "FAILED: XlaRuntimeError: boom" in line
+  assert f"{step['used_bytes'] / 2 ** 30:.2f}" not in line
