@@ -112,6 +112,8 @@ def table_lines(report: dict) -> list[str]:
     p = row.get("programs", {}).get(name)
     if not p or "used_bytes" not in p:
       return "-"
+    if "flops" not in p:  # XLA's compiler refused it: the bytes are what it asked for.
+      return f"{p['used_bytes'] / 2 ** 30:.2f}: does NOT fit (XLA refused it)"
     verdict = "" if p["fits"] else " (does NOT fit)"
     return f"{p['used_bytes'] / 2 ** 30:.2f}{verdict}, {p['flops']:.2e}"
 
@@ -155,8 +157,9 @@ def write_table(path: str) -> None:
   if BEGIN not in doc or END not in doc:
     raise SystemExit(f"{DOC}: the markers {BEGIN} ... {END} are missing.")
   head, rest = doc.split(BEGIN, 1)
+  doc = head + table_block(path) + rest.split(END, 1)[1]
   with open(DOC, "w") as f:
-    f.write(head + table_block(path) + rest.split(END, 1)[1])
+    f.write(doc)
 
 
 def main() -> None:
