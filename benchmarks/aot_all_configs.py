@@ -11,7 +11,7 @@ row says): stage 1 configs lower their train step, stage 2 configs their train s
 sampling loop (batch 1 per chip). Lowering checks the project's shardings, kernel choices and shapes
 for the TPU devices; XLA's compile is what `--compile_tiny` adds for the tiny variants (minutes
 each here) and `--compile_full` for the full-size ones (10-40 minutes each on 2 cores, and up to
-~17 GB of host memory for the SD-size ones: run those alone). Prints one row per config and writes
+~21 GB of host memory for the SD-size ones: run those alone). Prints one row per config and writes
 JSON after every row, each row with its commit and date; a config that fails is a row with the
 error's last line, and the run goes on. `--resume` keeps the rows of the --out file that were
 already done the same way (same topology, lowered or compiled) and runs only the others, so a long
