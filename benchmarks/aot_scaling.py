@@ -61,6 +61,13 @@ ROWS = {
                                    "--batch_per_chip", "16"],
     "sd2base_v5e2x2_b8": ["--config", SD2 + ":base", "--topology", "v5e:2x2",
                           "--config.mesh.fsdp=4", "--batch_per_chip", "8"],
+    # SD2 at 512 px on the other topologies, at the SD1.5 rows' batches.
+    "sd2base_v5e2x4_b8": ["--config", SD2 + ":base", "--topology", "v5e:2x4",
+                          "--config.mesh.fsdp=8", "--batch_per_chip", "8"],
+    "sd2base_v4_2x2x1_b1": ["--config", SD2 + ":base", "--topology", "v4:2x2x1",
+                            "--config.mesh.fsdp=4", "--batch_per_chip", "1"],
+    "sd2base_v5p_2x2x1_b16": ["--config", SD2 + ":base", "--topology", "v5p:2x2x1",
+                              "--config.mesh.fsdp=4", "--batch_per_chip", "16"],
     # The paper's pixel-space-256 LDMs on KL/VQ-f4 latents (64x64x3), data-parallel as released.
     "celebahq_ldm4_v5e2x2_b12": ["--config", "configs/celebahq_ldm_vq4.py", "--topology",
                                  "v5e:2x2", "--batch_per_chip", "12"],
