@@ -7,13 +7,13 @@
 For each config module and variant ('' is the full size), runs what `python -m ldm_jax.aot
 --config configs/NAME.py[:VARIANT] --topology T --batch_per_chip 1 --lower_only [--sample]` runs,
 in this process (a config's fsdp larger than the topology's chips is set to the chip count, as the
-row says): stage 1 configs lower their train step, stage 2 configs their train step and
-sampling loop (batch 1 per chip). Lowering checks the project's shardings, kernel choices and shapes
-for the TPU devices; XLA's compile is what `--compile_tiny` adds for the tiny variants (minutes
-each here) and `--compile_full` for the full-size ones (10-40 minutes each on 2 cores, and up to
-~21 GB of host memory for the SD-size ones: run those alone). Prints one row per config and writes
-JSON after every row, each row with its commit and date; a config that fails is a row with the
-error's last line, and the run goes on. `--resume` keeps the rows of the --out file that were
+row says): stage 1 and classifier configs lower their train step, stage 2 configs their train step
+and sampling loop (batch 1 per chip). Lowering checks the project's shardings, kernel choices and
+shapes for the TPU devices; XLA's compile is what `--compile_tiny` adds for the tiny variants
+(minutes each here) and `--compile_full` for the full-size ones (10-40 minutes each on 2 cores, and
+up to ~21 GB of host memory for the SD-size ones: run those alone). Prints one row per config and
+writes JSON after every row, each row with its commit and date; a config that fails is a row with
+the error's last line, and the run goes on. `--resume` keeps the rows of the --out file that were
 already done the same way (same topology, lowered or compiled) and runs only the others, so a long
 sweep can be spread over several runs.
 
@@ -42,8 +42,6 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 from ldm_jax.aot import analysis  # noqa: E402  (after the repository is on the path)
 from ldm_jax.aot import topology as aot_topology  # noqa: E402
 
-# Stages that have no program to compile here (analysis refuses them by name).
-NOT_COMPILED_STAGES = ("classifier",)
 DOC = os.path.join(ROOT, "docs", "scaling.md")
 BEGIN, END = "<!-- full-configs:begin -->", "<!-- full-configs:end -->"
 PROGRAMS = ("train_step", "sample_step", "sample_loop")
@@ -68,9 +66,6 @@ def run_one(name: str, variant: str, topology: str, compile_: bool) -> dict:
   try:
     config = load(name, variant)
     row["stage"] = config.stage
-    if config.stage in NOT_COMPILED_STAGES:
-      row["status"] = f"skipped: stage {config.stage!r} has no AOT program"
-      return row
     chips = len(aot_topology.tpu_devices(topology)[1])
     if config.mesh.get("fsdp", 1) > chips:  # SD configs shard over 8 chips: as many as there are.
       row["override"] = f"--config.mesh.fsdp={chips}"
@@ -140,10 +135,10 @@ def table_block(path: str) -> str:
     report = json.load(f)
   compiled = [r for r in report["rows"] if r["status"] == "compiled"]
   fitting = [r for r in compiled if all(p.get("fits", True) for p in r["programs"].values())]
-  wanted = [n for n in config_names() if load(n, "").stage not in NOT_COMPILED_STAGES]
+  wanted = config_names()
   missing = sorted(set(wanted) - {r["config"] for r in compiled if not r["variant"]})
   lines = [BEGIN, "",
-           f"{len(compiled)} of the {len(wanted)} full-size configs with an AOT program compiled "
+           f"{len(compiled)} of the {len(wanted)} full-size configs compiled "
            f"for {report['topology']} at batch 1 per chip, {len(fitting)} of them fitting the chip "
            f"in every program (`{os.path.relpath(path, ROOT)}`, machine: {report['machine']})"
            + (f"; not compiled yet: {', '.join(f'`{n}`' for n in missing)}." if missing else "."),

@@ -34,7 +34,8 @@ from ldm_jax.models import word_tokenizer
 # re-exported here because `ldm.Conditioning`, `ldm.init_params`, ... are how callers name them.
 # pylint: disable-next=unused-import
 from ldm_jax.networks import (Conditioning, cond_stage_fn, decode_fn, denoise_fn, encode_fn,
-                              diffusion_section, example_conditioning, init_params)
+                              diffusion_section, example_conditioning, init_params,
+                              noise_schedule)
 
 WORD_TOKENIZERS = ("shapes", "wordlevel")
 # What a model without recommended sampling settings (config section `sampling`) is sampled with.
@@ -65,10 +66,7 @@ class LatentDiffusion:
     self.unet = build.build_unet(config.unet, compute_dtype)
     self.cond_stage_config = dict(config.get("cond_stage", {}) or {"kind": "none"})
     self.cond_stage = build.build_cond_stage(self.cond_stage_config, compute_dtype)
-    self.schedule = schedules_lib.Schedule.create(
-        diffusion.beta_schedule, diffusion.timesteps, linear_start=diffusion.linear_start,
-        linear_end=diffusion.linear_end, cosine_s=diffusion.cosine_s,
-        zero_terminal_snr=diffusion.zero_terminal_snr)
+    self.schedule = noise_schedule(config)
     self._tokenizer = tokenizer
     self._tokenizer_path = tokenizer_path
     self._compiled: dict[Any, Any] = {}

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ldm_jax.diffusion import defaults as diffusion_defaults
+from ldm_jax.diffusion import schedules as schedules_lib
 from ldm_jax.kernels import platform
 from ldm_jax.models import build
 from ldm_jax.models import conditioning as conditioning_lib
@@ -29,6 +30,14 @@ def diffusion_section(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
   section = ml_collections.ConfigDict(diffusion_defaults.DEFAULTS)
   section.update(dict(config.get("diffusion") or {}))
   return section
+
+
+def noise_schedule(config: Mapping[str, Any]) -> schedules_lib.Schedule:
+  """The forward-process schedule of a model config's `diffusion` section (defaults filled in)."""
+  d = diffusion_section(config)
+  return schedules_lib.Schedule.create(
+      d.beta_schedule, d.timesteps, linear_start=d.linear_start, linear_end=d.linear_end,
+      cosine_s=d.cosine_s, zero_terminal_snr=d.zero_terminal_snr)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,12 +95,7 @@ def init_params(config: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
   cs_cfg = dict(config.get("cond_stage", {}) or {"kind": "none"})
   cs = build.build_cond_stage(cs_cfg)
   k_fs, k_unet, k_cs = jax.random.split(rng, 3)
-  ae = config.first_stage.kwargs
-  f = 2 ** (len(ae.ch_mult) - 1)
-  res = int(ae.get("resolution", 64))
-  res = max(f * 4, min(res, f * 8))  # Small dummy input: parameter shapes do not depend on it.
-  fs_rngs = {"params": k_fs, "sample": jax.random.fold_in(k_fs, 1)}
-  params = {"first_stage": jax.jit(fs.init)(fs_rngs, jnp.zeros((1, res, res, ae.in_channels)))}
+  params = {"first_stage": _init_first_stage(fs, config.first_stage, k_fs)}
   dummy_cond = example_conditioning(config, cs_cfg, cs, k_cs)
   params["cond_stage"] = dummy_cond.pop("variables")
   h = w = max(diffusion.image_size // 4, 2 ** len(config.unet.channel_mult))
@@ -106,6 +110,21 @@ def init_params(config: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
 
   params["unet"] = jax.jit(unet_init)(k_unet)
   return params
+
+
+def init_first_stage(config: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
+  """Random variables of the autoencoder a model config's `first_stage` section describes."""
+  config = ml_collections.ConfigDict(dict(config))
+  return _init_first_stage(build.build_first_stage(config), config, rng)
+
+
+def _init_first_stage(fs, config, rng) -> dict[str, Any]:
+  ae = config.kwargs
+  f = 2 ** (len(ae.ch_mult) - 1)
+  res = int(ae.get("resolution", 64))
+  res = max(f * 4, min(res, f * 8))  # Small dummy input: parameter shapes do not depend on it.
+  rngs = {"params": rng, "sample": jax.random.fold_in(rng, 1)}
+  return jax.jit(fs.init)(rngs, jnp.zeros((1, res, res, ae.in_channels)))
 
 
 def example_conditioning(config, cs_cfg, cs, rng) -> dict[str, Any]:

@@ -136,8 +136,51 @@ def test_bad_topology_and_mesh_are_user_errors():
     analysis.analyse(c, "v5e:2x2")
   import configs.shapes_classifier
   c = configs.shapes_classifier.get_config("tiny")
-  with pytest.raises(analysis.AotError, match="config.stage='classifier'"):
+  with pytest.raises(analysis.AotError, match="config.stage='classifier' config has no sampling"):
+    analysis.analyse(c, "v5e:2x2", train=False, sample=True)
+  c.stage = "lpips"
+  with pytest.raises(analysis.AotError, match="config.stage='lpips'"):
     analysis.analyse(c, "v5e:2x2")
+
+
+def test_classifier_train_step_compiles_for_tpu(tpu_v5e_devices):
+  """The noisy-latent classifier's step (classifier guidance's stage) through the same command:
+  its state is the EncoderUNet's parameters and AdamW moments (no EMA, as CompVis trains it),
+  the frozen autoencoder that encodes its batches is resident beside it, the state is donated,
+  and a program too large for the chip gets only the advice that applies to this stage."""
+  del tpu_v5e_devices
+  import configs.shapes_classifier
+  from ldm_jax import networks
+  from ldm_jax.train import classifier_task
+  c = configs.shapes_classifier.get_config("tiny")
+  texts = {}
+  out = analysis.analyse(c, "v5e:2x2", batch_per_chip=2,
+                         on_compiled=lambda name, compiled: texts.__setitem__(name,
+                                                                              compiled.as_text()))
+  (step,) = out["programs"]
+  assert step["name"] == "train_step" and step["batch_per_chip"] == 2 and step["images"] == 8
+  size = c.model.diffusion.image_size
+  params = jax.eval_shape(classifier_task.make_classifier(c).init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, size, size, 4)), jnp.zeros((1,), jnp.int32))["params"]
+  param_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(params))
+  state = step["state_bytes"]
+  assert state["params"] == param_bytes and "ema_params" not in state
+  assert 2 * param_bytes <= state["opt_state"] <= 2 * param_bytes + 1024
+  first_stage = jax.eval_shape(lambda r: networks.init_first_stage(c.model.first_stage, r),
+                               jax.random.PRNGKey(0))
+  assert step["figures"]["resident_bytes"] == sum(int(np.prod(x.shape)) * 4
+                                                  for x in jax.tree.leaves(first_stage)) > 0
+  assert step["memory"]["alias_size_in_bytes"] >= sum(state.values()) - 1024
+  assert step["figures"]["fits"] and step["figures"]["flops"] > 0 and step["advice"] == []
+  assert "while" not in texts["train_step"]
+  mem = {"total": 20 * topology.GIB, "temp_size_in_bytes": 10 * topology.GIB}
+  c.train.remat = False
+  fig = report.figures(chip=topology.CHIPS["v5e"], num_chips=4, images=8, mem=mem, costs={},
+                       resident_bytes=topology.GIB)
+  tips = "\n".join(report.advice(c, chip=topology.CHIPS["v5e"], num_chips=4, figures=fig, mem=mem,
+                                 states=state, batch_per_chip=2))
+  assert "--batch_per_chip=1" in tips and "mesh.fsdp=4" in tips
+  assert "remat" not in tips and "latent_cache" not in tips  # stage 2's knobs only
 
 
 @pytest.mark.parametrize("args, named", [

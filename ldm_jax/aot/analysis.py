@@ -3,9 +3,10 @@
     out = analyse(config, "v5e:2x2", batch_per_chip=2, train=True, sample=True,
                   sample_batch_per_chip=8, sample_steps=50, guidance=7.5)
 
-`out` is JSON-able: the topology and mesh, and per program (train_step; sample_step and
-sample_loop with sampling) its compile time, per-chip state bytes, XLA's memory and cost analyses,
-the derived figures (`report.figures`) and, for a train step that does not fit, advice.
+`out` is JSON-able: the topology and mesh, and per program (every stage's train_step; stage 2's
+sample_step and sample_loop with sampling) its compile time, per-chip state bytes, XLA's memory
+and cost analyses, the derived figures (`report.figures`) and, for a train step that does not fit,
+advice.
 """
 
 import logging
@@ -17,6 +18,11 @@ from ldm_jax.train import lora
 from ldm_jax.train import loop
 
 log = logging.getLogger("ldm_jax.aot")
+
+# config.stage -> its train step's builder.
+_TRAIN_STEPS = {"autoencoder": programs.ae_train_step, "ldm": programs.ldm_train_step,
+                "classifier": programs.classifier_train_step}
+
 
 class AotError(ValueError):
   """A mistake in the flags or the config: one line, exit code 2."""
@@ -49,10 +55,10 @@ def analyse(config, topology_name: str, *, batch_per_chip: int = 0, train: bool 
     mesh = loop.make_mesh(config, devices)
   except ValueError as e:
     raise AotError(f"--config: {e}") from None
-  # The programs built here are stage 1's and stage 2's full train steps and stage 2's sampler.
-  if config.stage not in ("autoencoder", "ldm"):
+  # The programs built here: each stage's train step, and stage 2's sampler.
+  if config.stage not in _TRAIN_STEPS:
     raise AotError(f"--config: config.stage={config.stage!r}; ahead-of-time compilation covers "
-                   f"the 'autoencoder' and 'ldm' stages.")
+                   f"the {', '.join(map(repr, _TRAIN_STEPS))} stages.")
   if train and lora.enabled(config):
     raise AotError(f"--config: config.lora.rank={config.lora.rank}: the LoRA train step is not "
                    f"built here (it would be reported as a full fine-tune); set "
@@ -114,8 +120,7 @@ def analyse(config, topology_name: str, *, batch_per_chip: int = 0, train: bool 
     return result, compiled
 
   if train:
-    build = programs.ae_train_step if config.stage == "autoencoder" else programs.ldm_train_step
-    result, _ = one(_build(build, config, mesh))
+    result, _ = one(_build(_TRAIN_STEPS[config.stage], config, mesh))
     result["batch_per_chip"] = config.data.batch_size // shards
     if not lower_only:
       result["advice"] = report.advice(config, chip=chip, num_chips=n,
@@ -124,8 +129,10 @@ def analyse(config, topology_name: str, *, batch_per_chip: int = 0, train: bool 
                                        batch_per_chip=result["batch_per_chip"])
     out["programs"].append(result)
   if sample:
-    if config.stage == "autoencoder":
-      raise AotError("--sample: an autoencoder config has no sampling loop.")
+    if config.stage != "ldm":
+      raise AotError(f"--sample: a config.stage={config.stage!r} config has no sampling loop of "
+                     f"its own (a classifier guides a diffusion model's: compile that model's "
+                     f"config).")
     kw = dict(batch_per_chip=sample_batch_per_chip, guidance=guidance)
     step, _ = one(_build(programs.sample_step, config, mesh, **kw))
     loop_result, _ = one(_build(programs.sample_loop, config, mesh, steps=sample_steps, **kw),

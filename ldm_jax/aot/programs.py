@@ -1,14 +1,14 @@
 """The programs a config runs, built from abstract shapes and compiled for any devices.
 
     mesh = loop.make_mesh(config, devices)
-    program = ldm_train_step(config, mesh)          # or ae_train_step / sample_loop
+    program = ldm_train_step(config, mesh)   # or ae_ / classifier_train_step, sample_loop
     compiled, seconds = compile_program(program)
 
 Each program is the trainer's own function (`ldm_trainer.make_step`, `ae_trainer.make_step` +
-`jit_step`, `diffusion.samplers.sample` behind `sampling.UNetDenoiser`) lowered on
-`jax.ShapeDtypeStruct`s that carry the shardings a run would give them
-(`parallel.abstract_sharded`): no parameter is ever allocated, so SD-size models compile on a
-laptop.
+`jit_step`, `classifier_task.make_step`, `diffusion.samplers.sample` behind
+`sampling.UNetDenoiser`) lowered on `jax.ShapeDtypeStruct`s that carry the shardings a run would
+give them (`parallel.abstract_sharded`): no parameter is ever allocated, so SD-size models compile
+on a laptop.
 """
 
 import contextlib
@@ -96,6 +96,12 @@ def _host_batch(model: ldm_lib.LatentDiffusion, config, n: int) -> dict[str, Any
   return batch
 
 
+def _nbytes(tree) -> int:
+  """Bytes of a pytree of (abstract) arrays."""
+  return sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
 def _place(tree, sharding) -> Any:
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
@@ -127,10 +133,8 @@ def ldm_train_step(config, mesh) -> Program:
   frozen = {"first_stage": model.params["first_stage"]}
   if not ldm_task.trains_cond_stage(model, config):
     frozen["cond_stage"] = model.params["cond_stage"]
-  resident = sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(frozen))
   return Program("train_step", step, (state, _place(batch, parallel.batch_sharding(mesh))),
-                 images=n, state=state, resident_bytes=resident)
+                 images=n, state=state, resident_bytes=_nbytes(frozen))
 
 
 def ae_train_step(config, mesh) -> Program:
@@ -164,6 +168,33 @@ def ae_train_step(config, mesh) -> Program:
   batch = {"image": jax.ShapeDtypeStruct(images.shape, images.dtype,
                                          sharding=parallel.batch_sharding(mesh))}
   return Program("train_step", step, (state, batch, lpips_params), images=n, state=state)
+
+
+def classifier_train_step(config, mesh) -> Program:
+  """The noisy-latent classifier's step as `classifier_task.train` builds it.
+
+  Its batches are latents the frozen first stage encodes outside the step (resident on each
+  chip); the schedule is config.model.diffusion's, which a run checks against its diffusion
+  checkpoint.
+  """
+  from ldm_jax import networks
+  from ldm_jax.train import classifier_task  # Local: the classifier stage only.
+  classifier = classifier_task.make_classifier(config)
+  optimizer, lr_fn = ldm_trainer.make_optimizer(config)
+  state = parallel.abstract_sharded(
+      classifier_task.init_state_fn(config, classifier, optimizer), jax.random.PRNGKey(0),
+      mesh=mesh, min_size=config.mesh.min_shard_size)
+  step = classifier_task.make_step(config, classifier, networks.noise_schedule(config.model),
+                                   optimizer, lr_fn, mesh,
+                                   jax.tree.map(lambda a: a.sharding, state))
+  n, d = int(config.data.batch_size), config.model.diffusion
+  batch = {"z": jax.ShapeDtypeStruct((n, int(d.image_size), int(d.image_size), int(d.channels)),
+                                     jnp.float32),
+           "label": jax.ShapeDtypeStruct((n,), jnp.int32)}
+  first_stage = jax.eval_shape(lambda rng: networks.init_first_stage(config.model.first_stage, rng),
+                               jax.random.PRNGKey(0))
+  return Program("train_step", step, (state, _place(batch, parallel.batch_sharding(mesh))),
+                 images=n, state=state, resident_bytes=_nbytes(first_stage))
 
 
 def _sampling_inputs(model: ldm_lib.LatentDiffusion, n: int) -> dict[str, Any]:

@@ -120,7 +120,7 @@ def advice(config, *, chip: topology.Chip, num_chips: int, figures: dict, mem: d
   if batch_per_chip > 1 and temp:
     tips.append(f"batch: activations ({gib(temp)}) scale with the batch per chip "
                 f"({batch_per_chip}); try --batch_per_chip={max(1, batch_per_chip // 2)}.")
-  if "train" in config and not config.train.get("remat", True) and config.stage != "autoencoder":
+  if "train" in config and not config.train.get("remat", True) and config.stage == "ldm":
     tips.append("remat: --config.train.remat=True recomputes UNet block activations in the "
                 "backward pass.")
   fsdp = int(config.mesh.fsdp)
@@ -133,7 +133,7 @@ def advice(config, *, chip: topology.Chip, num_chips: int, figures: dict, mem: d
     tips.append("bf16: --config.train.compute_dtype=bfloat16 halves activation memory.")
   if config.train.get("use_ema") and states.get("ema_params"):
     tips.append(f"EMA: --config.train.use_ema=False frees {gib(states['ema_params'])} per chip.")
-  if resident:
+  if resident and config.stage == "ldm":  # The latent cache feeds stage 2's trainer.
     tips.append(f"precomputed latents / text embeddings (data.source='latent_cache') would keep "
                 f"the frozen encoders ({gib(resident)}) off the chip.")
   return tips

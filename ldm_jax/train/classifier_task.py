@@ -136,6 +136,37 @@ def write_classifier_file(workdir: str, kwargs: dict, model: ldm_lib.LatentDiffu
   model_io.write_text_atomic(layout.classifier_path(workdir), text)
 
 
+def make_classifier(config) -> classifier_lib.EncoderUNet:
+  """The `EncoderUNet` of config.model.classifier, computing in config.train.compute_dtype."""
+  return classifier_lib.EncoderUNet(**classifier_kwargs(config),
+                                    dtype=jnp.dtype(config.train.compute_dtype))
+
+
+def init_state_fn(config, classifier: classifier_lib.EncoderUNet, optimizer):
+  """init(rng) -> the fresh TrainState of `classifier` on the latents config.model.diffusion
+  describes (image_size x image_size x channels)."""
+  d = config.model.diffusion
+  x = jnp.zeros((1, int(d.image_size), int(d.image_size), int(d.channels)), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+  init_state = ldm_trainer.init_state_fn(config, optimizer)
+
+  def init(rng):
+    r_params, r_state = jax.random.split(rng)
+    return init_state(classifier.init(r_params, x, t)["params"], r_state)
+  return init
+
+
+def make_step(config, classifier: classifier_lib.EncoderUNet, schedule: Schedule, optimizer,
+              lr_fn, mesh, state_shardings):
+  """The jitted, donating `(state, {'z', 'label'}) -> (state, metrics)`."""
+  return step_lib.make_train_step(
+      make_loss_fn(classifier, schedule, config), optimizer,
+      ema_decay=config.train.ema_decay if config.train.use_ema else None,
+      nonfinite=config.train.nonfinite, learning_rate_fn=lr_fn,
+      grad_accum_steps=config.train.grad_accum_steps, mesh=mesh,
+      state_shardings=state_shardings)
+
+
 # ------------------------------------------------------------------------------------------------
 # The task.
 # ------------------------------------------------------------------------------------------------
@@ -154,33 +185,20 @@ class ClassifierTask(trainer.Task):
     self.model = ldm_lib.LatentDiffusion.from_checkpoint(config.diffusion_checkpoint)
     check_diffusion_model(config, self.model)
     self.kwargs = classifier_kwargs(config)
-    self.classifier = classifier_lib.EncoderUNet(
-        **self.kwargs, dtype=jnp.dtype(config.train.compute_dtype))
+    self.classifier = make_classifier(config)
     self.optimizer, self.lr_fn = ldm_trainer.make_optimizer(config)
 
   def init_state(self):
-    size = int(self.model.config.diffusion.image_size)
-    x = jnp.zeros((1, size, size, self.model.latent_channels), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    init_state = ldm_trainer.init_state_fn(self.config, self.optimizer)
-
-    def init_fn(rng):
-      r_params, r_state = jax.random.split(rng)
-      params = self.classifier.init(r_params, x, t)["params"]
-      return init_state(params, r_state)
-    return init_fn, (jax.random.PRNGKey(self.config.seed),)
+    # The checkpoint's latent size and channels are the config's (check_diffusion_model).
+    return (init_state_fn(self.config, self.classifier, self.optimizer),
+            (jax.random.PRNGKey(self.config.seed),))
 
   def after_resume(self, start_step):
     write_classifier_file(self.workdir, self.kwargs, self.model, self.config.diffusion_checkpoint)
 
   def make_step(self, mesh, state_shardings):
-    config = self.config
-    return step_lib.make_train_step(
-        make_loss_fn(self.classifier, self.model.schedule, config), self.optimizer,
-        ema_decay=config.train.ema_decay if config.train.use_ema else None,
-        nonfinite=config.train.nonfinite, learning_rate_fn=self.lr_fn,
-        grad_accum_steps=config.train.grad_accum_steps, mesh=mesh,
-        state_shardings=state_shardings), ()
+    return make_step(self.config, self.classifier, self.model.schedule, self.optimizer,
+                     self.lr_fn, mesh, state_shardings), ()
 
   def batches(self, pipeline, mesh, start_step):
     # The encoder's key is a function of the step, so a resumed run encodes as an unbroken one.
