@@ -184,6 +184,9 @@ class ClassifierTask(trainer.Task):
                         "stage-2 workdir).")
     self.model = ldm_lib.LatentDiffusion.from_checkpoint(config.diffusion_checkpoint)
     check_diffusion_model(config, self.model)
+    # Of the diffusion model the task uses its first stage (encoding each batch), latent scale
+    # and schedule: its UNet and condition encoder are not kept on the devices.
+    self.model.params = {"first_stage": self.model.params["first_stage"]}
     self.kwargs = classifier_kwargs(config)
     self.classifier = make_classifier(config)
     self.optimizer, self.lr_fn = ldm_trainer.make_optimizer(config)

@@ -22,6 +22,7 @@ import pytest
 import classifier_util
 import cli_util
 from configs import shapes_classifier
+from ldm_jax import ldm as ldm_lib
 from ldm_jax import validate
 from ldm_jax import workdir_layout as layout
 from ldm_jax import model_io
@@ -126,6 +127,20 @@ def test_two_steps_log_loss_and_accuracy_and_move_the_params(trained):
     info = json.load(f)
   assert info["kwargs"]["num_classes"] == 18 and info["latent"]["channels"] == 4
   assert info["latent"]["schedule"]["timesteps"] == 1000
+
+
+def test_the_task_keeps_only_the_first_stage_of_the_diffusion_model(trained, tmp_path):
+  """The classifier encodes its batches with the diffusion model's first stage and reads its
+  schedule; the UNet's parameters are not held beside the classifier's (what `python -m ldm_jax.aot`
+  counts as resident is the first stage alone)."""
+  ldm_dir, _, c = trained
+  task = classifier_task.ClassifierTask(c, str(tmp_path))
+  task.build(None, {"label": np.zeros((2,), np.int32)})
+  assert set(task.model.params) == {"first_stage"}
+  full = ldm_lib.LatentDiffusion.from_checkpoint(ldm_dir)
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+  np.testing.assert_array_equal(task.model.encode(images), full.encode(images))
+  np.testing.assert_array_equal(task.model.schedule.alphas_cumprod, full.schedule.alphas_cumprod)
 
 
 def _checkpoint_params(workdir, step):
