@@ -159,12 +159,8 @@ def init_state_fn(config, classifier: classifier_lib.EncoderUNet, optimizer):
 def make_step(config, classifier: classifier_lib.EncoderUNet, schedule: Schedule, optimizer,
               lr_fn, mesh, state_shardings):
   """The jitted, donating `(state, {'z', 'label'}) -> (state, metrics)`."""
-  return step_lib.make_train_step(
-      make_loss_fn(classifier, schedule, config), optimizer,
-      ema_decay=config.train.ema_decay if config.train.use_ema else None,
-      nonfinite=config.train.nonfinite, learning_rate_fn=lr_fn,
-      grad_accum_steps=config.train.grad_accum_steps, mesh=mesh,
-      state_shardings=state_shardings)
+  return step_lib.make_config_step(make_loss_fn(classifier, schedule, config), config, optimizer,
+                                   lr_fn, mesh, state_shardings)
 
 
 # ------------------------------------------------------------------------------------------------

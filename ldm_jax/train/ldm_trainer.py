@@ -131,12 +131,8 @@ def init_state_fn(config, optimizer):
 
 def make_step(model: ldm_lib.LatentDiffusion, config, optimizer, lr_fn, mesh, state_shardings):
   """The jitted, donating `(state, batch) -> (state, metrics)` over the latent diffusion loss."""
-  return step_lib.make_train_step(
-      ldm_task.make_loss_fn(model, config), optimizer,
-      ema_decay=config.train.ema_decay if config.train.use_ema else None,
-      nonfinite=config.train.nonfinite, learning_rate_fn=lr_fn,
-      grad_accum_steps=config.train.grad_accum_steps, mesh=mesh,
-      state_shardings=state_shardings)
+  return step_lib.make_config_step(ldm_task.make_loss_fn(model, config), config, optimizer, lr_fn,
+                                   mesh, state_shardings)
 
 
 class LatentDiffusionTask(trainer.Task):

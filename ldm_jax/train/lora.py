@@ -234,13 +234,8 @@ class LoraTraining:
 
   def make_step(self, mesh, state_shardings, optimizer, lr_fn):
     """(jitted step, (frozen base,)): the generic step over the adapters, the base an argument."""
-    config = self.config
-    step = step_lib.make_train_step(
-        self.loss_fn(), optimizer,
-        ema_decay=config.train.ema_decay if config.train.use_ema else None,
-        nonfinite=config.train.nonfinite, learning_rate_fn=lr_fn,
-        grad_accum_steps=config.train.grad_accum_steps, mesh=mesh,
-        state_shardings=state_shardings, frozen_shardings=(self.frozen_shardings,))
+    step = step_lib.make_config_step(self.loss_fn(), self.config, optimizer, lr_fn, mesh,
+                                     state_shardings, frozen_shardings=(self.frozen_shardings,))
     return step, (self.frozen,)
 
   def adapted_params(self, trained: Mapping[str, Any]) -> dict[str, Any]:

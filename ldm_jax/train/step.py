@@ -182,6 +182,19 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                  donate_argnums=donate_argnums)
 
 
+def make_config_step(loss_fn: LossFn, config: Any, optimizer: optax.GradientTransformation,
+                     learning_rate_fn: Optional[Callable[..., Any]], mesh: Optional[Any],
+                     state_shardings: Optional[Any], **kwargs) -> Callable:
+  """`make_train_step` with a run config's EMA, non-finite policy and gradient accumulation
+  (config.train); kwargs go to `make_train_step` as they are."""
+  train = config.train
+  return make_train_step(loss_fn, optimizer,
+                         ema_decay=train.ema_decay if train.use_ema else None,
+                         nonfinite=train.nonfinite, learning_rate_fn=learning_rate_fn,
+                         grad_accum_steps=train.grad_accum_steps, mesh=mesh,
+                         state_shardings=state_shardings, **kwargs)
+
+
 def compile_step(train_step: Callable, state: Any, batch: Any,
                  *args: Any) -> Tuple[Any, Dict[str, float]]:
   """Ahead-of-time compiles the step; returns (compiled, cost figures).
